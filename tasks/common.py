@@ -1,0 +1,152 @@
+"""What every stage shares: the work-dir layout, one-line errors, atomic writes, digests, stamps.
+
+Stages are plain functions; they raise `StageError` for anything a user can fix (bad input, bad
+source, missing host). The CLI prints it as one line and exits non-zero; the flow fails the task.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+CHUNK = 1 << 20
+
+
+class StageError(Exception):
+    """An error the user can act on; its message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+    """The layout under WORKDIR that the stage contracts in DESIGN.md name."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    raw = property(lambda self: self.root / "raw")
+    extracted = property(lambda self: self.root / "extracted")
+    manifest = property(lambda self: self.root / "manifest.parquet")
+    reports = property(lambda self: self.root / "reports")
+    recordio = property(lambda self: self.root / "recordio")
+    runs = property(lambda self: self.root / "runs")
+    compliance = property(lambda self: self.root / "compliance")
+    stamps = property(lambda self: self.root / ".stamps")
+
+
+class Result:
+    """Mixin for stage results: small, typed, JSON-serialisable dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def file_digest(path: Path | str, algo: str = "md5") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_of(obj: Any) -> str:
+    """A stable sha256 of any JSON-able value (used for settings and cache keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds.
+
+    A kill at any point leaves `final` as it was (absent or the previous complete version)
+    and at most a `.tmp-*` file that no reader looks at.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}.", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: Path | str, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# --- stamps: "this stage's outputs are complete and unchanged" without re-hashing data ------------
+
+
+def fingerprint(paths: Iterable[Path | str]) -> list[list[Any]]:
+    """Cheap identity of outputs: (path, size, mtime_ns) of each file, and of every directory below
+    each directory given. Deleting or adding a file changes its directory's mtime; rewriting a file
+    changes its own. Files inside directories are not stat'ed, so the cost grows with the number
+    of directories, not of images."""
+    out: list[list[Any]] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            out.append([str(p), None, None])
+            continue
+        st = p.stat()
+        out.append([str(p), st.st_size if p.is_file() else None, st.st_mtime_ns])
+        if p.is_dir():
+            stack = [p]
+            while stack:
+                with os.scandir(stack.pop()) as it:
+                    for entry in it:
+                        if entry.is_dir(follow_symlinks=False):
+                            out.append([entry.path, None, entry.stat().st_mtime_ns])
+                            stack.append(Path(entry.path))
+    return sorted(out)
+
+
+def write_stamp(wd: Workdir, stage: str, key: str, result: dict[str, Any], outputs: Iterable[Path | str]) -> None:
+    """Record that `stage` finished for cache `key`, with the fingerprint of its outputs."""
+    outputs = [str(p) for p in outputs]
+    write_json_atomic(
+        wd.stamps / f"{stage}.json",
+        {"stage": stage, "key": key, "result": result, "outputs": outputs, "fingerprint": fingerprint(outputs)},
+    )
+
+
+def read_stamp(wd: Workdir, stage: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((wd.stamps / f"{stage}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def stamp_valid(wd: Workdir, stage: str, key: str | None = None) -> bool:
+    """True when `stage` finished (for `key`, if given) and its outputs are still exactly as it left them."""
+    stamp = read_stamp(wd, stage)
+    if stamp is None or (key is not None and stamp.get("key") != key):
+        return False
+    return fingerprint(stamp["outputs"]) == stamp["fingerprint"]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
