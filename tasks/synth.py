@@ -1,0 +1,216 @@
+"""A synthetic ILSVRC2012 with the real archive layout, its quirks, and learnable images.
+
+Layout written to OUT (what image-net.org hands a user, plus an MD5SUMS):
+  ILSVRC2012_img_train.tar      one inner <wnid>.tar per class holding <wnid>_<n>.JPEG
+  ILSVRC2012_img_val.tar        flat ILSVRC2012_val_%08d.JPEG
+  ILSVRC2012_devkit_t12.tar.gz  ILSVRC2012_devkit_t12/data/{meta.mat, ILSVRC2012_validation_ground_truth.txt}
+  MD5SUMS                       md5sum format
+
+As in the real devkit, ILSVRC2012_IDs are not in sorted-WNID order, meta.mat also holds non-leaf synsets,
+and num_train_images says how many train images each class has. Quirks of the real train set are
+reproduced: one PNG saved as .JPEG (n02105855_2933.JPEG), CMYK JPEGs, grayscale JPEGs.
+
+A class is a hue and a stripe orientation/frequency; each image adds its own size, phase, brightness
+and noise, so a small convnet separates the classes but has to learn to.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tasks.common import Result, StageError, atomic_path, file_digest, write_text_atomic
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+DEVKIT_TGZ = "ILSVRC2012_devkit_t12.tar.gz"
+DEVKIT_DIR = "ILSVRC2012_devkit_t12"
+GROUND_TRUTH = f"{DEVKIT_DIR}/data/ILSVRC2012_validation_ground_truth.txt"
+META_MAT = f"{DEVKIT_DIR}/data/meta.mat"
+PNG_AS_JPEG = ("n02105855", "n02105855_2933.JPEG")  # the real set's PNG-in-disguise
+
+
+@dataclasses.dataclass
+class SynthResult(Result):
+    out: str
+    classes: int
+    train_images: int
+    val_images: int
+    md5: dict[str, str]
+    quirks: dict[str, list[str]]
+    seconds: float
+
+
+def _wnids(rng: np.random.Generator, n: int) -> list[str]:
+    ids = {PNG_AS_JPEG[0]} if n >= 1 else set()
+    while len(ids) < n:
+        ids.add(f"n{rng.integers(1_000_000, 15_000_000):08d}")
+    return sorted(ids)
+
+
+def _image(rng: np.random.Generator, label: int, classes: int) -> Image.Image:
+    """One learnable image: the class's hue and stripes under per-image variation."""
+    h, w = rng.integers(64, 113, size=2)
+    hue = (label * 0.6180339887) % 1.0  # golden-ratio spacing keeps neighbouring classes apart
+    angle = np.pi * ((label * 0.381966) % 1.0)
+    freq = 0.15 + 0.35 * ((label * 7 % max(classes, 1)) / max(classes, 1))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    stripes = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+    sat = rng.uniform(0.55, 0.9)
+    val = rng.uniform(0.6, 1.0) * (0.55 + 0.45 * stripes)
+    hsv = np.stack([np.full_like(val, hue + rng.normal(0, 0.015)) % 1.0, np.full_like(val, sat), val], -1)
+    rgb = np.asarray(Image.fromarray((hsv * 255).astype(np.uint8), "HSV").convert("RGB"), np.float32)
+    rgb += rng.normal(0, 12, rgb.shape)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+def _encode(img: Image.Image, rng: np.random.Generator, kind: str = "rgb") -> bytes:
+    buf = io.BytesIO()
+    if kind == "png":
+        img.save(buf, "PNG")
+    else:
+        mode = {"rgb": "RGB", "cmyk": "CMYK", "gray": "L"}[kind]
+        img.convert(mode).save(buf, "JPEG", quality=int(rng.integers(75, 96)))
+    return buf.getvalue()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 1_330_000_000, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _quirk_plan(rng: np.random.Generator, wnids: list[str], per_class: int) -> dict[tuple[str, int], str]:
+    """Which train images are odd: (wnid, index) -> "png" | "cmyk" | "gray"."""
+    plan: dict[tuple[str, int], str] = {}
+    if per_class < 1:
+        return plan
+    plan[(PNG_AS_JPEG[0], 0)] = "png"
+    for kind, count in (("cmyk", 3), ("gray", 3)):
+        for _ in range(count):
+            key = (wnids[int(rng.integers(len(wnids)))], int(rng.integers(per_class)))
+            plan.setdefault(key, kind)
+    return plan
+
+
+def _meta_mat(path: Path, wnids: list[str], ids: dict[str, int], train_counts: dict[str, int]) -> None:
+    """Write data/meta.mat with the real devkit's `synsets` struct fields, leaves first by ILSVRC2012_ID."""
+    import scipy.io
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+    leaves = sorted(wnids, key=lambda w: ids[w])
+    n = len(leaves)
+    # Two non-leaf synsets as in the real file (which has 860 of them after the 1000 leaves).
+    parents = [("n00001740", list(range(1, n // 2 + 1))), ("n00002137", list(range(n // 2 + 1, n + 1)))]
+    rows = [(ids[w], w, f"synthetic class {w}", "a synthetic leaf synset", 0, np.zeros((0,), np.uint16), 0, train_counts[w]) for w in leaves]
+    rows += [(n + 1 + i, w, f"synthetic parent {i}", "a synthetic inner synset", len(ch), np.array(ch, np.uint16), 1, 0)
+             for i, (w, ch) in enumerate(parents)]
+    arr = np.zeros((len(rows), 1), dtype=[(f, object) for f in fields])
+    for i, row in enumerate(rows):
+        for f, v in zip(fields, row):
+            arr[i, 0][f] = np.array([[v]], dtype=np.uint16) if f in ("ILSVRC2012_ID", "num_children", "wordnet_height") else (
+                np.array([[v]], dtype=np.uint16) if f == "num_train_images" else v)
+    scipy.io.savemat(path, {"synsets": arr})
+    with open(path, "r+b") as f:  # the 116-byte text header carries a creation date; fix it for reproducible MD5s
+        f.write(b"MATLAB 5.0 MAT-file, written by rn50 synth".ljust(116))
+
+
+def synthesize(out: Path | str, classes: int = 10, train_per_class: int = 100, val_per_class: int = 20,
+               seed: int = 0, progress=None) -> SynthResult:
+    if classes < 2 or classes > 1000:
+        raise StageError(f"--classes must be between 2 and 1000, got {classes}")
+    if train_per_class < 1 or val_per_class < 1:
+        raise StageError("--train-per-class and --val-per-class must be at least 1")
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    wnids = _wnids(rng, classes)
+    label = {w: i for i, w in enumerate(wnids)}
+    # Real ILSVRC2012_IDs follow WordNet order, not sorted WNIDs: a fixed permutation reproduces that trap.
+    ids = {w: int(i) + 1 for w, i in zip(wnids, rng.permutation(classes))}
+    # Class sizes vary like the real set (732..1300 of 1300): most full, some short.
+    train_counts = {w: int(train_per_class if rng.random() < 0.7 else max(1, round(train_per_class * rng.uniform(0.56, 1.0))))
+                    for w in wnids}
+    quirks = _quirk_plan(rng, wnids, min(train_counts.values()))
+    total = sum(train_counts.values()) + classes * val_per_class
+    done = 0
+    found: dict[str, list[str]] = {"png_as_jpeg": [], "cmyk": [], "grayscale": []}
+    names = {"png": "png_as_jpeg", "cmyk": "cmyk", "gray": "grayscale"}
+
+    with atomic_path(out / TRAIN_TAR) as tmp, tarfile.open(tmp, "w") as outer:
+        for w in wnids:
+            inner_buf = io.BytesIO()
+            with tarfile.open(fileobj=inner_buf, mode="w") as inner:
+                for i in range(train_counts[w]):
+                    kind = quirks.get((w, i), "rgb")
+                    name = PNG_AS_JPEG[1] if kind == "png" else f"{w}_{i + 1}.JPEG"
+                    _add_bytes(inner, name, _encode(_image(rng, label[w], classes), rng, kind))
+                    if kind != "rgb":
+                        found[names[kind]].append(f"train/{w}/{name}")
+                    done += 1
+                    if progress:
+                        progress(done, total)
+            _add_bytes(outer, f"{w}.tar", inner_buf.getvalue())
+
+    val_labels = [w for w in wnids for _ in range(val_per_class)]
+    rng.shuffle(val_labels)
+    with atomic_path(out / VAL_TAR) as tmp, tarfile.open(tmp, "w") as tar:
+        for i, w in enumerate(val_labels, start=1):
+            kind = "cmyk" if i == 1 else "gray" if i == 2 else "rgb"
+            name = f"ILSVRC2012_val_{i:08d}.JPEG"
+            _add_bytes(tar, name, _encode(_image(rng, label[w], classes), rng, kind))
+            if kind != "rgb":
+                found[names[kind]].append(f"val/{name}")
+            done += 1
+            if progress:
+                progress(done, total)
+
+    with atomic_path(out / DEVKIT_TGZ) as tmp:
+        meta = tmp.with_suffix(".mat")
+        try:
+            _meta_mat(meta, wnids, ids, train_counts)
+            # mtime=0 in the gzip header: the same seed gives the same bytes, hence the same MD5.
+            with open(tmp, "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as gz, \
+                    tarfile.open(fileobj=gz, mode="w") as tar:
+                _add_bytes(tar, META_MAT, meta.read_bytes())
+                _add_bytes(tar, GROUND_TRUTH, "".join(f"{ids[w]}\n" for w in val_labels).encode())
+                _add_bytes(tar, f"{DEVKIT_DIR}/readme.txt", b"Synthetic ILSVRC2012 devkit written by rn50 synth.\n")
+        finally:
+            meta.unlink(missing_ok=True)
+
+    md5 = {n: file_digest(out / n) for n in (TRAIN_TAR, VAL_TAR, DEVKIT_TGZ)}
+    write_text_atomic(out / "MD5SUMS", "".join(f"{d}  {n}\n" for n, d in md5.items()))
+    return SynthResult(str(out), classes, sum(train_counts.values()), len(val_labels), md5, found,
+                       round(time.perf_counter() - t0, 2))
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic ILSVRC2012 (real archive layout and quirks, learnable images)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    with tqdm(desc="synth", unit="img", disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        r = synthesize(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed, progress)
+    print(f"wrote {r.train_images} train + {r.val_images} val images in {r.classes} classes to {r.out} "
+          f"({r.seconds:.1f} s); checksums in {Path(r.out) / 'MD5SUMS'}")
+    return 0
