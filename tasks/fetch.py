@@ -1,0 +1,283 @@
+"""Fetch stage: bring the three ILSVRC2012 archives into WORKDIR/raw/, MD5-checked while streaming.
+
+SOURCE is a local directory, an http(s):// base URL, or s3://bucket/prefix. Each archive streams into
+raw/.partial/<name>.part while its MD5 is computed; an interrupted download resumes from the bytes
+already there (HTTP Range / S3 ranged GET). Only an archive whose digest matches the expected one is
+renamed to raw/<name>; a mismatching one is moved to raw/rejected/ and never used.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO, Callable, Optional
+
+from tasks.common import CHUNK, Result, StageError, Workdir, write_json_atomic
+from tasks.synth import DEVKIT_TGZ, TRAIN_TAR, VAL_TAR
+
+ARCHIVES = (TRAIN_TAR, VAL_TAR, DEVKIT_TGZ)
+# The digests image-net.org publishes for the ILSVRC2012 downloads.
+OFFICIAL_MD5 = {
+    TRAIN_TAR: "1d675b47d978889d74fa0da5fadfb00e",
+    VAL_TAR: "29b22e2961454d5413ddabcf34fc5622",
+    DEVKIT_TGZ: "fa75699e90414af021442c21a62c3abf",
+}
+Progress = Callable[[str, int, Optional[int]], None]
+
+
+@dataclasses.dataclass
+class FetchResult(Result):
+    source: str
+    raw_dir: str
+    md5: dict[str, str]
+    bytes: dict[str, int]
+    downloaded: list[str]
+    reused: list[str]
+    seconds: float
+
+
+def read_md5sums(path: Path | str) -> dict[str, str]:
+    """Parse md5sum output (`<digest>  <name>` or `<digest> *<name>`)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise StageError(f"cannot read MD5 file {path}: {e.strerror}") from None
+    out = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or len(parts[0]) != 32:
+            raise StageError(f"{path}:{n}: not md5sum format: {line!r}")
+        out[parts[1].strip().lstrip("*")] = parts[0].lower()
+    missing = [a for a in ARCHIVES if a not in out]
+    if missing:
+        raise StageError(f"{path} has no digest for {', '.join(missing)}")
+    return out
+
+
+# --- sources: size(name) and open(name, offset) -> a byte stream starting at offset -------------
+
+
+class LocalSource:
+    def __init__(self, root: str):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StageError(f"source directory {root} does not exist")
+
+    def size(self, name: str) -> int:
+        try:
+            return (self.root / name).stat().st_size
+        except FileNotFoundError:
+            raise StageError(f"source has no {name} (looked in {self.root})") from None
+
+    def open(self, name: str, offset: int) -> BinaryIO:
+        f = open(self.root / name, "rb")
+        f.seek(offset)
+        return f
+
+
+class HttpSource:
+    def __init__(self, base: str):
+        self.base = base if base.endswith("/") else base + "/"
+
+    def _url(self, name: str) -> str:
+        return urllib.parse.urljoin(self.base, urllib.parse.quote(name))
+
+    def size(self, name: str) -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self._url(name), method="HEAD"), timeout=60) as r:
+                return int(r.headers["Content-Length"])
+        except urllib.error.HTTPError as e:
+            raise StageError(f"source has no {name}: HTTP {e.code} for {self._url(name)}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise StageError(f"cannot reach {self._url(name)}: {getattr(e, 'reason', e)}") from None
+
+    def open(self, name: str, offset: int) -> BinaryIO:
+        req = urllib.request.Request(self._url(name), headers={"Range": f"bytes={offset}-"} if offset else {})
+        try:
+            r = urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as e:
+            raise StageError(f"download of {name} failed: HTTP {e.code}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise StageError(f"cannot reach {self._url(name)}: {getattr(e, 'reason', e)}") from None
+        if offset and r.status != 206:
+            r.close()
+            raise _RangeIgnored()
+        return r
+
+
+class S3Source:
+    def __init__(self, uri: str):
+        import boto3
+        from botocore.config import Config
+
+        parsed = urllib.parse.urlparse(uri)
+        self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+        if not self.bucket:
+            raise StageError(f"no bucket in {uri}")
+        # Endpoint, region and credentials come from the standard AWS environment / config files.
+        self.s3 = boto3.client("s3", config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                                                   retries={"max_attempts": 5, "mode": "standard"}))
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _call(self, what: str, fn, **kw):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, Key=kw.pop("Key"), **kw)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "?")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise StageError(f"source has no {what} (s3://{self.bucket}/{self._key(what)})") from None
+            raise StageError(f"S3 error for {what}: {code}") from None
+        except BotoCoreError as e:
+            raise StageError(f"S3 error for {what}: {e}") from None
+
+    def size(self, name: str) -> int:
+        return int(self._call(name, self.s3.head_object, Key=self._key(name))["ContentLength"])
+
+    def open(self, name: str, offset: int) -> BinaryIO:
+        kw = {"Range": f"bytes={offset}-"} if offset else {}
+        return self._call(name, self.s3.get_object, Key=self._key(name), **kw)["Body"]
+
+
+class _RangeIgnored(Exception):
+    pass
+
+
+def open_source(uri: str):
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        return HttpSource(uri)
+    if scheme == "s3":
+        return S3Source(uri)
+    if scheme == "file":
+        return LocalSource(urllib.parse.urlparse(uri).path)
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+        return LocalSource(uri)
+    raise StageError(f"unsupported source scheme {scheme!r} in {uri} (use a directory, http(s)://, or s3://)")
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def _sidecar(raw: Path, name: str) -> Path:
+    return raw / f".{name}.md5.json"
+
+
+def _verified_copy(raw: Path, name: str, expected: str) -> bool:
+    """True when raw/<name> was verified before and has not changed since (no re-hash)."""
+    final = raw / name
+    try:
+        meta = json.loads(_sidecar(raw, name).read_text())
+        st = final.stat()
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return meta == {"md5": expected, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _download(src, name: str, raw: Path, total: int, progress: Progress | None) -> tuple[str, Path]:
+    partial = raw / ".partial" / f"{name}.part"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    md5 = hashlib.md5()
+    offset = partial.stat().st_size if partial.exists() else 0
+    if offset > total:
+        partial.unlink()
+        offset = 0
+    if offset:  # resuming: the bytes already here are hashed once, the rest as they arrive
+        with open(partial, "rb") as f:
+            while chunk := f.read(CHUNK):
+                md5.update(chunk)
+    try:
+        stream = src.open(name, offset) if offset < total else None
+    except _RangeIgnored:
+        offset, md5 = 0, hashlib.md5()
+        stream = src.open(name, 0)
+    done = offset
+    with open(partial, "r+b" if offset else "wb") as out:
+        out.seek(offset)
+        out.truncate()
+        if stream is not None:
+            with stream:
+                while chunk := stream.read(CHUNK):
+                    out.write(chunk)
+                    md5.update(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(name, done, total)
+        out.flush()
+        os.fsync(out.fileno())
+    if done != total:
+        raise StageError(f"{name}: download truncated at {done} of {total} bytes; run again to resume")
+    return md5.hexdigest(), partial
+
+
+def fetch(source: str, workdir: Path | str, md5_file: Path | str | None = None,
+          progress: Progress | None = None) -> FetchResult:
+    t0 = time.perf_counter()
+    expected = read_md5sums(md5_file) if md5_file else dict(OFFICIAL_MD5)
+    wd = Workdir(workdir)
+    src = open_source(source)
+    sizes = {name: src.size(name) for name in ARCHIVES}  # every archive must exist before any byte moves
+    wd.raw.mkdir(parents=True, exist_ok=True)
+    downloaded, reused = [], []
+    for name in ARCHIVES:
+        final = wd.raw / name
+        if _verified_copy(wd.raw, name, expected[name]) and final.stat().st_size == sizes[name]:
+            reused.append(name)
+            continue
+        digest, partial = _download(src, name, wd.raw, sizes[name], progress)
+        if digest != expected[name]:
+            rejected = wd.raw / "rejected" / f"{name}.{digest}"
+            rejected.parent.mkdir(exist_ok=True)
+            os.replace(partial, rejected)
+            raise StageError(f"{name}: MD5 mismatch: expected {expected[name]}, got {digest} "
+                             f"(file kept aside as {rejected}, not used)")
+        os.replace(partial, final)
+        st = final.stat()
+        write_json_atomic(_sidecar(wd.raw, name), {"md5": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        downloaded.append(name)
+    shutil.rmtree(wd.raw / ".partial", ignore_errors=True)
+    return FetchResult(source, str(wd.raw), {n: expected[n] for n in ARCHIVES}, sizes, downloaded, reused,
+                       round(time.perf_counter() - t0, 2))
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fetch", help="download the three ILSVRC2012 archives into WORKDIR/raw and check their MD5s")
+    p.add_argument("source", help="a directory, an http(s):// base URL, or s3://bucket/prefix")
+    p.add_argument("workdir", type=Path)
+    p.add_argument("--md5", type=Path, help="md5sum-format file of expected digests (default: the official ones)")
+    p.set_defaults(run=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(name: str, done: int, total: int | None) -> None:
+        bar = bars.get(name) or bars.setdefault(
+            name, tqdm(desc=name, total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None))
+        bar.update(done - bar.n)
+
+    try:
+        r = fetch(args.source, args.workdir, args.md5, progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for name in ARCHIVES:
+        how = "reused (already verified)" if name in r.reused else "downloaded"
+        print(f"{name}: md5 {r.md5[name]} ok, {how}")
+    print(f"raw archives in {r.raw_dir}")
+    return 0
