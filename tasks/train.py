@@ -1,0 +1,658 @@
+"""Launch stage: run `python -m rn50.train` across the hosts of an inventory with Horovod's launcher.
+
+What replaces the seeds' hand-edited scripts: a YAML inventory (hosts, slots, ssh port/user/key,
+interface, local or docker runtime), a preflight that fails with one line naming the host before any
+rank starts, `horovodrun` (Gloo on CPU; `--mpi` where Horovod was built with MPI) with every rank's
+output streamed into the log and into runs/<run-id>/, a timeout for hung jobs, and `--runs N` runs
+with distinct seeds, one result_<n>.txt each.
+
+Every call is one *attempt* with a fresh run id. A failed attempt keeps its directory, marked by
+FAILED and status.json, so a retry (what Prefect does) starts clean beside it and nothing is lost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tasks.common import Result, StageError, Workdir, file_digest, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("rn50.train")
+
+REPO = Path(__file__).resolve().parent.parent
+INFRA = REPO / "infra"
+RECORDIO_FILES = ("train.rec", "train.idx", "val.rec", "val.idx")
+# The .rec files can be ~140 GB; a digest of their first and last MiB plus the exact size (and the
+# full digest of the .idx, which holds every record's offset) catches a wrong or truncated copy
+# without reading the whole file on every host before every launch.
+SAMPLE_BYTES = 1 << 20
+DEFAULT_TIMEOUT_S = 6 * 3600
+DEFAULT_MIN_FREE_BYTES = 1 << 30
+SSH_CONNECT_TIMEOUT_S = 5
+# Environment variables handed to horovodrun (and from it to every rank, on every host, on the
+# command line): nothing else from the caller's environment, so credentials (AWS_*, PREFECT_API_KEY,
+# tokens) held by the flow's worker never reach a remote command line or a log.
+ENV_ALLOWLIST = ("HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TMPDIR", "TZ", "PYTHONPATH")
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    host: str
+    slots: int
+    ssh_port: int | None = None
+    user: str | None = None
+    key: str | None = None  # path of the private key file; its content is never read
+    interface: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.ssh_port}" if self.ssh_port else self.host
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    hosts: tuple[Host, ...]
+    runtime: str = "local"  # local | docker
+    controller: str = "gloo"  # gloo | mpi (MPI needs a Horovod built with it: GPU clusters, NGC image)
+    interface: str | None = None  # common NIC name (Gloo iface, NCCL_SOCKET_IFNAME)
+    python: str | None = None  # interpreter on the hosts; default: this one (local) / `python` (docker)
+    data_dir: str | None = None  # recordio/ path on every host; default: WORKDIR/recordio
+    work_dir: str | None = None  # where ranks write on every host (free-disk check); default: WORKDIR
+    env_profile: str = "cpu"  # infra/env/<profile>.env, or a path
+    env: tuple[tuple[str, str], ...] = ()
+    container: str = "rn50-node"  # docker runtime: name of the per-host container running sshd
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
+
+    @property
+    def total_slots(self) -> int:
+        return sum(h.slots for h in self.hosts)
+
+
+LOCAL_DEFAULT = Inventory(hosts=(Host("localhost", 2),))
+
+
+@dataclasses.dataclass
+class TrainResult(Result):
+    run_id: str
+    run_dir: str
+    status: str  # succeeded | failed
+    config: str
+    np: int
+    hosts: list[str]
+    runtime: str
+    image: str | None
+    runs: int
+    seeds: list[int]
+    results: list[str]  # result_<n>.txt, one per run
+    result_md5: dict[str, str]
+    logs: list[str]  # launcher log and one log per rank and run
+    data_digest: str  # digest of the recordio files the ranks read (sizes + idx md5 + rec samples)
+    duration_s: float
+
+
+# --- inventory --------------------------------------------------------------------------------------
+
+
+def load_inventory(path: Path | str | None) -> Inventory:
+    """Parse and validate an inventory YAML; None gives the local default (localhost, 2 slots)."""
+    if path is None:
+        return LOCAL_DEFAULT
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"inventory {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise StageError(f"inventory {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_inventory(doc, source=str(path))
+
+
+def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
+    if not isinstance(doc, dict) or not isinstance(doc.get("hosts"), list) or not doc["hosts"]:
+        raise StageError(f"{source}: needs a non-empty `hosts:` list of {{host, slots, ssh_port}}")
+    known = {f.name for f in dataclasses.fields(Host)}
+    hosts = []
+    for i, h in enumerate(doc["hosts"]):
+        if not isinstance(h, dict) or "host" not in h:
+            raise StageError(f"{source}: hosts[{i}] needs at least `host:`")
+        extra = set(h) - known
+        if extra:
+            raise StageError(f"{source}: hosts[{i}] ({h['host']}): unknown key(s) {sorted(extra)}")
+        try:
+            slots = int(h.get("slots", 1))
+            port = None if h.get("ssh_port") is None else int(h["ssh_port"])
+        except (TypeError, ValueError):
+            raise StageError(f"{source}: hosts[{i}] ({h['host']}): slots and ssh_port must be integers") from None
+        if slots < 1:
+            raise StageError(f"{source}: hosts[{i}] ({h['host']}): slots must be >= 1")
+        if port is not None and not 0 < port < 65536:
+            raise StageError(f"{source}: hosts[{i}] ({h['host']}): ssh_port {port} is not a TCP port")
+        key = h.get("key")
+        hosts.append(Host(str(h["host"]), slots, port, h.get("user"),
+                          str(Path(key).expanduser()) if key else None, h.get("interface")))
+    names = [h.host for h in hosts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise StageError(f"{source}: host(s) {dup} listed twice; give one entry with the total slots")
+    runtime = doc.get("runtime", "local")
+    if runtime not in ("local", "docker"):
+        raise StageError(f"{source}: runtime must be `local` or `docker`, not {runtime!r}")
+    controller = doc.get("controller", "gloo")
+    if controller not in ("gloo", "mpi"):
+        raise StageError(f"{source}: controller must be `gloo` or `mpi`, not {controller!r}")
+    env = doc.get("env") or {}
+    if not isinstance(env, dict):
+        raise StageError(f"{source}: `env:` must be a mapping of NAME: value")
+    ifaces = {h.interface for h in hosts if h.interface} | ({doc["interface"]} if doc.get("interface") else set())
+    if len(ifaces) > 1:
+        # Horovod's Gloo transport takes one interface name for all ranks.
+        raise StageError(f"{source}: hosts name different interfaces {sorted(ifaces)}; Horovod needs one common NIC name")
+    return Inventory(
+        hosts=tuple(hosts),
+        runtime=runtime,
+        controller=controller,
+        interface=next(iter(ifaces), None),
+        python=doc.get("python"),
+        data_dir=doc.get("data_dir"),
+        work_dir=doc.get("work_dir"),
+        env_profile=str(doc.get("env_profile", "gpu" if runtime == "docker" else "cpu")),
+        env=tuple(sorted((str(k), str(v)) for k, v in env.items())),
+        container=str(doc.get("container", "rn50-node")),
+        min_free_bytes=int(doc.get("min_free_bytes", DEFAULT_MIN_FREE_BYTES)),
+    )
+
+
+def read_env_file(profile: str) -> dict[str, str]:
+    """KEY=VALUE lines (the format the Dockerfile's entrypoint sources); `#` comments, no expansion."""
+    path = Path(profile) if ("/" in profile or profile.endswith(".env")) else INFRA / "env" / f"{profile}.env"
+    if not path.is_file():
+        raise StageError(f"runtime env profile {profile!r}: {path} does not exist")
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        k, sep, v = line.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k.strip()):
+            raise StageError(f"{path}:{n}: expected NAME=value, got {line!r}")
+        out[k.strip()] = v.strip().strip('"').strip("'")
+    return out
+
+
+# --- hosts: local or over ssh -------------------------------------------------------------------------
+
+
+def _local_addresses() -> set[str]:
+    import psutil
+
+    addrs = {"127.0.0.1"}
+    for infos in psutil.net_if_addrs().values():
+        addrs |= {i.address for i in infos if i.family == socket.AF_INET}
+    return addrs
+
+
+def is_local(host: Host) -> bool:
+    """The rule horovodrun applies: a host whose address is one of ours runs its ranks without ssh."""
+    if host.host == "localhost":
+        return True
+    try:
+        return socket.gethostbyname(host.host) in _local_addresses()
+    except OSError:
+        return False
+
+
+def write_ssh_config(path: Path, hosts: Sequence[Host], known_hosts: Path) -> Path:
+    """One `Host` block per inventory entry, so each host keeps its own port, user and key even
+    though horovodrun takes a single -p/-i for all of them."""
+    lines = []
+    for h in hosts:
+        lines.append(f"Host {h.host}")
+        if h.ssh_port:
+            lines.append(f"  Port {h.ssh_port}")
+        if h.user:
+            lines.append(f"  User {h.user}")
+        if h.key:
+            lines += [f"  IdentityFile {h.key}", "  IdentitiesOnly yes"]
+    lines += [
+        "Host *",
+        "  BatchMode yes",
+        "  PasswordAuthentication no",
+        f"  ConnectTimeout {SSH_CONNECT_TIMEOUT_S}",
+        "  StrictHostKeyChecking no",
+        f"  UserKnownHostsFile {known_hosts}",
+        "  LogLevel ERROR",
+        "  ServerAliveInterval 15",
+        "  ServerAliveCountMax 4",
+    ]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _ssh_wrapper(bin_dir: Path, config: Path) -> Path:
+    """An `ssh` first on horovodrun's PATH that adds `-F config` to the command Horovod builds."""
+    real = shutil.which("ssh")
+    if real is None:
+        raise StageError("the `ssh` client is not installed on the launcher (Debian: openssh-client)")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = bin_dir / "ssh"
+    write_text_atomic(wrapper, f'#!/bin/sh\nexec {shlex.quote(real)} -F {shlex.quote(str(config))} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+class Remote:
+    """Runs short shell commands on one host: directly when local, over ssh otherwise."""
+
+    def __init__(self, host: Host, ssh_config: Path | None):
+        self.host, self.local, self.ssh_config = host, is_local(host), ssh_config
+
+    def run(self, script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        if self.local:
+            argv = ["sh", "-c", script]
+        else:
+            argv = ["ssh", "-F", str(self.ssh_config), self.host.host, script]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+# --- preflight ----------------------------------------------------------------------------------------
+
+
+def expected_data(recordio: Path) -> dict[str, dict[str, Any]]:
+    """Size, full md5 of each .idx and md5 of the first/last MiB of each .rec, from the launcher's copy."""
+    missing = [f for f in RECORDIO_FILES if not (recordio / f).is_file()]
+    if missing:
+        raise StageError(f"{recordio}: missing {', '.join(missing)} (run `rn50 pack` first)")
+    out = {}
+    for name in RECORDIO_FILES:
+        p = recordio / name
+        size = p.stat().st_size
+        if name.endswith(".idx"):
+            out[name] = {"size": size, "md5": file_digest(p)}
+        else:
+            with open(p, "rb") as f:
+                head = hashlib.md5(f.read(SAMPLE_BYTES)).hexdigest()
+                f.seek(max(0, size - SAMPLE_BYTES))
+                tail = hashlib.md5(f.read(SAMPLE_BYTES)).hexdigest()
+            out[name] = {"size": size, "head_md5": head, "tail_md5": tail}
+    return out
+
+
+def _probe_script(data_dir: str, work_dir: str, runtime: str, image: str | None) -> str:
+    """POSIX sh run on each host; prints `key value` lines that `_check_host` reads."""
+    q = shlex.quote
+    parts = ["echo ok 1"]
+    for name in RECORDIO_FILES:
+        f = q(f"{data_dir}/{name}")
+        parts.append(f"if [ -f {f} ]; then echo size:{name} $(stat -c %s {f}); else echo size:{name} missing; fi")
+        if name.endswith(".idx"):
+            parts.append(f"[ -f {f} ] && echo md5:{name} $(md5sum < {f} | cut -d' ' -f1)")
+        else:
+            parts.append(f"[ -f {f} ] && echo head_md5:{name} $(head -c {SAMPLE_BYTES} {f} | md5sum | cut -d' ' -f1)")
+            parts.append(
+                f"[ -f {f} ] && echo tail_md5:{name} "
+                f"$(tail -c {SAMPLE_BYTES} {f} | md5sum | cut -d' ' -f1)"
+            )
+    # Free space where the ranks write: the nearest existing parent of the work dir.
+    parts.append(
+        f"d={q(work_dir)}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; "
+        "echo free_kib $(df -Pk \"$d\" | awk 'NR==2 {print $4}')"
+    )
+    if runtime == "docker" and image:
+        parts.append(f"if docker image inspect {q(image)} >/dev/null 2>&1; then echo image present; else echo image missing; fi")
+    return "; ".join(parts) + "; true"
+
+
+def _check_host(host: Host, remote: Remote, expected: dict, inv: Inventory, data_dir: str, work_dir: str,
+                image: str | None) -> list[str]:
+    where = f"host {host.label}" + ("" if remote.local else " (ssh)")
+    try:
+        proc = remote.run(_probe_script(data_dir, work_dir, inv.runtime, image), timeout=SSH_CONNECT_TIMEOUT_S + 60)
+    except subprocess.TimeoutExpired:
+        return [f"{where}: no answer within {SSH_CONNECT_TIMEOUT_S + 60} s"]
+    facts: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        k, _, v = line.partition(" ")
+        facts[k] = v.strip()
+    if proc.returncode != 0 or "ok" not in facts:
+        msg = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return [f"{where}: ssh unreachable: {msg}" if not remote.local else f"{where}: probe failed: {msg}"]
+    errors = []
+    for name, exp in expected.items():
+        got = facts.get(f"size:{name}")
+        if got in (None, "missing"):
+            errors.append(f"{where}: {data_dir}/{name} is missing")
+            continue
+        if int(got) != exp["size"]:
+            errors.append(f"{where}: {data_dir}/{name} has {got} bytes, expected {exp['size']}")
+            continue
+        for k in ("md5", "head_md5", "tail_md5"):
+            if k in exp and facts.get(f"{k}:{name}") != exp[k]:
+                errors.append(f"{where}: {data_dir}/{name} differs from the launcher's copy ({k} mismatch)")
+                break
+    try:
+        free = int(facts.get("free_kib", "0")) * 1024
+    except ValueError:
+        free = 0
+    if free < inv.min_free_bytes:
+        errors.append(f"{where}: only {free >> 20} MiB free under {work_dir}, need {inv.min_free_bytes >> 20} MiB")
+    if inv.runtime == "docker" and image and facts.get("image") != "present":
+        errors.append(f"{where}: docker image {image} is not present (run `rn50 build` and push/load it)")
+    return errors
+
+
+def preflight(inv: Inventory, recordio: Path, work_dir: str, ssh_config: Path, np: int,
+              image: str | None = None) -> dict[str, Any]:
+    """Check every host before any rank starts; raise one StageError line listing every failure."""
+    if np > inv.total_slots:
+        raise StageError(f"preflight: {np} ranks requested but the inventory has only {inv.total_slots} slots")
+    if inv.runtime == "docker" and not image:
+        raise StageError("preflight: runtime docker needs an image (pass image=… / --image, e.g. from `rn50 build`)")
+    expected = expected_data(recordio)
+    data_dir = inv.data_dir or str(recordio)
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def one(h: Host) -> None:
+        errs = _check_host(h, Remote(h, ssh_config), expected, inv, data_dir, work_dir, image)
+        with lock:
+            errors.extend(errs)
+
+    threads = [threading.Thread(target=one, args=(h,)) for h in inv.hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        order = {h.label: i for i, h in enumerate(inv.hosts)}
+        errors.sort(key=lambda e: order.get(e.split(" ")[1], 0))
+        raise StageError("preflight failed: " + "; ".join(errors))
+    return expected
+
+
+# --- launch -------------------------------------------------------------------------------------------
+
+
+RANK_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
+EXIT_LINE = re.compile(r"^Process (\d+) exit with status code (-?\d+)\.")
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def horovod_command(inv: Inventory, np: int, rank_argv: Sequence[str], start_timeout_s: int = 60) -> list[str]:
+    hosts = ",".join(f"{h.host}:{h.slots}" for h in inv.hosts)
+    argv = [sys.executable, "-m", "horovod.runner.launch", "-np", str(np), "-H", hosts,
+            f"--{inv.controller}", "--start-timeout", str(start_timeout_s),
+            # Horovod's own cache would skip the ssh check for an hour after one success.
+            "--disable-cache"]
+    if inv.interface:
+        argv += ["--network-interfaces", inv.interface]
+    return argv + list(rank_argv)
+
+
+def _rank_env(inv: Inventory, ssh_bin: Path | None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
+    path = [str(Path(sys.executable).parent), "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+    if ssh_bin:
+        path.insert(0, str(ssh_bin))
+    env["PATH"] = ":".join(path)
+    env.update(read_env_file(inv.env_profile))
+    env.update(dict(inv.env))
+    if inv.interface:
+        env.setdefault("NCCL_SOCKET_IFNAME", inv.interface)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class _Streamer:
+    """Splits horovodrun's prefixed output into per-rank logs, the launcher log and the task log."""
+
+    def __init__(self, run_dir: Path, run_index: int, logger: logging.Logger, hosts_of_rank: dict[int, str]):
+        self.dir, self.n, self.logger, self.hosts_of_rank = run_dir, run_index, logger, hosts_of_rank
+        self.launcher = open(run_dir / f"launcher_{run_index}.log", "a", buffering=1)
+        self.rank_files: dict[int, Any] = {}
+        self.tail: dict[int, list[str]] = {}
+        self.exits: list[tuple[int, int]] = []  # (rank, code) in the order horovod saw them
+        self.lock = threading.Lock()
+
+    def paths(self) -> list[Path]:
+        return [Path(self.launcher.name)] + [Path(f.name) for f in self.rank_files.values()]
+
+    def feed(self, line: str) -> None:
+        line = line.rstrip("\n")
+        with self.lock:
+            self.launcher.write(line + "\n")
+            m = RANK_LINE.match(line)
+            if m:
+                rank, stream, text = int(m.group(1)), m.group(2), m.group(3)
+                f = self.rank_files.get(rank)
+                if f is None:
+                    f = self.rank_files[rank] = open(self.dir / f"rank{rank}_{self.n}.log", "a", buffering=1)
+                f.write(text + "\n")
+                if stream == "stderr" and text.strip():
+                    self.tail.setdefault(rank, []).append(text.strip())
+                    del self.tail[rank][:-20]
+                self.logger.info("[run %d rank %d] %s", self.n, rank, text)
+                return
+            e = EXIT_LINE.match(line)
+            if e:
+                self.exits.append((int(e.group(1)), int(e.group(2))))
+            self.logger.info("[run %d launcher] %s", self.n, line)
+
+    def first_failure(self) -> str | None:
+        if not self.exits:
+            return None
+        rank, code = self.exits[0]
+        host = self.hosts_of_rank.get(rank, "?")
+        reason = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+        if code in (128 + 9, 128 + 15) or code < 0:
+            reason = f"killed by signal {code - 128 if code > 0 else -code} (exit {code})"
+        err = _last_error(self.tail.get(rank, []))
+        return f"rank {rank} on {host} failed first ({reason})" + (f": {err}" if err else "")
+
+    def close(self) -> None:
+        self.launcher.close()
+        for f in self.rank_files.values():
+            f.close()
+
+
+def _last_error(lines: list[str]) -> str:
+    """The line a human would quote: the exception line of a traceback, else the last stderr line."""
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b.*", line) or "Error:" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else ""
+
+
+def _hosts_of_rank(inv: Inventory, np: int) -> dict[int, str]:
+    out, r = {}, 0
+    for h in inv.hosts:  # horovod fills hosts in order, slot by slot
+        for _ in range(h.slots):
+            if r < np:
+                out[r] = h.host
+            r += 1
+    return out
+
+
+def _run_one(argv: list[str], env: dict[str, str], cwd: Path, streamer: _Streamer, timeout_s: float) -> tuple[int, bool]:
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True)
+    timed_out = threading.Event()
+
+    def kill_on_timeout() -> None:
+        timed_out.set()
+        # SIGTERM lets horovodrun tear down its ranks and ssh sessions; SIGKILL the group if it hangs.
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+
+    timer = threading.Timer(timeout_s, kill_on_timeout)
+    timer.daemon = True
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            streamer.feed(line)
+        code = proc.wait()
+    except BaseException:
+        _signal_group(proc, signal.SIGKILL)
+        raise
+    finally:
+        timer.cancel()
+    return code, timed_out.is_set()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _finish(run_dir: Path, status: dict[str, Any]) -> None:
+    write_json_atomic(run_dir / "status.json", status)
+    if status["status"] == "failed":
+        write_text_atomic(run_dir / "FAILED", status.get("error", "failed") + "\n")
+
+
+def launch(
+    workdir: Path | str,
+    hosts: Path | str | Inventory | None = None,
+    config: str = "cpu-demo",
+    runs: int = 1,
+    image: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    np: int | None = None,
+    seed: int | None = None,
+    entry: Sequence[str] | None = None,
+    extra_args: Sequence[str] = (),
+    logger: logging.Logger | None = None,
+) -> TrainResult:
+    """Preflight, then `runs` Horovod jobs of `python -m rn50.train` writing runs/<run-id>/result_<n>.txt.
+
+    `hosts`: inventory YAML path (or a parsed Inventory); None = localhost with 2 slots.
+    `seed`: run n gets seed + n (default: a fresh random base, recorded in status.json).
+    `entry`: the rank program (default `<python> -m rn50.train`); it is given
+    `--config C --data D --out RUN_DIR --run-index N --seed S` and must write RUN_DIR/result_<N>.txt.
+    """
+    logger = logger or log
+    wd = Workdir(workdir)
+    inv = hosts if isinstance(hosts, Inventory) else load_inventory(hosts)
+    if runs < 1:
+        raise StageError(f"--runs must be >= 1, not {runs}")
+    np = np or inv.total_slots
+    if entry is None:
+        python = inv.python or ("python" if inv.runtime == "docker" else sys.executable)
+        entry = [python, "-m", "rn50.train"]
+        cfg_file = REPO / "rn50" / "configs" / f"{config}.yaml"
+        if not (Path(config).is_file() or cfg_file.is_file()):
+            raise StageError(f"training config {config!r}: neither a file nor rn50/configs/{config}.yaml")
+    recordio = wd.recordio
+    data_dir = inv.data_dir or str(recordio)
+    base_seed = seed if seed is not None else secrets.randbelow(2**31 - runs)
+    seeds = [base_seed + n for n in range(runs)]
+
+    run_id = new_run_id()
+    run_dir = wd.runs / run_id
+    run_dir.mkdir(parents=True)
+    launcher_dir = run_dir / ".launcher"
+    ssh_config = write_ssh_config(launcher_dir / "ssh_config", inv.hosts, launcher_dir / "known_hosts")
+    started = time.time()
+    status: dict[str, Any] = {
+        "run_id": run_id, "status": "running", "config": config, "np": np, "runs": runs, "seeds": seeds,
+        "hosts": [f"{h.label}:{h.slots}" for h in inv.hosts], "runtime": inv.runtime, "image": image,
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    }
+    write_json_atomic(run_dir / "status.json", status)
+    logs: list[Path] = []
+    try:
+        expected = preflight(inv, recordio, str(inv.work_dir or wd.root), ssh_config, np, image)
+        data_digest = hashlib.sha256(repr(sorted(expected.items())).encode()).hexdigest()
+        ssh_bin = _ssh_wrapper(launcher_dir / "bin", ssh_config).parent
+        env = _rank_env(inv, ssh_bin)
+        results = []
+        for n, s in enumerate(seeds):
+            rank_argv = list(entry) + ["--config", config, "--data", data_dir, "--out", str(run_dir),
+                                       "--run-index", str(n), "--seed", str(s)] + list(extra_args)
+            argv = horovod_command(inv, np, rank_argv)
+            logger.info("run %d/%d (seed %d): %s", n + 1, runs, s, shlex.join(argv))
+            streamer = _Streamer(run_dir, n, logger, _hosts_of_rank(inv, np))
+            try:
+                code, timed_out = _run_one(argv, env, run_dir, streamer, timeout_s)
+            finally:
+                streamer.close()
+                logs += [p for p in streamer.paths() if p not in logs]
+            if timed_out:
+                raise StageError(f"run {n}: timed out after {timeout_s:.0f} s; ranks were stopped"
+                                 + (f" ({streamer.first_failure()})" if streamer.first_failure() else ""))
+            if code != 0:
+                why = streamer.first_failure() or _last_error(
+                    [ln.strip() for ln in Path(streamer.launcher.name).read_text().splitlines() if ln.strip()])
+                raise StageError(f"run {n}: horovodrun exit {code}: {why}")
+            result = run_dir / f"result_{n}.txt"
+            if not result.is_file():
+                raise StageError(f"run {n}: ranks exited 0 but {result.name} was not written")
+            if "run_stop" not in result.read_text():
+                raise StageError(f"run {n}: {result.name} has no run_stop (the run did not finish)")
+            results.append(result)
+    except BaseException as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        status.update(status="failed", error=msg, duration_s=round(time.time() - started, 3))
+        _finish(run_dir, status)
+        logger.error("train attempt %s failed (kept in %s): %s", run_id, run_dir, msg)
+        if isinstance(e, (StageError, KeyboardInterrupt)):
+            raise
+        raise StageError(f"train attempt {run_id} failed: {msg}") from e
+    status.update(status="succeeded", duration_s=round(time.time() - started, 3),
+                  results=[p.name for p in results])
+    _finish(run_dir, status)
+    return TrainResult(
+        run_id=run_id, run_dir=str(run_dir), status="succeeded", config=config, np=np,
+        hosts=status["hosts"], runtime=inv.runtime, image=image, runs=runs, seeds=seeds,
+        results=[str(p) for p in results], result_md5={p.name: file_digest(p) for p in results},
+        logs=[str(p) for p in logs], data_digest=data_digest, duration_s=status["duration_s"],
+    )
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("train", help="launch Horovod training across the inventory's hosts",
+                              description=launch.__doc__)
+    p.add_argument("workdir", type=Path)
+    p.add_argument("--hosts", type=Path, default=None, help="inventory YAML (default: localhost, 2 slots)")
+    p.add_argument("--config", default="cpu-demo", help="rn50/configs/NAME.yaml or a path")
+    p.add_argument("--runs", type=int, default=1, help="independent runs, distinct seeds (5 for a submission set)")
+    p.add_argument("--image", default=None, help="image tag for runtime: docker (from `rn50 build`)")
+    p.add_argument("--np", type=int, default=None, help="ranks (default: all slots)")
+    p.add_argument("--seed", type=int, default=None, help="seed of run 0 (run n uses seed+n)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before a hung run is stopped")
+    p.set_defaults(run=_cli)
+
+
+def _cli(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    res = launch(args.workdir, hosts=args.hosts, config=args.config, runs=args.runs, image=args.image,
+                 timeout_s=args.timeout, np=args.np, seed=args.seed)
+    print(res.to_json())
+    return 0
