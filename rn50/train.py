@@ -1,0 +1,296 @@
+"""Train ResNet-50 v1.5 the MLPerf way: Horovod data parallel, DALI input, LARS, MLPerf log.
+
+    python -m rn50.train --config NAME_OR_PATH --data RECORDIO_DIR --out RUN_DIR \\
+        [--run-index N] [--seed S] [--resume] [--set KEY=VALUE ...]
+
+Run it directly (1 rank) or under `horovodrun --gloo -np N -H host:slots ...` (N ranks).
+Rank 0 writes RUN_DIR/result_<N>.txt (the MLPerf log) and RUN_DIR/checkpoints/run_<N>/; the
+process exits 0 after logging run_stop, with status "success" (top-1 reached the target) or
+"aborted" (the epoch limit came first). Bad input exits 2 with a one-line message.
+
+The loop, in order: init (model, data, optimizer, broadcast of rank 0's weights) -> run_start ->
+blocks of epochs, each ending in an evaluation over ALL validation images (each rank scores its
+shard, the counts are summed across ranks) -> run_stop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from rn50.config import ConfigError, eval_epochs, load_config
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m rn50.train", description="ResNet-50 v1.5 MLPerf training.")
+    ap.add_argument("--config", required=True, help="a name in rn50/configs/ (e.g. cpu-demo) or a .yaml path")
+    ap.add_argument("--data", required=True, type=Path, help="directory holding {train,val}.{rec,idx}")
+    ap.add_argument("--out", required=True, type=Path, help="run directory (log, checkpoints)")
+    ap.add_argument("--run-index", type=int, default=0, help="N in result_<N>.txt (default 0)")
+    ap.add_argument("--seed", type=int, default=None, help="base seed (default: random, logged)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the latest checkpoint; refused for timed configs (timed: true)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config setting (repeatable); e.g. --set max_epochs=2")
+    return ap.parse_args(argv)
+
+
+def _set_thread_env(cfg: Dict) -> None:
+    # Must happen before mxnet is imported: its OpenMP pool is sized at load time.
+    if cfg["omp_threads"]:
+        os.environ["OMP_NUM_THREADS"] = str(cfg["omp_threads"])
+        os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", "1")
+    os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(int(cfg["horovod_fusion_threshold_mb"] * 1024 * 1024)))
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cfg["horovod_cycle_time_ms"]))
+
+
+def _drop_page_cache(paths: List[Path]) -> bool:
+    """Evict the dataset files from the page cache (MLPerf's cache_clear) without needing root."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for p in paths:
+        fd = os.open(str(p), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+class Checkpoints:
+    """RUN_DIR/checkpoints/run_<N>/: epoch_<E>.params/.states plus latest.json, the pointer that is
+    written (atomically) last, so a reader never sees a half-written checkpoint."""
+
+    KEEP = 2
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def save(self, net, trainer, epoch: int, meta: Dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        params, states = self.root / f"epoch_{epoch}.params", self.root / f"epoch_{epoch}.states"
+        for final, save in ((params, net.save_parameters), (states, trainer.save_states)):
+            tmp = final.with_name(f".tmp-{final.name}")
+            save(str(tmp))
+            os.replace(tmp, final)
+        pointer = dict(meta, epoch=epoch, params=params.name, states=states.name)
+        tmp = self.root / ".tmp-latest.json"
+        tmp.write_text(json.dumps(pointer, indent=2, sort_keys=True))
+        os.replace(tmp, self.root / "latest.json")
+        for old in sorted(self.root.glob("epoch_*.params"), key=lambda p: int(p.stem.split("_")[1]))[:-self.KEEP]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".states").unlink(missing_ok=True)
+
+    def latest(self) -> Optional[Dict]:
+        try:
+            return json.loads((self.root / "latest.json").read_text())
+        except FileNotFoundError:
+            return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.resume and cfg["timed"]:
+            raise ConfigError(f"config {cfg['name']!r} is a timed MLPerf run (timed: true) and never resumes; "
+                              "rerun without --resume for a fresh attempt, or use --set timed=false for a regression run")
+        for split in ("train", "val"):
+            for ext in ("rec", "idx"):
+                if not (args.data / f"{split}.{ext}").is_file():
+                    raise ConfigError(f"missing {args.data / f'{split}.{ext}'} (run `rn50 pack` first)")
+        if args.run_index < 0:
+            raise ConfigError("--run-index must be >= 0")
+    except ConfigError as e:
+        print(f"rn50.train: error: {e}", file=sys.stderr)
+        return 2
+    _set_thread_env(cfg)
+    try:
+        return train(cfg, args.data, args.out, args.run_index, args.seed, args.resume)
+    except ConfigError as e:
+        print(f"rn50.train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Optional[int] = None,
+          resume: bool = False) -> int:
+    import mxnet as mx
+    # DALI must be loaded before Horovod: with horovod.mxnet's library loaded first, the first
+    # DALI pipeline run segfaults (measured: DALI 1.35 + Horovod 0.28.1).
+    import nvidia.dali.fn  # noqa: F401
+    import horovod.mxnet as hvd
+    import numpy as np
+    from mxnet import autograd, gluon
+
+    from rn50 import data as rdata
+    from rn50.mllog import RunLogger
+    from rn50.model import resnet50_v1_5
+    from rn50.optim import PolyWarmupSchedule, build_optimizer, smoothed_labels
+
+    hvd.init()
+    rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+    ckpt = Checkpoints(Path(out) / "checkpoints" / f"run_{run_index}")
+    resume_from = ckpt.latest() if resume else None
+    log = RunLogger(Path(out) / f"result_{run_index}.txt", rank, append=resume_from is not None)
+    if rank == 0 and not resume:
+        ckpt.clear()  # a fresh attempt never inherits a previous attempt's state
+    if resume_from is not None:
+        log.note(f"# resumed from checkpoint epoch {resume_from['epoch']} (non-timed run)")
+
+    def say(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    # ---- init ------------------------------------------------------------------------------------
+    log.event("cache_clear", _drop_page_cache([data_dir / "train.rec", data_dir / "val.rec"]))
+    log.start("init_start")
+    log.log_submission(cfg)
+
+    gpu = local_rank if mx.context.num_gpus() > 0 else None
+    if gpu is None and (cfg["dtype"] == "float16" or cfg["layout"] == "NHWC" or cfg["dali_decode"] == "mixed"):
+        raise ConfigError(f"config {cfg['name']!r} needs a GPU (dtype float16 / NHWC / mixed decode); none found")
+    ctx = mx.gpu(gpu) if gpu is not None else mx.cpu()
+
+    # Rank 0 picks the base seed, everyone agrees on it; ranks differ by their rank so their
+    # augmentations and shuffles differ.
+    base = seed if seed is not None else random.SystemRandom().randrange(1, 2 ** 31 - size)
+    base = int(hvd.broadcast(mx.nd.array([base], dtype="float64"), root_rank=0, name="seed").asscalar())
+    log.event("seed", base)
+    mx.random.seed(base + rank)
+    np.random.seed(base + rank)
+    random.seed(base + rank)
+
+    n_train = rdata.count_records(data_dir / "train.idx")
+    n_val = rdata.count_records(data_dir / "val.idx")
+    classes = cfg["classes"] or rdata.max_label(data_dir) + 1
+    if classes < 2:
+        raise ConfigError(f"cannot tell the number of classes from {data_dir} (no .lst files); set `classes`")
+    batch = cfg["batch_size"]
+    global_batch = batch * size
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{n_train} train images is less than one global batch ({global_batch})")
+
+    net = resnet50_v1_5(classes=classes, layers=cfg["depth"], width=cfg["width"], layout=cfg["layout"],
+                        bn_momentum=cfg["bn_momentum"], bn_eps=cfg["bn_eps"],
+                        zero_init_last_bn=cfg["bn_zero_init_last"])
+    # He (MSRA) init for convs, as the reference; BN and biases keep their own initializers.
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx)
+    if cfg["dtype"] == "float16":
+        net.cast("float16")
+    shape = (batch, cfg["train_crop"], cfg["train_crop"], 3) if cfg["layout"] == "NHWC" \
+        else (batch, 3, cfg["train_crop"], cfg["train_crop"])
+    net(mx.nd.zeros(shape, ctx=ctx, dtype=cfg["dtype"]))  # materialise deferred shapes
+    if cfg["hybridize"]:
+        net.hybridize(static_alloc=True, static_shape=True)
+
+    decay_epochs = cfg["decay_epochs"] or cfg["max_epochs"]
+    schedule = PolyWarmupSchedule(cfg["base_lr"], int(round(cfg["warmup_epochs"] * steps_per_epoch)),
+                                  decay_epochs * steps_per_epoch, cfg["end_lr"], cfg["lr_power"])
+    optimizer = build_optimizer(cfg, schedule, multi_precision=cfg["dtype"] == "float16")
+    params = net.collect_params()
+    trainer = hvd.DistributedTrainer(params, optimizer, num_groups=cfg["horovod_num_groups"])
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=False)
+
+    start_epoch = 1
+    if resume_from is not None:
+        net.load_parameters(str(ckpt.root / resume_from["params"]), ctx=ctx)
+        trainer.load_states(str(ckpt.root / resume_from["states"]))
+        start_epoch = resume_from["epoch"] + 1
+    # Every rank starts from rank 0's weights (init or checkpoint).
+    hvd.broadcast_parameters(params, root_rank=0)
+
+    train_pipe = rdata.build_pipeline(data_dir, "train", cfg, rank, size, gpu, seed=base + rank)
+    val_pipe = rdata.build_pipeline(data_dir, "val", cfg, rank, size, gpu, seed=base + rank)
+    train_loader, val_loader = rdata.Loader(train_pipe, ctx), rdata.Loader(val_pipe, ctx)
+    val_begin, val_end = rdata.shard_bounds(n_val, rank, size)
+    val_batches = rdata.val_batches_per_shard(n_val, size, batch)
+
+    log.log_hyperparameters(cfg, global_batch, batch, cfg["warmup_epochs"], schedule.decay_steps)
+    log.end("init_stop")
+    _barrier(hvd, mx, ctx)
+
+    # ---- run -------------------------------------------------------------------------------------
+    log.start("run_start")
+    log.event("train_samples", n_train)
+    log.event("eval_samples", n_val)
+    say(f"rn50.train: {cfg['name']}: {size} rank(s) on {ctx}, {classes} classes, {n_train} train / {n_val} val, "
+        f"global batch {global_batch}, {steps_per_epoch} steps/epoch, evals after epochs "
+        f"{eval_epochs(cfg['max_epochs'], cfg['eval_period'], cfg['eval_offset'])}")
+
+    evals = [e for e in eval_epochs(cfg["max_epochs"], cfg["eval_period"], cfg["eval_offset"]) if e >= start_epoch]
+    status, accuracy, epoch = "aborted", 0.0, start_epoch - 1
+    block_first = start_epoch
+    for block_last in evals:
+        log.start("block_start", metadata={"first_epoch_num": block_first, "epoch_count": block_last - block_first + 1})
+        for epoch in range(block_first, block_last + 1):
+            log.start("epoch_start", metadata={"epoch_num": epoch})
+            t0 = time.time()
+            loss_sum = mx.nd.zeros((1,), ctx=ctx)
+            for step, (x, y) in enumerate(train_loader.batches(steps_per_epoch)):
+                target = smoothed_labels(y, classes, cfg["label_smoothing"], dtype="float32")
+                with autograd.record():
+                    out = net(x).astype("float32", copy=False)
+                    loss = loss_fn(out, target)
+                loss.backward()
+                trainer.step(batch)
+                loss_sum += loss.mean()
+                if cfg["log_every"] and (step + 1) % cfg["log_every"] == 0:
+                    say(f"  epoch {epoch} step {step + 1}/{steps_per_epoch} lr {trainer.learning_rate:.4g}")
+            mean_loss = float(loss_sum.asscalar()) / steps_per_epoch  # also waits for the epoch's work
+            elapsed = time.time() - t0
+            per_rank = steps_per_epoch * batch / elapsed
+            total = float(hvd.allreduce(mx.nd.array([per_rank], ctx=ctx), op=hvd.Sum, name="ips").asscalar())
+            log.end("epoch_stop", metadata={"epoch_num": epoch, "throughput_img_per_s_per_rank": round(per_rank, 2),
+                                            "throughput_img_per_s_total": round(total, 2)})
+            say(f"epoch {epoch}: loss {mean_loss:.4f} lr {trainer.learning_rate:.4g} {elapsed:.1f}s "
+                f"{per_rank:.1f} img/s/rank (rank 0) {total:.1f} img/s total")
+
+        log.start("eval_start", metadata={"epoch_num": epoch})
+        correct, seen = 0, 0
+        for x, y in val_loader.batches(val_batches):
+            keep = min(batch, (val_end - val_begin) - seen)  # drop the shard's padding
+            if keep > 0:
+                pred = net(x).argmax(axis=1).astype("int32")
+                correct += int((pred[:keep] == y[:keep]).sum().asscalar())
+                seen += keep
+        counts = hvd.allreduce(mx.nd.array([correct, seen], ctx=ctx, dtype="float64"), op=hvd.Sum, name="eval")
+        correct_all, seen_all = (int(v) for v in counts.asnumpy())
+        if seen_all != n_val:
+            raise RuntimeError(f"evaluation saw {seen_all} of {n_val} validation images")
+        accuracy = correct_all / seen_all
+        log.end("eval_stop", metadata={"epoch_num": epoch})
+        log.event("eval_accuracy", accuracy, metadata={"epoch_num": epoch})
+        log.end("block_stop", metadata={"first_epoch_num": block_first})
+        say(f"eval after epoch {epoch}: top-1 {accuracy:.4f} ({correct_all}/{seen_all})")
+        if rank == 0:
+            ckpt.save(net, trainer, epoch, {"accuracy": accuracy, "config": cfg["name"], "seed": base,
+                                            "ranks": size, "global_batch": global_batch})
+        block_first = epoch + 1
+        if accuracy >= cfg["target_accuracy"]:
+            status = "success"
+            break
+
+    log.end("run_stop", metadata={"status": status})
+    say(f"run_stop: {status} at epoch {epoch}, top-1 {accuracy:.4f} (target {cfg['target_accuracy']})")
+    log.close()
+    _barrier(hvd, mx, ctx)
+    return 0
+
+
+def _barrier(hvd, mx, ctx) -> None:
+    # Same name on every rank (Horovod matches collectives by name); sequential reuse is fine.
+    hvd.allreduce(mx.nd.zeros((1,), ctx=ctx), name="barrier").wait_to_read()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
