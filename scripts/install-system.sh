@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Debian packages the tests drive for real: a Docker engine, sshd for the two-host launch, debootstrap for a
+# local base image (no registry is reachable), iproute2 for network namespaces, Chromium for the UI test.
+# Installs only what is missing; needs root (it is, on CI and the dev machines).
+set -euo pipefail
+pkgs=(docker.io openssh-server openssh-client debootstrap iproute2 chromium procps psmisc rsync)
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then echo "need root to apt-get install: ${missing[*]}" >&2; exit 1; fi
+  echo "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
