@@ -259,8 +259,10 @@ def _ssh_wrapper(bin_dir: Path, config: Path) -> Path:
 class Remote:
     """Runs short shell commands on one host: directly when local, over ssh otherwise."""
 
-    def __init__(self, host: Host, ssh_config: Path | None):
-        self.host, self.local, self.ssh_config = host, is_local(host), ssh_config
+    def __init__(self, host: Host, ssh_config: Path | None, runtime: str = "local"):
+        # With runtime docker the ssh port is the node container's sshd: always go through it.
+        self.host, self.ssh_config = host, ssh_config
+        self.local = runtime == "local" and is_local(host)
 
     def run(self, script: str, timeout: float = 60) -> subprocess.CompletedProcess:
         if self.local:
@@ -296,7 +298,8 @@ def expected_data(recordio: Path) -> dict[str, dict[str, Any]]:
 def _probe_script(data_dir: str, work_dir: str, runtime: str, image: str | None) -> str:
     """POSIX sh run on each host; prints `key value` lines that `_check_host` reads."""
     q = shlex.quote
-    parts = ["echo ok 1"]
+    # Gloo looks up each host's own name; an unresolvable one crashes hvd.init() with a bare segfault.
+    parts = ["echo ok 1", 'h=$(hostname); if getent hosts "$h" >/dev/null 2>&1; then echo resolves yes; else echo resolves "$h"; fi']
     for name in RECORDIO_FILES:
         f = q(f"{data_dir}/{name}")
         parts.append(f"if [ -f {f} ]; then echo size:{name} $(stat -c %s {f}); else echo size:{name} missing; fi")
@@ -313,8 +316,9 @@ def _probe_script(data_dir: str, work_dir: str, runtime: str, image: str | None)
         f"d={q(work_dir)}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; "
         "echo free_kib $(df -Pk \"$d\" | awk 'NR==2 {print $4}')"
     )
-    if runtime == "docker" and image:
-        parts.append(f"if docker image inspect {q(image)} >/dev/null 2>&1; then echo image present; else echo image missing; fi")
+    if runtime == "docker":
+        # We are inside the node's container: it must run the image built from this source tree.
+        parts.append("echo image $(cat /etc/rn50/content-hash 2>/dev/null || echo none)")
     return "; ".join(parts) + "; true"
 
 
@@ -333,6 +337,8 @@ def _check_host(host: Host, remote: Remote, expected: dict, inv: Inventory, data
         msg = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         return [f"{where}: ssh unreachable: {msg}" if not remote.local else f"{where}: probe failed: {msg}"]
     errors = []
+    if facts.get("resolves", "yes") != "yes":
+        errors.append(f"{where}: its hostname {facts['resolves']!r} does not resolve (add it to /etc/hosts; Gloo needs it)")
     for name, exp in expected.items():
         got = facts.get(f"size:{name}")
         if got in (None, "missing"):
@@ -351,8 +357,9 @@ def _check_host(host: Host, remote: Remote, expected: dict, inv: Inventory, data
         free = 0
     if free < inv.min_free_bytes:
         errors.append(f"{where}: only {free >> 20} MiB free under {work_dir}, need {inv.min_free_bytes >> 20} MiB")
-    if inv.runtime == "docker" and image and facts.get("image") != "present":
-        errors.append(f"{where}: docker image {image} is not present (run `rn50 build` and push/load it)")
+    if inv.runtime == "docker" and image and facts.get("image") != image.rsplit(":", 1)[-1]:
+        errors.append(f"{where}: the container on ssh port {host.ssh_port} does not run {image} "
+                      f"(it runs content hash {facts.get('image', 'none')}; start it with infra/start-node.sh)")
     return errors
 
 
@@ -363,13 +370,16 @@ def preflight(inv: Inventory, recordio: Path, work_dir: str, ssh_config: Path, n
         raise StageError(f"preflight: {np} ranks requested but the inventory has only {inv.total_slots} slots")
     if inv.runtime == "docker" and not image:
         raise StageError("preflight: runtime docker needs an image (pass image=… / --image, e.g. from `rn50 build`)")
+    if inv.runtime == "docker" and len({h.ssh_port for h in inv.hosts}) > 1:
+        # horovodrun runs inside the first container and reaches the others with one -p PORT.
+        raise StageError("preflight: runtime docker needs the same ssh_port (the containers' sshd) on every host")
     expected = expected_data(recordio)
     data_dir = inv.data_dir or str(recordio)
     errors: list[str] = []
     lock = threading.Lock()
 
     def one(h: Host) -> None:
-        errs = _check_host(h, Remote(h, ssh_config), expected, inv, data_dir, work_dir, image)
+        errs = _check_host(h, Remote(h, ssh_config, inv.runtime), expected, inv, data_dir, work_dir, image)
         with lock:
             errors.extend(errs)
 
@@ -405,6 +415,18 @@ def horovod_command(inv: Inventory, np: int, rank_argv: Sequence[str], start_tim
     if inv.interface:
         argv += ["--network-interfaces", inv.interface]
     return argv + list(rank_argv)
+
+
+def _in_first_container(inv: Inventory, argv: list[str], env: dict[str, str], ssh_config: Path) -> list[str]:
+    """Runtime docker: run horovodrun inside the first host's container (as the seeds did by hand);
+    it reaches the other containers' sshd with the key mounted at /root/.ssh (infra/start-node.sh)."""
+    h0 = inv.hosts[0]
+    inner = ["python"] + argv[1:]  # the container's interpreter, not the launcher's
+    if h0.ssh_port:
+        inner[inner.index("--disable-cache"):inner.index("--disable-cache")] = ["-p", str(h0.ssh_port)]
+    keep = {k: v for k, v in env.items() if k not in ("PATH", "HOME", "PYTHONPATH", "USER", "LOGNAME")}
+    remote = "cd /tmp && env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in keep.items()) + " " + shlex.join(inner)
+    return ["ssh", "-F", str(ssh_config), h0.host, remote]
 
 
 def _rank_env(inv: Inventory, ssh_bin: Path | None) -> dict[str, str]:
@@ -457,13 +479,20 @@ class _Streamer:
             self.logger.info("[run %d launcher] %s", self.n, line)
 
     def first_failure(self) -> str | None:
-        if not self.exits:
+        """The rank to blame: the first to exit non-zero that did not merely lose a peer (a Gloo
+        "connection closed/reset by peer" is the echo of another rank's death), else the first to exit."""
+        failed = [(r, c) for r, c in self.exits if c != 0]
+        if not failed:
             return None
-        rank, code = self.exits[0]
+        primary = [(r, c) for r, c in failed if not any(_PEER_LOST.search(t) for t in self.tail.get(r, []))]
+        rank, code = (primary or failed)[0]
         host = self.hosts_of_rank.get(rank, "?")
-        reason = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-        if code in (128 + 9, 128 + 15) or code < 0:
-            reason = f"killed by signal {code - 128 if code > 0 else -code} (exit {code})"
+        if code < 0 or code in (128 + 9, 128 + 15):
+            reason = f"killed by signal {-code if code < 0 else code - 128}"
+        elif code == 255 and not is_local_name(host):
+            reason = "exit 255: the ssh session died with the rank"
+        else:
+            reason = f"exit {code}"
         err = _last_error(self.tail.get(rank, []))
         return f"rank {rank} on {host} failed first ({reason})" + (f": {err}" if err else "")
 
@@ -473,10 +502,21 @@ class _Streamer:
             f.close()
 
 
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe", re.I)
+_FATAL = re.compile(r"Segmentation fault|Fatal Python error|Killed|Bus error|Illegal instruction")
+
+
+def is_local_name(host: str) -> bool:
+    return is_local(Host(host, 1))
+
+
 def _last_error(lines: list[str]) -> str:
-    """The line a human would quote: the exception line of a traceback, else the last stderr line."""
+    """The line a human would quote: the exception line of a traceback, a crash, else the last line."""
     for line in reversed(lines):
-        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b.*", line) or "Error:" in line:
+        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b", line):
+            return line[:300]
+    for line in lines:
+        if _FATAL.search(line):
             return line[:300]
     return lines[-1][:300] if lines else ""
 
@@ -594,6 +634,8 @@ def launch(
             rank_argv = list(entry) + ["--config", config, "--data", data_dir, "--out", str(run_dir),
                                        "--run-index", str(n), "--seed", str(s)] + list(extra_args)
             argv = horovod_command(inv, np, rank_argv)
+            if inv.runtime == "docker":
+                argv = _in_first_container(inv, argv, env, ssh_config)
             logger.info("run %d/%d (seed %d): %s", n + 1, runs, s, shlex.join(argv))
             streamer = _Streamer(run_dir, n, logger, _hosts_of_rank(inv, np))
             try:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Start the training container on THIS host with its sshd on PORT (what the seeds did by hand on
+# every node: docker run --network=host ..., install sshd, PermitRootLogin, Port 12345).
+# usage: infra/start-node.sh IMAGE DATA_DIR [PORT] [AUTHORIZED_KEYS]
+# Then list the host in the inventory with ssh_port: PORT and runtime: docker.
+set -euo pipefail
+image=${1:?image tag (from rn50 build)}; data=${2:?recordio dir on this host}; port=${3:-12345}
+keys=${4:-$HOME/.ssh/authorized_keys}
+name=${RN50_CONTAINER:-rn50-node}
+docker rm -f "$name" >/dev/null 2>&1 || true
+gpus=()
+if command -v nvidia-smi >/dev/null 2>&1; then gpus=(--gpus all); fi
+docker run -d --name "$name" "${gpus[@]}" \
+    --network=host --ipc=host --uts=host --shm-size=1g \
+    --ulimit memlock=-1 --ulimit stack=67108864 --security-opt seccomp=unconfined \
+    -v "$data":"$data":ro -v "$keys":/root/.ssh/authorized_keys:ro \
+    -v "${RN50_RUNS_DIR:-/tmp/rn50-runs}":"${RN50_RUNS_DIR:-/tmp/rn50-runs}" \
+    "$image" sshd "$port"
+echo "started $name from $image; sshd on port $port"
