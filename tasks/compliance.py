@@ -364,6 +364,8 @@ def check(
     rcp_tables = _rcp_rulesets()
     if rcp_version is not None and rcp_version not in rcp_tables:
         raise StageError(f"no resnet RCPs for version {rcp_version!r}; have {', '.join(sorted(rcp_tables, key=_version_key))}")
+    # Resolve the system description before any work, so a typo fails fast and writes nothing.
+    sys_name, sys_cfg = _load_system_config(system, _log_facts(files[0], ruleset)["values"].get("submission_platform"))
     out = Path(out_dir).resolve() if out_dir else default_out_dir(logdir)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +375,7 @@ def check(
         raise StageError(f"cannot write the report next to {out}: {e.strerror}") from e
 
     try:
-        result = _check_into(stage, out, logdir, files, ruleset, dataset, system, rcp_version, rcp_tables)
+        result = _check_into(stage, out, logdir, files, ruleset, dataset, sys_name, sys_cfg, rcp_version, rcp_tables)
         # The report names the final paths; swap the finished tree in whole.
         _fix_paths(stage, out)
         old = None
@@ -395,7 +397,7 @@ def _fix_paths(stage: Path, out: Path) -> None:
 
 
 def _check_into(stage: Path, out: Path, logdir: Path, files: list[Path], ruleset: str, dataset: str,
-                system: str | os.PathLike | None, rcp_version: str | None, rcp_tables: set[str]) -> ComplianceResult:
+                sys_name: str, sys_cfg: dict, rcp_version: str | None, rcp_tables: set[str]) -> ComplianceResult:
     scratch = stage / "tool-logs"
     scratch.mkdir()
 
@@ -481,7 +483,6 @@ def _check_into(stage: Path, out: Path, logdir: Path, files: list[Path], ruleset
                       + (f"; RCP: {rcp['reason']}" if rcp["applicable"] else ""))
 
     # 4. Submission package + package checker + result summarizer (full sets only).
-    sys_name, sys_cfg = _load_system_config(system, first_values.get("submission_platform"))
     package: dict[str, Any] = {"generated": False, "system_config": sys_name}
     if n == SET_SIZE:
         package = _package(stage / "submission", files, ruleset, sys_name, sys_cfg, first_values, set_ttt, scratch)
