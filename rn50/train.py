@@ -187,9 +187,9 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
     net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx)
     if cfg["dtype"] == "float16":
         net.cast("float16")
-    shape = (batch, cfg["train_crop"], cfg["train_crop"], 3) if cfg["layout"] == "NHWC" \
-        else (batch, 3, cfg["train_crop"], cfg["train_crop"])
-    net(mx.nd.zeros(shape, ctx=ctx, dtype=cfg["dtype"]))  # materialise deferred shapes
+    # No dummy forward here: an inference-mode forward on CPU leaves conv weights in MKL-DNN's
+    # blocked layout, whose byte size differs from the plain one and breaks Horovod's broadcast.
+    # Shapes are deferred; Horovod broadcasts each parameter right after its deferred init.
     if cfg["hybridize"]:
         net.hybridize(static_alloc=True, static_shape=True)
 
