@@ -20,7 +20,7 @@ def rn50(source: str, workdir: str, pipeline: str = "demo", rerun: list[str] | N
 
     def run(task, stage: str, key: str, **kwargs):
         # A cached result counts only while the stage's outputs are still as it left them.
-        fresh = stage in rerun or not stamp_valid(wd, stage, key)
+        fresh = stage in rerun or not stamp_valid(wd, f"flow-{stage}", key)
         return task.with_options(refresh_cache=fresh)(key, str(wd.root), **kwargs)
 
     md5_file = cfg["fetch"]["md5_file"]

@@ -33,7 +33,7 @@ def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries
         def run(key: str, workdir: str, **kwargs: Any) -> dict:
             result = fn(workdir, **kwargs).to_dict()
             wd = Workdir(workdir)
-            write_stamp(wd, name, key, result, outputs(wd, result))
+            write_stamp(wd, f"flow-{name}", key, result, outputs(wd, result))
             if publish:
                 publish(result)
             return result

@@ -100,35 +100,39 @@ def write_json_atomic(path: Path | str, obj: Any) -> Path:
 # --- stamps: "this stage's outputs are complete and unchanged" without re-hashing data ------------
 
 
-def fingerprint(paths: Iterable[Path | str]) -> list[list[Any]]:
+def fingerprint(paths: Iterable[Path | str], root: Path | None = None) -> list[list[Any]]:
     """Cheap identity of outputs: (path, size, mtime_ns) of each file, and of every directory below
     each directory given. Deleting or adding a file changes its directory's mtime; rewriting a file
     changes its own. Files inside directories are not stat'ed, so the cost grows with the number
-    of directories, not of images."""
+    of directories, not of images. Paths are reported relative to `root` when given."""
+    def name(p: str | Path) -> str:
+        return os.path.relpath(p, root) if root else str(p)
+
     out: list[list[Any]] = []
-    for p in map(Path, paths):
+    for p in (Path(root, q) if root else Path(q) for q in paths):
         if not p.exists():
-            out.append([str(p), None, None])
+            out.append([name(p), None, None])
             continue
         st = p.stat()
-        out.append([str(p), st.st_size if p.is_file() else None, st.st_mtime_ns])
+        out.append([name(p), st.st_size if p.is_file() else None, st.st_mtime_ns])
         if p.is_dir():
             stack = [p]
             while stack:
                 with os.scandir(stack.pop()) as it:
                     for entry in it:
                         if entry.is_dir(follow_symlinks=False):
-                            out.append([entry.path, None, entry.stat().st_mtime_ns])
+                            out.append([name(entry.path), None, entry.stat().st_mtime_ns])
                             stack.append(Path(entry.path))
     return sorted(out)
 
 
 def write_stamp(wd: Workdir, stage: str, key: str, result: dict[str, Any], outputs: Iterable[Path | str]) -> None:
-    """Record that `stage` finished for cache `key`, with the fingerprint of its outputs."""
-    outputs = [str(p) for p in outputs]
+    """Record that `stage` finished for cache `key`, with the fingerprint of its outputs (paths relative
+    to the work dir, so a copied or moved work dir is judged by its own files)."""
+    rel = [os.path.relpath(Path(p).resolve(), wd.root) for p in outputs]
     write_json_atomic(
         wd.stamps / f"{stage}.json",
-        {"stage": stage, "key": key, "result": result, "outputs": outputs, "fingerprint": fingerprint(outputs)},
+        {"stage": stage, "key": key, "result": result, "outputs": rel, "fingerprint": fingerprint(rel, wd.root)},
     )
 
 
@@ -144,7 +148,7 @@ def stamp_valid(wd: Workdir, stage: str, key: str | None = None) -> bool:
     stamp = read_stamp(wd, stage)
     if stamp is None or (key is not None and stamp.get("key") != key):
         return False
-    return fingerprint(stamp["outputs"]) == stamp["fingerprint"]
+    return fingerprint(stamp["outputs"], wd.root) == stamp["fingerprint"]
 
 
 def human_bytes(n: float) -> str:

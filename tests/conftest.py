@@ -1,0 +1,59 @@
+"""Shared fixtures: one small synthetic ILSVRC2012, fetched and verified once per session.
+
+Tests that change a work dir take `workdir_copy` (a fresh copy); the session ones are read-only.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RN50 = str(Path(sys.executable).parent / "rn50")
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+# Small but complete: every quirk, uneven class sizes, IDs out of sorted-WNID order.
+SMALL = dict(classes=6, train_per_class=24, val_per_class=6, seed=1)
+
+
+def rn50(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real `rn50` console script."""
+    proc = subprocess.run([RN50, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rn50 {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def synth_source(tmp_path_factory) -> Path:
+    from tasks.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, **SMALL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def verified_workdir(tmp_path_factory, synth_source) -> Path:
+    from tasks.fetch import fetch
+    from tasks.verify import verify
+
+    wd = tmp_path_factory.mktemp("verified")
+    fetch(str(synth_source), wd, synth_source / "MD5SUMS")
+    verify(wd)
+    return wd
+
+
+@pytest.fixture
+def workdir_copy(verified_workdir, tmp_path) -> Path:
+    dst = tmp_path / "wd"
+    shutil.copytree(verified_workdir, dst, symlinks=True)
+    return dst

@@ -1,0 +1,259 @@
+"""synth -> fetch -> verify, through the real CLI, from a directory, a real HTTP server and a real S3 server."""
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import scipy.io
+
+from conftest import SMALL, rn50
+from tasks.fetch import OFFICIAL_MD5, read_md5sums
+from tasks.synth import DEVKIT_TGZ, TRAIN_TAR, VAL_TAR
+
+
+# --- synth ----------------------------------------------------------------------------------------
+
+
+def test_synth_layout_ids_and_quirks(synth_source):
+    with tarfile.open(synth_source / TRAIN_TAR) as outer:
+        inner_names = outer.getnames()
+        assert all(n.endswith(".tar") and "/" not in n for n in inner_names)
+        assert len(inner_names) == SMALL["classes"]
+        first = tarfile.open(fileobj=outer.extractfile(inner_names[0]))
+        assert all(n.startswith(inner_names[0][:-4] + "_") and n.endswith(".JPEG") for n in first.getnames())
+    with tarfile.open(synth_source / VAL_TAR) as val:
+        names = val.getnames()
+        assert names[0] == "ILSVRC2012_val_00000001.JPEG"
+        assert len(names) == SMALL["classes"] * SMALL["val_per_class"]
+    with tarfile.open(synth_source / DEVKIT_TGZ) as dk:
+        meta = scipy.io.loadmat(io.BytesIO(dk.extractfile("ILSVRC2012_devkit_t12/data/meta.mat").read()),
+                                squeeze_me=True)["synsets"]
+        gt = dk.extractfile("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt").read().split()
+    assert set(meta.dtype.names) >= {"ILSVRC2012_ID", "WNID", "num_children", "num_train_images", "words"}
+    leaves = [s for s in meta if int(s["num_children"]) == 0]
+    assert len(leaves) == SMALL["classes"] and len(meta) > len(leaves)  # inner synsets too, as in the real devkit
+    by_id = sorted(leaves, key=lambda s: int(s["ILSVRC2012_ID"]))
+    # The trap of the real devkit: ID order is not sorted-WNID order.
+    assert [str(s["WNID"]) for s in by_id] != sorted(str(s["WNID"]) for s in leaves)
+    assert len(gt) == len(names)
+    md5 = read_md5sums(synth_source / "MD5SUMS")
+    assert set(md5) == {TRAIN_TAR, VAL_TAR, DEVKIT_TGZ}
+
+
+def test_synth_is_reproducible_and_cli_reports(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        out = rn50("synth", d, "--classes", 3, "--train-per-class", 4, "--val-per-class", 2, "--seed", 7, check=True)
+        assert "wrote" in out.stdout and "MD5SUMS" in out.stdout
+    assert (a / "MD5SUMS").read_text() == (b / "MD5SUMS").read_text()
+    assert rn50("synth", tmp_path / "c", "--classes", 1).returncode != 0
+
+
+# --- fetch + verify: the three sources ------------------------------------------------------------
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that honours `Range: bytes=N-` and can cut the first response short."""
+
+    cut_after: dict[str, int] = {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            return self.send_error(404)
+        data = path.read_bytes()
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        cut = self.cut_after.pop(path.name, None)
+        self.wfile.write(body[:cut] if cut is not None else body)
+        if cut is not None:
+            self.close_connection = True
+
+
+@pytest.fixture
+def http_source(synth_source):
+    handler = lambda *a, **kw: RangeHandler(*a, directory=str(synth_source), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    server.server_close()
+
+
+def _fetch_verify(source: str, synth_source: Path, wd: Path, env: dict | None = None) -> None:
+    out = rn50("fetch", source, wd, "--md5", synth_source / "MD5SUMS", env=env, check=True)
+    assert out.stdout.count("ok, downloaded") == 3
+    out = rn50("verify", wd, check=True)
+    assert "expectations passed" in out.stdout
+    df = pd.read_parquet(wd / "manifest.parquet")
+    assert (df.split == "train").sum() > 0 and (df.split == "val").sum() == SMALL["classes"] * SMALL["val_per_class"]
+    for rel in df.path.sample(10, random_state=0):
+        assert (wd / rel).is_file()
+
+
+def test_fetch_verify_from_directory(synth_source, tmp_path):
+    _fetch_verify(str(synth_source), synth_source, tmp_path / "wd")
+    again = rn50("fetch", synth_source, tmp_path / "wd", "--md5", synth_source / "MD5SUMS", check=True)
+    assert again.stdout.count("reused (already verified)") == 3
+
+
+def test_fetch_from_http_resumes_a_truncated_download(synth_source, http_source, tmp_path):
+    wd = tmp_path / "wd"
+    size = (synth_source / TRAIN_TAR).stat().st_size
+    RangeHandler.cut_after[TRAIN_TAR] = size // 3
+    first = rn50("fetch", http_source, wd, "--md5", synth_source / "MD5SUMS")
+    assert first.returncode == 2
+    assert first.stderr.strip().count("\n") == 0 and "truncated" in first.stderr
+    assert not (wd / "raw" / TRAIN_TAR).exists()          # never visible under its final name
+    partial = wd / "raw" / ".partial" / f"{TRAIN_TAR}.part"
+    assert partial.stat().st_size == size // 3
+    _fetch_verify(http_source, synth_source, wd)           # resumes with a Range request
+
+
+def test_fetch_verify_from_real_s3(synth_source, tmp_path):
+    from s3_server import SeaweedS3
+
+    with SeaweedS3(tmp_path / "s3") as srv:
+        s3 = srv.client()
+        s3.create_bucket(Bucket="imagenet")
+        for name in (TRAIN_TAR, VAL_TAR, DEVKIT_TGZ):
+            s3.upload_file(str(synth_source / name), "imagenet", f"ilsvrc2012/{name}")
+        _fetch_verify("s3://imagenet/ilsvrc2012", synth_source, tmp_path / "wd", env=srv.env())
+
+
+def test_verify_sorts_val_by_devkit_ids_not_by_order(verified_workdir):
+    df = pd.read_parquet(verified_workdir / "manifest.parquet")
+    wnids = sorted(df.wnid.unique())
+    assert (df.label == df.wnid.map({w: i for i, w in enumerate(wnids)})).all()
+    # Same label for the same class in train and val.
+    assert df.groupby("wnid").label.nunique().eq(1).all()
+    report = json.loads((verified_workdir / "reports" / "verify.json").read_text())
+    assert all(e["success"] for e in report["expectations"])
+    quirks = report["quirks"]
+    assert quirks["png_as_jpeg"] == ["extracted/train/n02105855/n02105855_2933.JPEG"]
+    assert len(quirks["cmyk"]) >= 2 and len(quirks["grayscale"]) >= 2
+    assert set(df["mode"]) >= {"RGB", "CMYK", "L"} and set(df.format) == {"JPEG", "PNG"}
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_fetch_refuses_synthetic_archives_against_official_md5s(synth_source, tmp_path):
+    wd = tmp_path / "wd"
+    proc = rn50("fetch", synth_source, wd)
+    _one_line_error(proc, "MD5 mismatch", OFFICIAL_MD5[TRAIN_TAR], TRAIN_TAR)
+    assert not (wd / "raw" / TRAIN_TAR).exists()
+    assert len(list((wd / "raw" / "rejected").iterdir())) == 1
+
+
+def test_fetch_missing_archive_and_unknown_scheme(synth_source, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in (TRAIN_TAR, DEVKIT_TGZ):
+        os.link(synth_source / name, src / name)
+    _one_line_error(rn50("fetch", src, tmp_path / "wd", "--md5", synth_source / "MD5SUMS"), "no", VAL_TAR)
+    assert not (tmp_path / "wd" / "raw").exists()  # nothing moved before every archive was found
+    _one_line_error(rn50("fetch", "ftp://example.invalid/x", tmp_path / "wd2"), "unsupported source scheme")
+
+
+def _rewrite_tar(path: Path, add: list[tarfile.TarInfo], data: bytes = b"x") -> None:
+    with tarfile.open(path) as old:
+        members = [(m, old.extractfile(m).read() if m.isfile() else None) for m in old]
+    with tarfile.open(path, "w") as new:
+        for m, d in members:
+            new.addfile(m, io.BytesIO(d) if d is not None else None)
+        for m in add:
+            new.addfile(m, io.BytesIO(data) if m.isfile() else None)
+
+
+def _record_as_fetched(raw: Path, name: str) -> None:
+    """Refresh fetch's record of a tampered archive, as fetching a tampered source would."""
+    from tasks.common import file_digest
+
+    st = (raw / name).stat()
+    (raw / f".{name}.md5.json").write_text(json.dumps({"md5": file_digest(raw / name), "size": st.st_size,
+                                                       "mtime_ns": st.st_mtime_ns}))
+
+
+def _evil(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    m = tarfile.TarInfo(name)
+    m.type, m.linkname, m.size = kind, link, (1 if kind == tarfile.REGTYPE else 0)
+    return m
+
+
+@pytest.mark.parametrize("member", [
+    _evil("../evil.JPEG"),
+    _evil("/etc/x"),
+    _evil("escape.JPEG", tarfile.SYMTYPE, "../../../../etc/passwd"),
+], ids=["dotdot", "absolute", "escaping-symlink"])
+def test_verify_refuses_escaping_members(workdir_copy, tmp_path, member):
+    raw = workdir_copy / "raw"
+    _rewrite_tar(raw / VAL_TAR, [member])
+    _record_as_fetched(raw, VAL_TAR)
+    before = set(p for p in tmp_path.rglob("*"))
+    _one_line_error(rn50("verify", workdir_copy), "refusing member", member.name)
+    assert not (workdir_copy / "extracted.partial").exists()
+    assert not Path("/etc/x").exists() or Path("/etc/x").stat().st_size != 1
+    assert set(p for p in tmp_path.rglob("*")) <= before | {workdir_copy / ".stamps"}
+
+
+def test_verify_devkit_without_ground_truth(workdir_copy):
+    raw = workdir_copy / "raw"
+    with tarfile.open(raw / DEVKIT_TGZ) as old:
+        keep = [(m, old.extractfile(m).read()) for m in old if m.isfile() and "ground_truth" not in m.name]
+    with tarfile.open(raw / DEVKIT_TGZ, "w:gz") as new:
+        for m, d in keep:
+            new.addfile(m, io.BytesIO(d))
+    _record_as_fetched(raw, DEVKIT_TGZ)
+    _one_line_error(rn50("verify", workdir_copy), "ground_truth")
+
+
+def test_verify_fails_when_counts_disagree_with_devkit(workdir_copy):
+    """A train image missing from the archive breaks the devkit's per-class count: the suite says so."""
+    raw = workdir_copy / "raw"
+    with tarfile.open(raw / TRAIN_TAR) as old:
+        members = [(m, old.extractfile(m).read()) for m in old]
+    m0, d0 = members[0]
+    inner_in = tarfile.open(fileobj=io.BytesIO(d0))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as inner_out:
+        for m in inner_in.getmembers()[1:]:
+            inner_out.addfile(m, inner_in.extractfile(m))
+    m0.size = len(buf.getvalue())
+    members[0] = (m0, buf.getvalue())
+    with tarfile.open(raw / TRAIN_TAR, "w") as new:
+        for m, d in members:
+            new.addfile(m, io.BytesIO(d))
+    _record_as_fetched(raw, TRAIN_TAR)
+    proc = rn50("verify", workdir_copy)
+    _one_line_error(proc, "expectations failed", "train_per_class")
+    report = (workdir_copy / "reports" / "verify.md").read_text()
+    assert "FAIL" in report
+    assert not (workdir_copy / "extracted.partial").exists()
+    assert (workdir_copy / "extracted").exists()  # the previous verified tree is untouched by a failed run
+
+
+def test_verify_without_fetch(tmp_path):
+    _one_line_error(rn50("verify", tmp_path / "empty"), "rn50 fetch")
