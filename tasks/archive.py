@@ -217,6 +217,9 @@ class _S3Target:
                 return
             if code in ("404", "NoSuchBucket", "NotFound"):
                 raise StageError(f"bucket {self.bucket!r} does not exist (create it, or pass --create-bucket)") from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StageError(f"access to bucket {self.bucket!r} denied ({code}): check the credentials "
+                                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / profile) and the endpoint") from None
             raise StageError(f"cannot access bucket {self.bucket!r}: {_describe(e)}") from None
 
     def stored_sha256(self, key: str) -> tuple[str | None, int | None]:
