@@ -502,7 +502,7 @@ class _Streamer:
             f.close()
 
 
-_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe", re.I)
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Horovod has been shut down|ranks? (has|have) (finished|shut)", re.I)
 _FATAL = re.compile(r"Segmentation fault|Fatal Python error|Killed|Bus error|Illegal instruction")
 
 
