@@ -376,8 +376,7 @@ def check(
 
     try:
         result = _check_into(stage, out, logdir, files, ruleset, dataset, sys_name, sys_cfg, rcp_version, rcp_tables)
-        # The report names the final paths; swap the finished tree in whole.
-        _fix_paths(stage, out)
+        # Swap the finished tree in whole (the result already names the final paths).
         old = None
         if out.exists():
             old = out.parent / f".old-{out.name}.{os.getpid()}"
@@ -390,10 +389,18 @@ def check(
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _fix_paths(stage: Path, out: Path) -> None:
-    for name in ("report.json", "report.md"):
-        p = stage / name
-        p.write_text(p.read_text().replace(str(stage), str(out)))
+def _relocate(obj: Any, old: str, new: str) -> Any:
+    """Replace the staging dir by the final dir in every string of a result (tool outputs name it)."""
+    if isinstance(obj, str):
+        return obj.replace(old, new)
+    if isinstance(obj, list):
+        return [_relocate(x, old, new) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _relocate(v, old, new) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            setattr(obj, f.name, _relocate(getattr(obj, f.name), old, new))
+    return obj
 
 
 def _check_into(stage: Path, out: Path, logdir: Path, files: list[Path], ruleset: str, dataset: str,
@@ -486,7 +493,6 @@ def _check_into(stage: Path, out: Path, logdir: Path, files: list[Path], ruleset
     package: dict[str, Any] = {"generated": False, "system_config": sys_name}
     if n == SET_SIZE:
         package = _package(stage / "submission", files, ruleset, sys_name, sys_cfg, first_values, set_ttt, scratch)
-        package["path"] = str(out / Path(package["path"]).relative_to(stage))
     else:
         package["reason"] = f"not generated: a submission needs {SET_SIZE} result files, have {n}"
 
@@ -498,6 +504,7 @@ def _check_into(stage: Path, out: Path, logdir: Path, files: list[Path], ruleset
         set_passed=set_passed, set_reason=set_reason, set_time_to_train_min=set_ttt, rcp=rcp, package=package,
         out_dir=str(out), report_md=str(out / "report.md"), report_json=str(out / "report.json"), key=key,
     )
+    _relocate(result, str(stage), str(out))
     write_json_atomic(stage / "report.json", result.to_dict())
     write_text_atomic(stage / "report.md", render_markdown(result))
     return result

@@ -141,6 +141,7 @@ def test_inspur_fixtures_pass_070_and_set_ttt_equals_result_summarizer(inspur_ru
     md = (out / "report.md").read_text()
     assert "33.37" in md and "PACKAGE CHECKER FOUND NO ERRORS" in md and "Compliance checks: training_0.7.0" in md
     assert json.loads((out / "report.json").read_text())["set_passed"] is True
+    assert ".tmp-" not in (out / "report.json").read_text() and ".tmp-" not in md  # only final paths named
     assert not list(out.parent.glob(".tmp-*")) and not list(out.parent.glob(".old-*"))
 
 
