@@ -449,8 +449,12 @@ def add_command(subparsers) -> None:
 
 
 def _run(args) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our progress/retry lines on stderr; not the root logger, which would let botocore chatter through.
+    if not logging.getLogger().handlers and not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
     r = archive(args.workdir, args.uri, include_checkpoints=args.include_checkpoints,
                 multipart_threshold=int(args.multipart_threshold_mb * 2**20), part_size=int(args.part_size_mb * 2**20),
                 retries=args.retries, create_bucket=args.create_bucket)

@@ -38,18 +38,8 @@ def inspur_run(tmp_path):
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
-    """`rn50 check ...` through the stage's own add_command (what tasks.cli registers), in a subprocess."""
-    code = (
-        "import argparse, sys\n"
-        "from tasks import compliance\n"
-        "from tasks.common import StageError\n"
-        "p = argparse.ArgumentParser(prog='rn50'); sub = p.add_subparsers(dest='command', required=True)\n"
-        "compliance.add_command(sub)\n"
-        "a = p.parse_args(sys.argv[1:])\n"
-        "try:\n    sys.exit(a.run(a))\n"
-        "except StageError as e:\n    print(f'rn50 {a.command}: error: {e}', file=sys.stderr); sys.exit(2)\n"
-    )
-    p = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
+    """The real `rn50` dispatcher (tasks.cli), in a subprocess."""
+    p = subprocess.run([sys.executable, "-m", "tasks.cli", *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout, p.stderr
 
 
