@@ -434,8 +434,10 @@ def _check_into(stage: Path, out: Path, logdir: Path, files: list[Path], ruleset
 
     first_values = next((fa["values"] for fa in facts_by_file.values() if fa["values"]), {})
     if dataset == "auto":
-        real = all(fa["values"].get("train_samples") == IMAGENET_TRAIN and fa["values"].get("eval_samples") == IMAGENET_VAL
-                   for fa in facts_by_file.values())
+        # Judge by the logs that record their sample counts (a broken log says nothing about the data).
+        counts = [(fa["values"].get("train_samples"), fa["values"].get("eval_samples"))
+                  for fa in facts_by_file.values() if "train_samples" in fa["values"]]
+        real = bool(counts) and all(c == (IMAGENET_TRAIN, IMAGENET_VAL) for c in counts)
         dataset = "imagenet" if real else "synthetic"
 
     n, n_failed = len(verdicts), sum(not v.passed for v in verdicts)
