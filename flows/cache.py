@@ -40,7 +40,7 @@ def container_key(context_digest: str, settings: dict[str, Any]) -> str:
 
 
 def train_key(packed: dict[str, Any], image: dict[str, Any] | None, settings: dict[str, Any], training_code: str) -> str:
-    return digest_of(["train", packed["digest"], (image or {}).get("tag"), settings, training_code])
+    return digest_of(["train", packed["content_digest"], (image or {}).get("tag"), settings, training_code])
 
 
 def compliance_key(trained: dict[str, Any], settings: dict[str, Any], code: str) -> str:

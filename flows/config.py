@@ -8,10 +8,12 @@ import yaml
 
 from tasks.common import StageError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipeline"
+PROJECT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT / "configs" / "pipeline"
 
 
-def load_pipeline(name_or_path: str, **values: str) -> dict[str, Any]:
+def load_pipeline(name_or_path: str, source: str | None = None, workdir: str | None = None) -> dict[str, Any]:
+    """The named pipeline config; `source`/`workdir` override its defaults."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
@@ -20,7 +22,14 @@ def load_pipeline(name_or_path: str, **values: str) -> dict[str, Any]:
     except FileNotFoundError:
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise StageError(f"no pipeline config {name_or_path!r} (known: {known})") from None
-    return _fill(cfg, values)
+    source = source or cfg.get("source")
+    workdir = workdir or cfg.get("workdir")
+    if not source or not workdir:
+        raise StageError(f"pipeline {name_or_path!r} needs a source and a workdir (parameters or config)")
+    if "://" not in source:
+        source = str(PROJECT / source)  # absolute stays absolute: Path("/a") / "/b" == "/b"
+    workdir = str(PROJECT / workdir)
+    return _fill({**cfg, "source": source, "workdir": workdir}, {"source": source, "workdir": workdir})
 
 
 def _fill(node: Any, values: dict[str, str]) -> Any:

@@ -1,30 +1,61 @@
 """The `rn50` flow: raw ILSVRC2012 to a verified MLPerf ResNet-50 result, one cached stage after another."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
-import tasks.fetch
+import tasks.archive
+import tasks.compliance
+import tasks.pack
 import tasks.verify
 from flows import cache, stages
 from flows.config import load_pipeline
-from tasks.common import Workdir, stamp_valid
+from tasks.common import Workdir, file_digest, stamp_valid
+from tasks.container import content_hash
 from tasks.fetch import OFFICIAL_MD5, read_md5sums
 
 STAGES = ("fetch", "verify", "pack", "container", "train", "compliance", "archive")
+RN50_PACKAGE = Path(__file__).resolve().parent.parent / "rn50"
 
 
 @flow(name="rn50", log_prints=True)
-def rn50(source: str, workdir: str, pipeline: str = "demo", rerun: list[str] | None = None) -> dict:
+def rn50(source: str | None = None, workdir: str | None = None, pipeline: str = "demo",
+         rerun: list[str] | None = None) -> dict:
     cfg = load_pipeline(pipeline, source=source, workdir=workdir)
-    wd, rerun = Workdir(workdir), set(rerun or ())
+    wd, rerun = Workdir(cfg["workdir"]), set(rerun or ())
 
     def run(task, stage: str, key: str, **kwargs):
         # A cached result counts only while the stage's outputs are still as it left them.
         fresh = stage in rerun or not stamp_valid(wd, f"flow-{stage}", key)
         return task.with_options(refresh_cache=fresh)(key, str(wd.root), **kwargs)
 
-    md5_file = cfg["fetch"]["md5_file"]
-    expected = read_md5sums(md5_file) if md5_file else OFFICIAL_MD5
-    fetched = run(stages.fetch, "fetch", cache.fetch_key(expected), source=source, md5_file=md5_file)
+    f, p, c, t, q, a = (cfg[s] for s in ("fetch", "pack", "container", "train", "compliance", "archive"))
+    expected = read_md5sums(f["md5_file"]) if f["md5_file"] else OFFICIAL_MD5
+    fetched = run(stages.fetch, "fetch", cache.fetch_key(expected), source=cfg["source"], md5_file=f["md5_file"])
     verified = run(stages.verify, "verify", cache.verify_key(fetched, cache.code_version(tasks.verify)))
-    return {"fetch": fetched, "verify": verified}
+    pack_settings = {"threads": p["threads"], "full_check": p["full_check"]}
+    packed = run(stages.pack, "pack", cache.pack_key(verified, pack_settings, cache.code_version(tasks.pack)),
+                 **pack_settings)
+    image = None
+    if c["runtime"] == "docker":
+        image = run(stages.container, "container", cache.container_key(content_hash(from_image=c["from_image"]), c),
+                    from_image=c["from_image"], registry=c["registry"], push=c["push"])
+    else:
+        stages.skip.with_options(name="container")("no container runtime requested")
+    train_settings = {"config": t["config"], "hosts": t["hosts"], "runs": t["runs"],
+                      "hosts_digest": file_digest(t["hosts"]) if t["hosts"] else None}
+    trained = run(stages.train, "train", cache.train_key(packed, image, train_settings, cache.tree_digest(RN50_PACKAGE)),
+                  config=t["config"], hosts=t["hosts"], runs=t["runs"], image=image and image["tag"],
+                  timeout_s=60 * t["timeout_minutes"])
+    trained["logs_digest"] = [file_digest(r, "sha256") for r in trained["results"]]
+    checked = run(stages.compliance, "compliance", cache.compliance_key(trained, q, cache.code_version(tasks.compliance)),
+                  logdir=trained["run_dir"], ruleset=q["ruleset"], dataset=q["dataset"])
+    archived = run(stages.archive, "archive",
+                   cache.archive_key([verified["manifest_digest"], packed["content_digest"], trained["run_id"],
+                                      checked["key"]], a, cache.code_version(tasks.archive)),
+                   uri=a["uri"], include_checkpoints=a["include_checkpoints"])
+    ttt = checked["logs"][0]["time_to_train_min"] if checked["logs"] else None
+    print(f"time to train: {ttt:.2f} min ({trained['run_dir']}); archived to {archived['uri']}")
+    return {"workdir": str(wd.root), "run_dir": trained["run_dir"], "time_to_train_min": ttt,
+            "compliance_report": checked["report_md"], "archive": archived["uri"]}

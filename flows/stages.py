@@ -7,13 +7,16 @@ outputs, and the stage's artifacts — so each wrapper below only says what is s
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.states import Completed
 
 from tasks.common import Workdir, write_stamp
 
@@ -45,12 +48,66 @@ def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries
     return deco
 
 
+@task(name="skipped")
+def skip(reason: str):
+    """A stage the configuration does not ask for: visible in the UI as Skipped, with the reason."""
+    return Completed(name="Skipped", message=f"skipped: {reason}")
+
+
 # --- artifacts ------------------------------------------------------------------------------------
 
 
-def _verify_artifacts(r: dict) -> None:
-    create_markdown_artifact(Path(r["report"]).read_text(), key="data-verification",
-                             description="Data verification report (Great Expectations over manifest.parquet)")
+def _markdown(path_field: str, key: str, description: str) -> Callable[[dict], None]:
+    def publish(r: dict) -> None:
+        create_markdown_artifact(Path(r[path_field]).read_text(), key=key, description=description)
+    return publish
+
+
+class _Progress:
+    """A Prefect progress artifact fed by a stage's progress(done, total) callback, at most every 1 %."""
+
+    def __init__(self, description: str):
+        self.id = create_progress_artifact(0.0, description=description)
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        pct = 100.0 * done / total if total else 0.0
+        if pct - self.last >= 1.0 or done == total:
+            self.last = pct
+            update_progress_artifact(self.id, pct)
+
+
+class _EpochTable(threading.Thread):
+    """Publish the per-epoch eval accuracy of the runs being trained, as the MLPerf logs grow."""
+
+    def __init__(self, runs_dir: Path, interval_s: float = 10.0):
+        super().__init__(daemon=True)
+        self.runs_dir, self.interval_s, self.stop = runs_dir, interval_s, threading.Event()
+        self.start_time, self.published = __import__("time").time(), None
+
+    def rows(self) -> list[dict]:
+        import json
+
+        rows = []
+        for log in sorted(self.runs_dir.glob("*/result_*.txt")):
+            if log.stat().st_mtime < self.start_time:
+                continue
+            for line in log.read_text(errors="replace").splitlines():
+                if ":::MLLOG" in line and '"eval_accuracy"' in line:
+                    ev = json.loads(line.split(":::MLLOG", 1)[1])
+                    rows.append({"run": log.parent.name, "log": log.name,
+                                 "epoch": ev.get("metadata", {}).get("epoch_num"), "eval_accuracy": round(ev["value"], 4)})
+        return rows
+
+    def publish(self) -> None:
+        rows = self.rows()
+        if rows and rows != self.published:
+            create_table_artifact(rows, key="training-progress", description="Eval accuracy per epoch (live)")
+            self.published = rows
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self.publish()
 
 
 # --- the stages -----------------------------------------------------------------------------------
@@ -63,8 +120,80 @@ def fetch(workdir: str, source: str, md5_file: str | None) -> Any:
     return run(source, workdir, md5_file)
 
 
-@stage("verify", outputs=lambda wd, r: [wd.manifest, wd.extracted], publish=_verify_artifacts)
+@stage("verify", outputs=lambda wd, r: [wd.manifest, wd.extracted],
+       publish=_markdown("report", "data-verification", "Data verification (Great Expectations over the manifest)"))
 def verify(workdir: str) -> Any:
     from tasks.verify import verify as run
 
     return run(workdir)
+
+
+@stage("pack", outputs=lambda wd, r: r["outputs"],
+       publish=_markdown("report_md", "pack-report", "RecordIO pack report: counts, bytes, throughput, quirks"))
+def pack(workdir: str, threads: int | None, full_check: bool) -> Any:
+    from tasks.pack import pack as run
+
+    return run(workdir, threads=threads, full_check=full_check, progress=_Progress("pack: records written"))
+
+
+@stage("container", outputs=lambda wd, r: [])
+def container(workdir: str, from_image: str, registry: str | None, push: bool) -> Any:
+    from tasks.container import build_image
+
+    return build_image(from_image=from_image, registry=registry, push=push,
+                       log_path=Workdir(workdir).reports / "container-build.log")
+
+
+@stage("train", outputs=lambda wd, r: [r["run_dir"]], retries=1)
+def train(workdir: str, config: str, hosts: str | None, runs: int, image: str | None, timeout_s: float,
+          seed: int | None = None) -> Any:
+    from tasks.train import launch
+
+    table = _EpochTable(Workdir(workdir).runs)
+    table.start()
+    try:
+        return launch(workdir, hosts=hosts, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed)
+    finally:
+        table.stop.set()
+        table.publish()
+
+
+def _compliance_artifacts(r: dict) -> None:
+    from tasks.compliance import ComplianceResult, table_rows  # noqa: F401
+
+    rows = [{k: v[k] for k in ("file", "passed", "time_to_train_min", "epochs", "accuracy", "status", "reason")}
+            for v in r["logs"]]
+    create_table_artifact(rows, key="compliance", description=f"MLPerf compliance, ruleset {r['ruleset']}")
+    create_markdown_artifact(Path(r["report_md"]).read_text(), key="compliance-report")
+
+
+@stage("compliance", outputs=lambda wd, r: [r["report_json"], r["report_md"]], retries=0,
+       publish=_compliance_artifacts)
+def compliance(workdir: str, logdir: str, ruleset: str, dataset: str) -> Any:
+    from tasks.common import StageError
+    from tasks.compliance import check
+
+    result = check(logdir, ruleset=ruleset, dataset=dataset)
+    if not result.logs_passed:
+        failed = [v for v in result.logs if not v.passed]
+        raise StageError(f"{len(failed)} log(s) fail ruleset {ruleset}: "
+                         + "; ".join(f"{Path(v.file).name}: {v.reason}" for v in failed))
+    return result
+
+
+def _archive_artifacts(r: dict) -> None:
+    from prefect.artifacts import create_link_artifact
+
+    rows = [{"key": o["key"], "bytes": o["bytes"], "sha256": o.get("sha256", ""), "action": o["action"]}
+            for o in r["objects"]]
+    create_table_artifact(rows, key="archive-manifest", description=f"Archived to {r['uri']}")
+    if r["uri"].startswith("file://"):
+        create_link_artifact(r["uri"].rstrip("/") + "/" + r["manifest_key"], link_text="MANIFEST.json",
+                             key="archive-link")
+
+
+@stage("archive", outputs=lambda wd, r: [], publish=_archive_artifacts)
+def archive(workdir: str, uri: str, include_checkpoints: bool) -> Any:
+    from tasks.archive import archive as run
+
+    return run(workdir, uri, include_checkpoints=include_checkpoints, create_bucket=True)
