@@ -7,6 +7,8 @@ What is archived (keys are paths relative to WORKDIR, under the URI's prefix):
   reports/**           verify / pack reports
   configs/**           configs copied into the work dir, if any
   manifest.parquet     the image manifest
+  repo/rn50/configs/*.yaml, repo/configs/systems/*.yaml
+                       the training and system configs of this checkout (include_repo_configs=True)
   MANIFEST.json        written last: {"objects": [{"key", "bytes", "sha256"}]} for everything above
 Hidden files and directories (.stamps/, .tmp-*) are never archived.
 
@@ -42,6 +44,8 @@ DEFAULT_PART_SIZE = 16 << 20
 MIN_PART_SIZE = 5 << 20  # S3's minimum for every part but the last
 TOP_LEVEL_FILES = ("manifest.parquet",)
 TREES = ("runs", "compliance", "reports", "configs")
+REPO = Path(__file__).resolve().parents[1]
+REPO_CONFIGS = ("rn50/configs", "configs/systems")
 
 Progress = Callable[[str, int, int], None]  # (key, bytes done for this object, object size)
 
@@ -72,10 +76,15 @@ class ArchiveResult(Result):
 # --- what to archive ------------------------------------------------------------------------------
 
 
-def collect(workdir: str | os.PathLike, include_checkpoints: bool = False) -> list[tuple[str, Path]]:
+def collect(workdir: str | os.PathLike, include_checkpoints: bool = False,
+            include_repo_configs: bool = True) -> list[tuple[str, Path]]:
     """(key, path) of every file to archive, sorted by key."""
     wd = Workdir(workdir)
     out: list[tuple[str, Path]] = []
+    if include_repo_configs:
+        for d in REPO_CONFIGS:
+            for p in sorted((REPO / d).glob("*.y*ml")):
+                out.append((f"repo/{d}/{p.name}", p))
     for name in TOP_LEVEL_FILES:
         p = wd.root / name
         if p.is_file():
@@ -366,6 +375,7 @@ def archive(
     backoff: float = 0.5,
     max_backoff: float = 8.0,
     create_bucket: bool = False,
+    include_repo_configs: bool = True,
     s3_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> ArchiveResult:
@@ -379,8 +389,8 @@ def archive(
     if multipart_threshold < part_size:
         multipart_threshold = part_size
     scheme, bucket, prefix = parse_uri(uri)
-    files = collect(wd, include_checkpoints)
-    if not files:
+    files = collect(wd, include_checkpoints, include_repo_configs)
+    if not any(not k.startswith("repo/") for k, _ in files):
         raise StageError(f"nothing to archive in {wd} (no runs/, compliance/, reports/, configs/ or manifest.parquet)")
     if any(k == MANIFEST_NAME for k, _ in files):
         raise StageError(f"{wd}/{MANIFEST_NAME} would collide with the archive manifest")
