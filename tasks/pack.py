@@ -128,7 +128,7 @@ def manifest_digest(workdir: Path | str) -> str:
     """The verify stage's content digest of manifest.parquet (path, md5, label, split of every image)."""
     from tasks.verify import manifest_digest as digest
 
-    return digest(_read_manifest(Workdir(workdir)))
+    return digest(_read_manifest(workdir if isinstance(workdir, Workdir) else Workdir(workdir)))
 
 
 def pack_key(manifest_digest: str, settings: dict[str, Any] | None = None) -> str:
@@ -467,7 +467,7 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
 
     batches = _batches(sizes)
     total = sum(record_size(n) for n in sizes)
-    fd = os.open(rec, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(rec, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # RDWR: the escape path reads back
     try:
         if total:
             try:
@@ -692,7 +692,7 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
     called once with done=0 after listing and before any record is read. `force`: repack even if the
     stamp says the outputs for this manifest are complete. `writer`: "fast" or "im2rec" (same bytes)."""
     t0 = time.perf_counter()
-    wd = Workdir(workdir)
+    wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
     if writer not in ("fast", "im2rec"):
         raise StageError(f"unknown writer {writer!r} (fast or im2rec)")
     workers = max(1, threads or len(os.sched_getaffinity(0)))
@@ -809,6 +809,7 @@ def _pack_into(wd: Workdir, tmp: Path, splits: list[str], expected: dict, quirk_
         checked, multipart = _verify_split(s, tmp, root, items, sizes, sample, workers)
         if writer == "fast" and multipart != escaped:
             raise StageError(f"recordio/{s}.rec: {multipart} multi-part records found, the writer made {escaped}")
+        escaped = multipart
         seconds["verify"] += time.perf_counter() - t
         results[s] = SplitResult(
             split=s, records=len(items), image_bytes=sum(sizes), rec_bytes=(tmp / f"{s}.rec").stat().st_size,
