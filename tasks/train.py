@@ -363,9 +363,8 @@ def _check_host(host: Host, remote: Remote, expected: dict, inv: Inventory, data
     return errors
 
 
-def preflight(inv: Inventory, recordio: Path, work_dir: str, ssh_config: Path, np: int,
-              image: str | None = None) -> dict[str, Any]:
-    """Check every host before any rank starts; raise one StageError line listing every failure."""
+def check_inputs(inv: Inventory, recordio: Path, np: int, image: str | None) -> dict[str, Any]:
+    """What can be judged on the launcher alone; nothing is written when this fails."""
     if np > inv.total_slots:
         raise StageError(f"preflight: {np} ranks requested but the inventory has only {inv.total_slots} slots")
     if inv.runtime == "docker" and not image:
@@ -373,8 +372,12 @@ def preflight(inv: Inventory, recordio: Path, work_dir: str, ssh_config: Path, n
     if inv.runtime == "docker" and len({h.ssh_port for h in inv.hosts}) > 1:
         # horovodrun runs inside the first container and reaches the others with one -p PORT.
         raise StageError("preflight: runtime docker needs the same ssh_port (the containers' sshd) on every host")
-    expected = expected_data(recordio)
-    data_dir = inv.data_dir or str(recordio)
+    return expected_data(recordio)
+
+
+def preflight(inv: Inventory, expected: dict[str, Any], data_dir: str, work_dir: str, ssh_config: Path,
+              image: str | None = None) -> None:
+    """Check every host before any rank starts; raise one StageError line listing every failure."""
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -392,7 +395,6 @@ def preflight(inv: Inventory, recordio: Path, work_dir: str, ssh_config: Path, n
         order = {h.label: i for i, h in enumerate(inv.hosts)}
         errors.sort(key=lambda e: order.get(e.split(" ")[1], 0))
         raise StageError("preflight failed: " + "; ".join(errors))
-    return expected
 
 
 # --- launch -------------------------------------------------------------------------------------------
@@ -611,6 +613,9 @@ def launch(
     base_seed = seed if seed is not None else secrets.randbelow(2**31 - runs)
     seeds = [base_seed + n for n in range(runs)]
 
+    expected = check_inputs(inv, recordio, np, image)
+    data_digest = hashlib.sha256(repr(sorted(expected.items())).encode()).hexdigest()
+
     run_id = new_run_id()
     run_dir = wd.runs / run_id
     run_dir.mkdir(parents=True)
@@ -625,8 +630,7 @@ def launch(
     write_json_atomic(run_dir / "status.json", status)
     logs: list[Path] = []
     try:
-        expected = preflight(inv, recordio, str(inv.work_dir or wd.root), ssh_config, np, image)
-        data_digest = hashlib.sha256(repr(sorted(expected.items())).encode()).hexdigest()
+        preflight(inv, expected, data_dir, str(inv.work_dir or wd.root), ssh_config, image)
         ssh_bin = _ssh_wrapper(launcher_dir / "bin", ssh_config).parent
         env = _rank_env(inv, ssh_bin)
         results = []

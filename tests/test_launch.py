@@ -133,6 +133,7 @@ def test_missing_and_wrong_data_fail_preflight(wd):
     (wd / "recordio" / "val.idx").unlink()
     with pytest.raises(StageError, match=r"missing val.idx \(run `rn50 pack` first\)"):
         launch(wd, entry=PROBE)
+    assert not (wd / "runs").exists()  # a bad input writes nothing
     # An inventory data_dir whose copy differs from the launcher's: named per file, per host.
     other = wd / "other"
     other.mkdir()
@@ -149,6 +150,7 @@ def test_missing_and_wrong_data_fail_preflight(wd):
 def test_not_enough_slots_and_free_disk(wd):
     with pytest.raises(StageError, match="3 ranks requested but the inventory has only 2 slots"):
         launch(wd, entry=PROBE, np=3)
+    assert not (wd / "runs").exists()
     inv = parse_inventory({"min_free_bytes": 1 << 60, "hosts": [{"host": "localhost", "slots": 2}]})
     with pytest.raises(StageError, match=r"host localhost: only \d+ MiB free under .*, need \d+ MiB"):
         launch(wd, hosts=inv, entry=PROBE)
@@ -209,3 +211,22 @@ def test_cli_train_exit_codes(wd, tmp_path, capsys):
     args = parser.parse_args(["train", str(wd), "--config", "no-such-config"])
     with pytest.raises(StageError, match="neither a file nor rn50/configs/no-such-config.yaml"):
         args.run(args)
+
+
+def test_docker_runtime_command_runs_horovodrun_in_first_container(wd, tmp_path):
+    """Runtime docker (no GPU cluster here, so checked at the command level): horovodrun runs inside
+    the first host's container over its sshd port, with the container's python and the runtime profile,
+    and without the launcher's PATH/HOME."""
+    from tasks.train import _in_first_container, _rank_env, check_inputs, horovod_command
+
+    inv = load_inventory(Path(__file__).resolve().parent.parent / "infra" / "inventory" / "nf5488-docker.yaml")
+    with pytest.raises(StageError, match="runtime docker needs an image"):
+        check_inputs(inv, wd / "recordio", 16, None)
+    env = _rank_env(inv, None)
+    argv = _in_first_container(inv, horovod_command(inv, 16, ["python", "-m", "rn50.train"]), env, tmp_path / "cfg")
+    assert argv[:4] == ["ssh", "-F", str(tmp_path / "cfg"), "10.0.0.11"]
+    remote = argv[4]
+    assert "python -m horovod.runner.launch -np 16 -H 10.0.0.11:8,10.0.0.12:8 --mpi" in remote
+    assert "-p 12345 --disable-cache --network-interfaces ib0 python -m rn50.train" in remote
+    assert "HOROVOD_NUM_NCCL_STREAMS=2" in remote and "NCCL_SOCKET_IFNAME=ib0" in remote
+    assert "PATH=" not in remote and sys.executable not in remote

@@ -97,9 +97,8 @@ def test_two_host_killed_remote_rank_fails_stage_then_retry_succeeds(wd, tmp_pat
     assert len(runs) == 2 and sum((wd / "runs" / r / "FAILED").exists() for r in runs) == 1
 
 
-@pytest.mark.slow
 def test_two_host_real_training_tiny(tmp_path):
-    """The real training package (python -m rn50.train) across the two hosts, cut to 1 epoch."""
+    """The real training package (python -m rn50.train) across the two hosts, cut to 2 epochs."""
     pytest.importorskip("rn50.train")
     from rn50.tinydata import make_recordio
 
@@ -107,7 +106,17 @@ def test_two_host_real_training_tiny(tmp_path):
     make_recordio(wd / "recordio", classes=4, train_per_class=16, val_per_class=4, work=tmp_path / "images")
     with netns_host(tmp_path / "hostb") as h:
         res = launch(wd, hosts=_inventory(h), config="cpu-demo", runs=1, seed=1, timeout_s=900,
-                     extra_args=["--set", "max_epochs=1", "--set", "eval_period=1", "--set", "eval_offset=0"])
+                     extra_args=["--set", "max_epochs=2", "--set", "warmup_epochs=1"])
     log = Path(res.results[0]).read_text()
     assert '"run_stop"' in log and '"cache_clear"' in log
     assert Path(res.run_dir, "rank1_0.log").exists()
+
+
+def test_two_host_docker_runtime_checks_the_image_each_host_runs(wd, tmp_path):
+    """runtime: docker means the ssh port is the node container's sshd; a host whose sshd is not in a
+    container of the requested image (here: a plain netns host) fails preflight, naming host and image."""
+    with netns_host(tmp_path / "hostb") as h:
+        inv = parse_inventory({"runtime": "docker", "hosts": [h.inventory_entry()]})
+        with pytest.raises(StageError) as e:
+            launch(wd, hosts=inv, image="rn50:0123456789abcdef", timeout_s=60, entry=PROBE)
+    assert f"host {h.addr}:{h.ssh_port} (ssh): the container on ssh port {h.ssh_port} does not run rn50:0123456789abcdef" in str(e.value)
