@@ -6,9 +6,6 @@ fixtures predate 4.0.0; their names say "constructed".
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import logging
 import shutil
@@ -19,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tasks import compliance
-from tasks.common import StageError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/mlperf-v0.7-inspur"
 REPO = Path(__file__).resolve().parents[1]
