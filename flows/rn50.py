@@ -28,6 +28,8 @@ def rn50(source: str | None = None, workdir: str | None = None, pipeline: str = 
     def run(task, stage: str, key: str, **kwargs):
         # A cached result counts only while the stage's outputs are still as it left them.
         fresh = stage in rerun or not stamp_valid(wd, f"flow-{stage}", key)
+        print(f"{stage}: key {key[:12]}, {'run' if fresh else 'cache allowed'}"
+              + (" (asked to rerun)" if stage in rerun else ""))
         return task.with_options(refresh_cache=fresh)(key, str(wd.root), **kwargs)
 
     f, p, c, t, q, a = (cfg[s] for s in ("fetch", "pack", "container", "train", "compliance", "archive"))

@@ -1,0 +1,62 @@
+"""`rn50 run`: the whole flow in-process (against PREFECT_API_URL, or Prefect's temporary local server)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tasks.common import StageError
+
+STAGES = ("fetch", "verify", "pack", "container", "train", "compliance", "archive")
+
+
+def stage_states(flow_run_id) -> dict[str, str]:
+    """Final state name of each stage's task run in one flow run; stages that never started are NotRun."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    states = {}
+    for tr in runs:
+        name = tr.name.rsplit("-", 1)[0]
+        if name in STAGES and tr.state is not None:
+            states[name] = tr.state.name
+    return {s: states.get(s, "NotRun") for s in STAGES}
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the whole rn50 flow (cached stages are skipped)")
+    p.add_argument("source", nargs="?", help="archives: a directory, http(s):// or s3:// (default: the pipeline's)")
+    p.add_argument("workdir", nargs="?", help="work directory (default: the pipeline's)")
+    p.add_argument("--pipeline", default="demo", help="pipeline config name in configs/pipeline/ (default: demo)")
+    p.add_argument("--rerun", nargs="+", default=[], choices=STAGES, metavar="STAGE",
+                   help="run these stages even if cached (what depends on them follows by its keys)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: flow_run_id, state, stages")
+    p.set_defaults(run=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from flows.rn50 import rn50
+
+    state = rn50(args.source, args.workdir, args.pipeline, args.rerun, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    stages = stage_states(flow_run_id)
+    if args.json:
+        print(json.dumps({"flow_run_id": str(flow_run_id), "state": state.name, "stages": stages}))
+    else:
+        print("  ".join(f"{s}: {v}" for s, v in stages.items()))
+        if state.is_completed():
+            r = state.result()
+            print(f"time to train: {r['time_to_train_min']:.2f} min; run: {r['run_dir']}\n"
+                  f"compliance: {r['compliance_report']}\narchive: {r['archive']}")
+    if not state.is_completed():
+        msg = (state.message or state.name).splitlines()[0]
+        if not args.json:
+            raise StageError(f"flow run {state.state_details.flow_run_id} {state.name.lower()}: {msg}")
+        return 1
+    return 0
+
+
