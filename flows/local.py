@@ -1,0 +1,123 @@
+"""A local Prefect installation for the demo and the tests: server (SQLite), `rn50` process pool, worker.
+
+    python -m flows.local up   [--home DIR] [--port N]   start server + worker, deploy prefect.yaml
+    python -m flows.local down [--home DIR]              stop what `up` started
+
+Everything binds 127.0.0.1, analytics are off, and the processes' ids are kept in HOME/pids so `down`
+(or a test's teardown) stops exactly what was started.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+class LocalPrefect:
+    def __init__(self, home: Path | str, port: int = 4200):
+        self.home, self.port = Path(home).resolve(), port
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self.ui_url = f"http://127.0.0.1:{port}"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ,
+                "PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url,
+                "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(self.port),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "GX_ANALYTICS_ENABLED": "false",
+                "PREFECT_UI_API_URL": self.api_url, "RN50_PROJECT_DIR": str(PROJECT),
+                "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, env=self.env(), cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        (self.home / "pids").mkdir(exist_ok=True)
+        (self.home / "pids" / name).write_text(str(proc.pid))
+
+    def _prefect(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PREFECT, *args], env=self.env(), cwd=PROJECT, capture_output=True, text=True,
+                              timeout=300)
+
+    def up(self, timeout_s: float = 120) -> "LocalPrefect":
+        if not self.healthy():
+            self._spawn("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)])
+            deadline = time.monotonic() + timeout_s
+            while not self.healthy():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Prefect server not healthy after {timeout_s}s; see {self.home / 'server.log'}")
+                time.sleep(0.5)
+        pool = self._prefect("work-pool", "create", "rn50", "--type", "process", "--overwrite")
+        if pool.returncode:
+            raise RuntimeError(f"work-pool create failed: {pool.stderr[-2000:] or pool.stdout[-2000:]}")
+        deploy = self._prefect("deploy", "--all", "--no-prompt")
+        if deploy.returncode:
+            raise RuntimeError(f"prefect deploy failed: {deploy.stdout[-3000:]}{deploy.stderr[-2000:]}")
+        if not self._alive("worker"):
+            self._spawn("worker", [PREFECT, "worker", "start", "--pool", "rn50", "--type", "process"])
+        return self
+
+    def _alive(self, name: str) -> bool:
+        try:
+            os.kill(int((self.home / "pids" / name).read_text()), 0)
+            return True
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            return False
+
+    def down(self) -> None:
+        for name in ("worker", "server"):
+            pidfile = self.home / "pids" / name
+            try:
+                pid = int(pidfile.read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                for _ in range(100):
+                    os.kill(pid, 0)
+                    time.sleep(0.1)
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            pidfile.unlink(missing_ok=True)
+
+    def run_deployment(self, name: str, *params: str, timeout_s: int = 1800) -> subprocess.CompletedProcess:
+        args = ["deployment", "run", f"rn50/{name}", "--watch", "--watch-timeout", str(timeout_s)]
+        for p in params:
+            args += ["--param", p]
+        return subprocess.run([PREFECT, *args], env=self.env(), cwd=PROJECT, capture_output=True, text=True,
+                              timeout=timeout_s + 60)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.local")
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--home", default=str(PROJECT / ".demo" / "prefect"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("RN50_PREFECT_PORT", "4200")))
+    args = p.parse_args()
+    local = LocalPrefect(args.home, args.port)
+    if args.action == "up":
+        local.up()
+        print(f"Prefect UI: {local.ui_url}  (API {local.api_url}; logs in {local.home})")
+    else:
+        local.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
