@@ -500,8 +500,9 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
                 if got != n:
                     raise _WorkerError(f"{root / path} changed since verify: manifest says {n} bytes, file has "
                                        f"{'more' if got > n else got}; rerun `rn50 verify`")
-                if not bytes(body[:8]).startswith(SIGNATURES[0]) and bytes(body[:8]) != SIGNATURES[1]:
-                    raise _WorkerError(f"{root / path} is not a JPEG or PNG (starts with {bytes(body[:8])!r})")
+                head = bytes(body[:8])
+                if head[:3] != SIGNATURES[0] and head != SIGNATURES[1]:
+                    raise _WorkerError(f"{root / path} is not a JPEG or PNG (starts with {head!r})")
                 pos += 8 + _pad4(IR_SIZE + n)
             # Every record header holds the magic word once; any more means a payload holds it too.
             if np.count_nonzero(np.frombuffer(buf, dtype="<u4") == MAGIC) == hi - lo:
@@ -557,14 +558,11 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
                     pos += record_size(sizes[i])
             end, escaped = start + nbytes, escaped + esc
         os.ftruncate(fd, end)
-        os.fsync(fd)
     finally:
         os.close(fd)
-    try:
+    try:  # fsync happens at commit, after verification
         with open(idx, "w") as f:
             f.writelines(f"{items[i][0]}\t{off}\n" for i, off in enumerate(offsets))
-            f.flush()
-            os.fsync(f.fileno())
     except OSError as e:
         raise StageError(_write_error(e, idx)) from None
     return escaped
@@ -666,7 +664,7 @@ def _sample(n: int, always: set[int]) -> set[int]:
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def _content_digest(mdigest: str, tmp_or_final: Path, splits: dict[str, SplitResult]) -> str:
+def _content_digest(mdigest: str, splits: dict[str, SplitResult]) -> str:
     """What downstream stages key on. The .idx fixes every record's position and size, the .lst its id,
     label and source path, and the manifest digest each source file's md5: together they pin the .rec."""
     h = hashlib.sha256(f"pack-v{FORMAT_VERSION}\n{mdigest}\n".encode())
@@ -716,10 +714,15 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
     out.mkdir(parents=True, exist_ok=True)
     lock = os.open(out / ".pack.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(f"another `rn50 pack` is writing {out}") from None
+        deadline = time.monotonic() + 10  # workers of a just-killed run may take a moment to die
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StageError(f"another `rn50 pack` is writing {out}") from None
+                time.sleep(0.1)
         _clean_debris(out)
         # From here on the old outputs are no longer vouched for, whatever happens.
         (wd.stamps / "pack.json").unlink(missing_ok=True)
@@ -749,7 +752,7 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
     image_bytes = sum(r.image_bytes for r in result["splits"].values())
     res = PackResult(
         workdir=str(wd.root), recordio=str(out), key=key, manifest_digest=mdigest, settings=settings,
-        settings_digest=digest_of(settings), content_digest=_content_digest(mdigest, out, result["splits"]),
+        settings_digest=digest_of(settings), content_digest=_content_digest(mdigest, result["splits"]),
         splits=result["splits"], quirks=result["quirks"], outputs=outputs, writer=writer, threads=workers,
         full_check=full_check, seconds=seconds,
         write_mib_s=round(image_bytes / (1 << 20) / max(seconds["write"], 1e-9), 1),
