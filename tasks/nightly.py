@@ -1,0 +1,668 @@
+"""Nightly convergence regression: this night's runs against the last accepted nightly (the baseline).
+
+Inputs are MLPerf result logs (`runs/<run-id>/result_<n>.txt`), read with mlperf-logging's own parser
+(the one tasks/compliance.py and the result summarizer use). From each log: the eval-accuracy curve
+[(epoch, eval_accuracy)] up to run_stop, epochs-to-target (the first evaluated epoch whose accuracy
+reaches the target, what the RCP checker calls the convergence epoch), the final accuracy, the seed.
+
+How N runs (seeds) are compared with the baseline's runs; each rule that fails is named in the verdict:
+  1. convergence: a smaller share of runs reaching the target than the baseline had is a regression
+     (with an all-converged baseline: ANY run that never reaches it).
+  2. epochs-to-target: the median over runs (a non-converged run counts as infinitely late, so the
+     median is robust to one slow seed but not to most) later than the baseline's by more than
+     `tolerance_epochs`.
+  3. final accuracy: median over runs lower than the baseline's by more than `tolerance_accuracy`.
+     Training stops at the first evaluation at or above the target, so above the target the final
+     accuracy only says where the last evaluation fell; it is compared capped at the target. It
+     therefore matters when runs do not reach the target within their epoch budget.
+  4. optional (`tolerance_curve`): the median accuracy-per-epoch curve below the baseline's by more than
+     that at any epoch both evaluated. Off by default: early-epoch accuracy on a small set jumps by
+     tenths between seeds, so only a generous tolerance is meaningful. The largest gap is always reported.
+The median curve: at each evaluated epoch, the median over runs; a run that has already stopped
+contributes its final accuracy (it stopped because it was done).
+
+Runs are comparable only on the same setup: global batch size, train/eval sample counts and optimizer,
+as logged, plus an optional caller `context` (e.g. training config name, data digest). A baseline of
+another setup is not compared against: the verdict is "no-baseline", with the differences named.
+
+Baseline storage, "next to the archive": a directory (local path, `file:///dir`, or `s3://bucket/prefix`,
+for an archive URI A use `baseline_location(A)` = A/nightly) holding
+  baseline.json                      per-run curves, epochs-to-target, run ids, setup, accepted-at
+  history/<accepted-at>_<run-id>.json  every baseline ever accepted (the same document)
+Both are written whole: a rename beside the target on a file system, a single PUT on S3 (an S3 object
+appears complete or not at all). Epochs-to-target are recomputed from the stored curves at compare
+time, so a different target compares correctly against an old baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tasks.common import Result, StageError, atomic_path, digest_of, file_digest, write_json_atomic, write_text_atomic
+
+TARGET = 0.759
+BASELINE_FILE = "baseline.json"
+FORMAT_VERSION = 1
+PARSE_RULESET = "4.0.0"  # every training ruleset's parser reads the same `:::MLLOG {json}` lines
+# Logged facts that must agree for two sets of runs to be comparable.
+SETUP_KEYS = ("global_batch_size", "train_samples", "eval_samples", "opt_name")
+
+
+@dataclasses.dataclass
+class RunCurve(Result):
+    log: str
+    run_id: str  # the log's directory name (runs/<run-id>/result_<n>.txt)
+    seed: int | None
+    curve: list[list[float]]  # [[epoch, eval_accuracy], ...] in epoch order
+    epochs_to_target: float | None  # None: never reached the target
+    final_accuracy: float | None
+    status: str  # run_stop status ("success" | "aborted")
+    setup: dict[str, Any]  # SETUP_KEYS as logged
+    sha256: str
+
+
+@dataclasses.dataclass
+class NightlyResult(Result):
+    verdict: str  # "pass" | "regressed" | "no-baseline"
+    reason: str  # one line; on regression the flow's failure message
+    target: float
+    tolerance_epochs: float
+    tolerance_accuracy: float
+    tolerance_curve: float | None
+    runs: list[RunCurve]
+    converged_runs: int
+    epochs_to_target: float | None  # median over runs (None: the median run never reached the target)
+    epochs_to_target_mean: float | None  # over the runs that reached it
+    final_accuracy: float | None  # median over runs
+    curve: list[list[float]]  # median accuracy per evaluated epoch
+    baseline_location: str  # where baseline.json is read from and accepted to
+    baseline: dict[str, Any] | None  # the baseline's runs and the same aggregates; None when there is none
+    failures: list[str]  # every rule that failed (the reason starts with the first)
+    curve_gap: dict[str, float] | None  # {"epoch", "gap"}: largest baseline-minus-current median accuracy
+    context: dict[str, Any]
+    out_dir: str
+    plot_png: str
+    report_json: str
+    report_md: str
+    accepted: str | None  # where the baseline was written, when this result was accepted
+    key: str  # digest of the log digests, the baseline document, target and tolerances
+
+    @property
+    def regressed(self) -> bool:
+        return self.verdict == "regressed"
+
+
+# --- reading logs ---------------------------------------------------------------------------------
+
+
+def _loglines(path: Path) -> list[Any]:
+    from mlperf_logging.compliance_checker.mlp_parser import parse_file
+
+    if not path.is_file():
+        raise StageError(f"result log {path} does not exist")
+    try:
+        lines, _failed = parse_file(str(path), ruleset=PARSE_RULESET)
+    except Exception as e:  # the parser raises json errors etc. on a mangled line
+        raise StageError(f"result log {path} is not an MLPerf log: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not lines:
+        raise StageError(f"result log {path} has no :::MLLOG lines")
+    return lines
+
+
+def _num(x: Any) -> float | int:
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
+def read_run(result_log: str | os.PathLike) -> RunCurve:
+    """One run's curve and facts from its MLPerf log (eval_accuracy lines up to the first run_stop)."""
+    path = Path(result_log).resolve()
+    by_epoch: dict[float, float] = {}
+    seed, status, stopped, setup = None, None, False, {}
+    for ll in _loglines(path):
+        v = ll.value if isinstance(ll.value, dict) else {}
+        md = v.get("metadata") or {}
+        if ll.key == "run_stop":
+            status, stopped = str(md.get("status", "no status")), True
+            break
+        if ll.key == "eval_accuracy":
+            if md.get("epoch_num") is None or not isinstance(v.get("value"), (int, float)):
+                raise StageError(f"result log {path}: an eval_accuracy line has no epoch_num or no numeric value")
+            by_epoch[_num(md["epoch_num"])] = float(v["value"])  # a resumed run re-evaluating an epoch: last wins
+        elif ll.key == "seed" and seed is None and isinstance(v.get("value"), (int, float)):
+            seed = int(v["value"])
+        elif ll.key in SETUP_KEYS:
+            setup.setdefault(ll.key, v.get("value"))
+    if not by_epoch:
+        raise StageError(f"result log {path} has no eval_accuracy: nothing to compare")
+    if not stopped:
+        raise StageError(f"result log {path} has no run_stop: the run did not finish")
+    pts = [[e, a] for e, a in sorted(by_epoch.items())]
+    return RunCurve(log=str(path), run_id=path.parent.name, seed=seed, curve=pts,
+                    epochs_to_target=None, final_accuracy=pts[-1][1], status=status,
+                    setup=setup, sha256=file_digest(path, "sha256"))
+
+
+def curve(result_log: str | os.PathLike) -> list[tuple[float, float]]:
+    """[(epoch, eval_accuracy), ...] of one MLPerf result log, in epoch order."""
+    return [(e, a) for e, a in read_run(result_log).curve]
+
+
+def epochs_to_target(points: Iterable[Sequence[float]], target: float = TARGET) -> float | None:
+    """The first evaluated epoch whose accuracy reaches `target`; None when none does."""
+    return next((e for e, a in sorted(points, key=lambda p: p[0]) if a >= target), None)
+
+
+def expand_logs(run_logs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Result logs from files and directories (a directory gives its result_*.txt, in run order)."""
+    from tasks.compliance import _result_files
+
+    out: list[Path] = []
+    for p in map(Path, run_logs):
+        if p.is_dir():
+            found = _result_files(p)
+            if not found:
+                raise StageError(f"no result_*.txt in {p}")
+            out += found
+        else:
+            out.append(p)
+    if not out:
+        raise StageError("no result logs given")
+    return out
+
+
+# --- aggregates -----------------------------------------------------------------------------------
+
+
+def _median_epochs(etts: list[float | None]) -> float | None:
+    m = statistics.median([math.inf if e is None else e for e in etts])
+    return None if math.isinf(m) else _num(m)
+
+
+def _median_curve(curves: list[list[list[float]]]) -> list[list[float]]:
+    epochs = sorted({e for c in curves for e, _ in c})
+    out = []
+    for e in epochs:
+        vals = []
+        for c in curves:
+            at = dict((ce, a) for ce, a in c)
+            if e in at:
+                vals.append(at[e])
+            elif c and e > c[-1][0]:
+                vals.append(c[-1][1])  # stopped already: its final accuracy stands
+        if vals:
+            out.append([e, statistics.median(vals)])
+    return out
+
+
+def _summarise(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Aggregates of a set of runs (dicts with "curve"), epochs-to-target recomputed at `target`."""
+    etts = [epochs_to_target(r["curve"], target) for r in runs]
+    reached = [e for e in etts if e is not None]
+    finals = [r["curve"][-1][1] for r in runs]
+    return {
+        "epochs_to_target_per_run": etts,
+        "converged_runs": len(reached),
+        "n_runs": len(runs),
+        "epochs_to_target": _median_epochs(etts),
+        "epochs_to_target_mean": _num(round(statistics.mean(reached), 3)) if reached else None,
+        "final_accuracy": statistics.median(finals),
+        "best_accuracy": [max(a for _, a in r["curve"]) for r in runs],
+        "curve": _median_curve([r["curve"] for r in runs]),
+    }
+
+
+def _setup(runs: list[dict[str, Any]], context: dict[str, Any]) -> dict[str, Any]:
+    first = runs[0].get("setup") or {}
+    for r in runs[1:]:
+        other = r.get("setup") or {}
+        if other != first:
+            k = next(k for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k))
+            raise StageError(f"result logs are not one setup: {k} is {first.get(k)} in {runs[0]['log']} "
+                             f"but {other.get(k)} in {r['log']}")
+    return {**first, **(context or {})}
+
+
+# --- baseline storage -----------------------------------------------------------------------------
+
+
+def baseline_location(archive_uri: str) -> str:
+    """Where the nightly baseline lives for an archive URI: <uri>/nightly."""
+    return archive_uri.rstrip("/") + "/nightly"
+
+
+class _Store:
+    """baseline.json and history/ under a directory, a file:// URI or an s3:// URI."""
+
+    def __init__(self, location: str | os.PathLike, s3_options: dict[str, Any] | None = None):
+        loc = str(location)
+        self.location = loc if "://" in loc else str(Path(loc).resolve())
+        if "://" in loc:
+            from tasks.archive import parse_uri
+
+            try:
+                scheme, bucket, prefix = parse_uri(loc)
+            except StageError as e:
+                raise StageError(str(e).replace("archive URI", "baseline location")) from None
+        else:
+            scheme, bucket, prefix = "file", "", str(Path(loc).resolve())
+        self.scheme, self.bucket, self.prefix = scheme, bucket, prefix
+        self.s3_options = s3_options
+        self._client = None
+
+    def where(self, name: str) -> str:
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self._key(name)}"
+        return str(Path(self.prefix) / name)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def client(self):
+        if self._client is None:
+            from tasks.archive import s3_client
+
+            self._client = s3_client(self.s3_options)
+        return self._client
+
+    def read(self, name: str) -> bytes | None:
+        if self.scheme == "file":
+            p = Path(self.prefix) / name
+            if p.is_dir():
+                raise StageError(f"baseline {p} is a directory")
+            try:
+                return p.read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise StageError(f"cannot read baseline {p}: {e.strerror}") from None
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from tasks.archive import _describe
+
+        try:
+            return self.client().get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise StageError(f"cannot read baseline {self.where(name)}: {_describe(e)}") from None
+        except BotoCoreError as e:
+            raise StageError(f"cannot read baseline {self.where(name)}: {_describe(e)}") from None
+
+    def write(self, name: str, data: bytes) -> str:
+        if self.scheme == "file":
+            try:
+                with atomic_path(Path(self.prefix) / name) as tmp:
+                    tmp.write_bytes(data)
+            except OSError as e:
+                raise StageError(f"cannot write baseline {self.where(name)}: {e.strerror}") from None
+            return self.where(name)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from tasks.archive import _describe
+
+        try:
+            # One PUT: S3 never shows a partial object. The checksum makes the server refuse a corrupted body.
+            self.client().put_object(Bucket=self.bucket, Key=self._key(name), Body=data,
+                                     ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode(),
+                                     ContentType="application/json")
+        except (ClientError, BotoCoreError) as e:
+            raise StageError(f"cannot write baseline {self.where(name)}: {_describe(e)}") from None
+        return self.where(name)
+
+
+def load_baseline(baseline_dir: str | os.PathLike, s3_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The stored baseline document, or None when there is none yet."""
+    store = _Store(baseline_dir, s3_options)
+    raw = store.read(BASELINE_FILE)
+    if raw is None:
+        return None
+    where = store.where(BASELINE_FILE)
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"baseline {where} is not valid JSON ({e}); fix or remove it") from None
+    runs = doc.get("runs") if isinstance(doc, dict) else None
+    if (not isinstance(runs, list) or not runs
+            or not all(isinstance(r, dict) and isinstance(r.get("curve"), list) and r["curve"] for r in runs)):
+        raise StageError(f"baseline {where} has no runs with curves; fix or remove it")
+    try:
+        for r in runs:
+            r["curve"] = sorted([_num(e), float(a)] for e, a in r["curve"])
+    except (TypeError, ValueError):
+        raise StageError(f"baseline {where} has a malformed curve (want [[epoch, accuracy], ...])") from None
+    doc["sha256"] = hashlib.sha256(raw).hexdigest()
+    return doc
+
+
+# --- compare --------------------------------------------------------------------------------------
+
+
+def _g(x: float | None, nd: int = 3) -> str:
+    if x is None:
+        return "never"
+    return f"{x:g}" if isinstance(x, int) or float(x).is_integer() else f"{x:.{nd}f}".rstrip("0").rstrip(".")
+
+
+def default_out_dir(first_log: Path) -> Path:
+    """WORKDIR/reports/nightly/<run-id> for WORKDIR/runs/<run-id>/result_n.txt (not under the run dir:
+    that is the train stage's stamped output); <log dir>/nightly otherwise."""
+    run_dir = first_log.resolve().parent
+    if run_dir.parent.name == "runs":
+        return run_dir.parent.parent / "reports" / "nightly" / run_dir.name
+    return run_dir / "nightly"
+
+
+def compare(
+    run_logs: Sequence[str | os.PathLike],
+    baseline_dir: str | os.PathLike,
+    tolerance_epochs: float = 2,
+    tolerance_accuracy: float = 0.02,
+    target: float = TARGET,
+    tolerance_curve: float | None = None,
+    context: dict[str, Any] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    s3_options: dict[str, Any] | None = None,
+) -> NightlyResult:
+    """Compare this night's runs with the baseline in `baseline_dir`; write the plot and report.
+
+    Nothing is written until every log and the baseline have been read. Writes out_dir/convergence.png,
+    out_dir/nightly.json and out_dir/report.md. Does not raise on regression: read `verdict`/`reason`.
+    """
+    if not (0 < target <= 1):
+        raise StageError(f"target must be in (0, 1], not {target}")
+    if tolerance_epochs < 0 or tolerance_accuracy < 0 or (tolerance_curve is not None and tolerance_curve < 0):
+        raise StageError("tolerances must be >= 0")
+    logs = expand_logs(run_logs)
+    runs = [read_run(p) for p in logs]
+    store = _Store(baseline_dir, s3_options)
+    base_doc = load_baseline(baseline_dir, s3_options)
+    for r in runs:
+        r.epochs_to_target = epochs_to_target(r.curve, target)
+    run_dicts = [dataclasses.asdict(r) for r in runs]
+    cur = _summarise(run_dicts, target)
+    setup = _setup(run_dicts, context or {})
+    tol = f"tolerance {_g(tolerance_epochs)}"
+
+    failures: list[str] = []
+    baseline: dict[str, Any] | None = None
+    gap = None
+    if base_doc is None:
+        verdict = "no-baseline"
+        reason = (f"nightly has no baseline at {store.where(BASELINE_FILE)}: {cur['converged_runs']} of "
+                  f"{cur['n_runs']} runs reach {target:g}, epochs to {target:g} = {_g(cur['epochs_to_target'])}, "
+                  f"final accuracy {_g(cur['final_accuracy'])}; accept() makes this the baseline")
+    else:
+        base = _summarise(base_doc["runs"], target)
+        baseline = {"location": store.where(BASELINE_FILE), "accepted_at": base_doc.get("accepted_at"),
+                    "run_ids": base_doc.get("run_ids") or sorted({r.get("run_id") for r in base_doc["runs"]}),
+                    "setup": base_doc.get("setup") or {}, "runs": base_doc["runs"], "sha256": base_doc["sha256"], **base}
+        differs = sorted(k for k in set(setup) | set(baseline["setup"])
+                         if k in setup and k in baseline["setup"] and setup[k] != baseline["setup"][k])
+        if differs:
+            verdict = "no-baseline"
+            reason = (f"nightly baseline at {baseline['location']} is for another setup ("
+                      + ", ".join(f"{k} {baseline['setup'][k]} -> {setup[k]}" for k in differs)
+                      + "); not comparable, accept() starts a new baseline (the old one stays in history/)")
+        else:
+            failures = _judge(runs, cur, base, target, tolerance_epochs, tolerance_accuracy, tolerance_curve)
+            gap = _largest_gap(cur["curve"], base["curve"])
+            if failures:
+                verdict, reason = "regressed", "nightly regressed: " + "; ".join(failures)
+            else:
+                verdict = "pass"
+                if cur["epochs_to_target"] is not None or base["epochs_to_target"] is not None:
+                    parts = [f"epochs to {target:g} = {_g(cur['epochs_to_target'])} vs baseline "
+                             f"{_g(base['epochs_to_target'])} ({tol})"]
+                else:
+                    parts = [f"neither this night nor the baseline reaches {target:g}"]
+                if not (cur["converged_runs"] == cur["n_runs"] and base["converged_runs"] == base["n_runs"]):
+                    parts.append(f"final accuracy {_g(cur['final_accuracy'])} vs baseline "
+                                 f"{_g(base['final_accuracy'])} (tolerance {_g(tolerance_accuracy)})")
+                reason = "nightly passed: " + "; ".join(parts)
+
+    out = Path(out_dir).resolve() if out_dir else default_out_dir(logs[0])
+    key = digest_of({"logs": [r.sha256 for r in runs], "baseline": base_doc and base_doc["sha256"], "target": target,
+                     "tolerances": [tolerance_epochs, tolerance_accuracy, tolerance_curve], "context": context})
+    result = NightlyResult(
+        verdict=verdict, reason=reason, target=target, tolerance_epochs=tolerance_epochs,
+        tolerance_accuracy=tolerance_accuracy, tolerance_curve=tolerance_curve, runs=runs,
+        converged_runs=cur["converged_runs"], epochs_to_target=cur["epochs_to_target"],
+        epochs_to_target_mean=cur["epochs_to_target_mean"], final_accuracy=cur["final_accuracy"], curve=cur["curve"],
+        baseline_location=store.location,
+        baseline=baseline, failures=failures, curve_gap=gap, context=setup, out_dir=str(out),
+        plot_png=str(out / "convergence.png"), report_json=str(out / "nightly.json"), report_md=str(out / "report.md"),
+        accepted=None, key=key,
+    )
+    plot(result, None, out / "convergence.png")
+    write_report(result)
+    return result
+
+
+def _judge(runs: list[RunCurve], cur: dict, base: dict, target: float, tol_e: float, tol_a: float,
+           tol_c: float | None) -> list[str]:
+    f: list[str] = []
+    cur_share, base_share = cur["converged_runs"] / cur["n_runs"], base["converged_runs"] / base["n_runs"]
+    if cur_share < base_share:
+        missing = [r for r in runs if r.epochs_to_target is None]
+        who = ", ".join(f"{Path(r.log).parent.name}/{Path(r.log).name} seed {r.seed}: best "
+                        f"{_g(max(a for _, a in r.curve))} by epoch {_g(r.curve[-1][0])}" for r in missing[:3])
+        f.append(f"{len(missing)} of {cur['n_runs']} runs never reached {target:g} ({who}"
+                 f"{', ...' if len(missing) > 3 else ''}); baseline: {base['converged_runs']} of {base['n_runs']} "
+                 f"reached it (epochs to {target:g} = {_g(base['epochs_to_target'])})")
+    ce, be = cur["epochs_to_target"], base["epochs_to_target"]
+    if be is not None and (ce is None or ce - be > tol_e) and not (ce is None and f):
+        f.append(f"epochs to {target:g} = {_g(ce)} vs baseline {_g(be)} (tolerance {_g(tol_e)})")
+    ca, ba = min(cur["final_accuracy"], target), min(base["final_accuracy"], target)
+    if ba - ca > tol_a and not f:  # a run short of the target is already named above
+        f.append(f"final accuracy {_g(cur['final_accuracy'])} vs baseline {_g(base['final_accuracy'])} "
+                 f"(tolerance {_g(tol_a)})")
+    if tol_c is not None:
+        g = _largest_gap(cur["curve"], base["curve"])
+        if g and g["gap"] > tol_c:
+            f.append(f"accuracy at epoch {_g(g['epoch'])} {g['gap']:.3f} below baseline (tolerance {_g(tol_c)})")
+    return f
+
+
+def _largest_gap(cur: list[list[float]], base: list[list[float]]) -> dict[str, float] | None:
+    b = dict((e, a) for e, a in base)
+    gaps = [(b[e] - a, e) for e, a in cur if e in b]
+    if not gaps:
+        return None
+    g, e = max(gaps)
+    return {"epoch": e, "gap": round(g, 6)}
+
+
+# --- accept ---------------------------------------------------------------------------------------
+
+
+def _as_dict(result: NightlyResult | dict[str, Any]) -> dict[str, Any]:
+    return result.to_dict() if isinstance(result, NightlyResult) else result
+
+
+def accept(result: NightlyResult | dict[str, Any], baseline_dir: str | os.PathLike | None = None,
+           force: bool = False, s3_options: dict[str, Any] | None = None) -> str:
+    """Make `result`'s runs the baseline (when it passed or there was none; `force` to re-baseline after a
+    deliberate change). Writes history/<accepted-at>_<run-id>.json, then baseline.json; returns the latter."""
+    r = _as_dict(result)
+    if r["verdict"] == "regressed" and not force:
+        raise StageError(f"refusing to accept a regressed nightly as the baseline ({r['reason']}); "
+                         "use force=True (--force-accept) to re-baseline deliberately")
+    location = baseline_dir if baseline_dir is not None else r["baseline_location"]
+    store = _Store(location, s3_options)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    run_ids = sorted({x["run_id"] for x in r["runs"]})
+    doc = {
+        "format": FORMAT_VERSION,
+        "accepted_at": now.isoformat(timespec="seconds"),
+        "verdict": r["verdict"],
+        "reason": r["reason"],
+        "target": r["target"],
+        "run_ids": run_ids,
+        "setup": r["context"],
+        "epochs_to_target": r["epochs_to_target"],
+        "final_accuracy": r["final_accuracy"],
+        "curve": r["curve"],
+        "runs": [{k: x[k] for k in ("run_id", "log", "seed", "curve", "epochs_to_target", "final_accuracy",
+                                    "status", "setup", "sha256")} for x in r["runs"]],
+        "replaces": (r.get("baseline") or {}).get("accepted_at"),
+    }
+    data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    store.write(f"history/{now.strftime('%Y%m%dT%H%M%SZ')}_{run_ids[0]}.json", data)
+    return store.write(BASELINE_FILE, data)
+
+
+def run_nightly(run_logs: Sequence[str | os.PathLike], baseline_dir: str | os.PathLike, tolerance_epochs: float = 2,
+                tolerance_accuracy: float = 0.02, target: float = TARGET, accept_on_pass: bool = True,
+                **kwargs: Any) -> NightlyResult:
+    """compare(), then accept() unless it regressed: what the nightly flow calls. Never raises on a
+    regression (so the plot can be published first); the caller fails with `result.reason`."""
+    result = compare(run_logs, baseline_dir, tolerance_epochs, tolerance_accuracy, target, **kwargs)
+    if accept_on_pass and result.verdict != "regressed":
+        result.accepted = accept(result, baseline_dir, s3_options=kwargs.get("s3_options"))
+        write_report(result)
+    return result
+
+
+# --- plot and reports -----------------------------------------------------------------------------
+
+
+def plot(current: NightlyResult | dict[str, Any] | Sequence[RunCurve], baseline: dict[str, Any] | None,
+         out_png: str | os.PathLike, target: float = TARGET) -> Path:
+    """Accuracy per epoch of this night's runs (blue) against the baseline's (grey), medians bold, target
+    dashed. `current`: a NightlyResult (its baseline is used when `baseline` is None) or a list of runs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(current, (NightlyResult, dict)):
+        r = _as_dict(current)
+        runs, med, baseline = r["runs"], r["curve"], baseline if baseline is not None else r["baseline"]
+        target, verdict = r["target"], r["verdict"]
+        title = {"pass": "PASS", "regressed": "REGRESSED", "no-baseline": "no baseline"}[verdict]
+        title += f" — epochs to {target:g}: {_g(r['epochs_to_target'])}"
+        if baseline:
+            title += f" vs baseline {_g(_summarise(baseline['runs'], target)['epochs_to_target'])}"
+    else:
+        runs = [dataclasses.asdict(x) if isinstance(x, RunCurve) else x for x in current]
+        med, verdict, title = _summarise(runs, target)["curve"], None, "nightly"
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colour = "#c0392b" if verdict == "regressed" else "#1f77b4"
+    if baseline:
+        b_runs = baseline["runs"]
+        for i, x in enumerate(b_runs):
+            ax.plot(*zip(*x["curve"]), color="0.6", lw=1, ls="--", marker=".", ms=4,
+                    label="baseline runs" if i == 0 and len(b_runs) > 1 else None)
+        b_med = baseline.get("curve") or _summarise(b_runs, target)["curve"]
+        ax.plot(*zip(*b_med), color="0.25", lw=2.2, marker="o", ms=4,
+                label=f"baseline ({baseline.get('accepted_at') or 'stored'}"
+                      f"{', median' if len(b_runs) > 1 else ''})")
+    for i, x in enumerate(runs):
+        label = f"seed {x.get('seed')}" if len(runs) <= 5 else None
+        ax.plot(*zip(*x["curve"]), color=colour, lw=1, alpha=0.45 if len(runs) > 1 else 1, marker=".", ms=4,
+                label=label if len(runs) > 1 else None)
+    ax.plot(*zip(*med), color=colour, lw=2.4, marker="o", ms=5,
+            label=f"this night{' (median of %d runs)' % len(runs) if len(runs) > 1 else ''}")
+    ax.axhline(target, color="#2ca02c", ls=":", lw=1.5, label=f"target {target:g}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("eval top-1 accuracy")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Nightly convergence: {title}", fontsize=11)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    try:
+        with atomic_path(out_png, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", pil_kwargs={"optimize": True})
+    except OSError as e:
+        raise StageError(f"cannot write plot {out_png}: {e.strerror}") from None
+    return out_png
+
+
+def _run_rows(r: dict[str, Any]) -> list[str]:
+    rows = ["| set | run | seed | epochs to target | final accuracy | status |", "|---|---|---|---|---|---|"]
+    sets = [("this night", r["runs"])] + ([("baseline", r["baseline"]["runs"])] if r.get("baseline") else [])
+    for name, runs in sets:
+        for x in runs:
+            ett = epochs_to_target(x["curve"], r["target"])
+            rows.append(f"| {name} | {x['run_id']}/{Path(x['log']).name} | {x.get('seed')} | {_g(ett)} | "
+                        f"{_g(x['final_accuracy'])} | {x.get('status')} |")
+    return rows
+
+
+def _markdown(r: dict[str, Any], image: str) -> str:
+    b = r.get("baseline")
+    L = [f"# Nightly convergence: **{r['verdict'].upper()}**", "", r["reason"], "",
+         f"![convergence plot]({image})", "",
+         f"- target: {r['target']:g} top-1; tolerances: {_g(r['tolerance_epochs'])} epochs, "
+         f"{_g(r['tolerance_accuracy'])} accuracy" + (f", {_g(r['tolerance_curve'])} per-epoch" if r.get("tolerance_curve") is not None else ""),
+         f"- this night: {r['converged_runs']} of {len(r['runs'])} runs reach the target; epochs to target median "
+         f"{_g(r['epochs_to_target'])}, mean {_g(r['epochs_to_target_mean'])}; final accuracy median {_g(r['final_accuracy'])}"]
+    if b:
+        L.append(f"- baseline (accepted {b.get('accepted_at')}, runs {', '.join(map(str, b['run_ids']))}): "
+                 f"{b['converged_runs']} of {b['n_runs']} reach it; epochs to target median {_g(b['epochs_to_target'])}, "
+                 f"mean {_g(b['epochs_to_target_mean'])}; final accuracy median {_g(b['final_accuracy'])}")
+        if r.get("curve_gap"):
+            g = r["curve_gap"]
+            L.append(f"- largest per-epoch shortfall against the baseline: {g['gap']:+.3f} at epoch {_g(g['epoch'])}")
+    L.append(f"- baseline location: `{r['baseline_location']}`" + (f"; accepted as the new baseline: `{r['accepted']}`"
+                                                                    if r.get("accepted") else ""))
+    L += ["", *_run_rows(r), ""]
+    return "\n".join(L)
+
+
+def markdown_with_plot(result: NightlyResult | dict[str, Any]) -> str:
+    """The report as Markdown with the plot embedded as a data: URI (for a Prefect markdown artifact)."""
+    r = _as_dict(result)
+    png = Path(r["plot_png"]).read_bytes()
+    return _markdown(r, "data:image/png;base64," + base64.b64encode(png).decode())
+
+
+def write_report(result: NightlyResult) -> None:
+    write_text_atomic(result.report_md, _markdown(result.to_dict(), Path(result.plot_png).name))
+    write_json_atomic(result.report_json, result.to_dict())
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("nightly", help="compare result logs' convergence with the stored nightly baseline",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("logs", nargs="+", help="result_*.txt files or run directories holding them")
+    p.add_argument("--baseline", required=True,
+                   help="baseline directory: a path, file:///dir or s3://bucket/prefix (for an archive URI A: A/nightly)")
+    p.add_argument("--target", type=float, default=TARGET)
+    p.add_argument("--tolerance-epochs", type=float, default=2)
+    p.add_argument("--tolerance-accuracy", type=float, default=0.02)
+    p.add_argument("--tolerance-curve", type=float, default=None, help="also fail on a per-epoch accuracy shortfall")
+    p.add_argument("--out", default=None, help="report directory (default WORKDIR/reports/nightly/<run-id>)")
+    p.add_argument("--no-accept", action="store_true", help="do not store a passing result as the new baseline")
+    p.add_argument("--force-accept", action="store_true", help="store the result as the baseline even if it regressed")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    r = run_nightly(args.logs, args.baseline, args.tolerance_epochs, args.tolerance_accuracy, args.target,
+                    accept_on_pass=not args.no_accept, tolerance_curve=args.tolerance_curve, out_dir=args.out)
+    if args.force_accept and r.accepted is None:
+        r.accepted = accept(r, args.baseline, force=True)
+        write_report(r)
+    if args.json:
+        print(json.dumps(r.to_dict()))
+    else:
+        print(r.reason)
+        print(f"plot: {r.plot_png}\nreport: {r.report_md}" + (f"\nbaseline written: {r.accepted}" if r.accepted else ""))
+    return 1 if r.regressed else 0
