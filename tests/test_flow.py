@@ -1,0 +1,130 @@
+"""The `rn50` flow end to end: stage states, content-keyed caching, invalidation, rerun, concurrency.
+
+Runs `rn50 run --json` (the flow in-process) against a real local Prefect server started here.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import rn50
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    from flows.local import LocalPrefect
+
+    server = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), _free_port())
+    server.up()
+    yield server
+    server.down()
+
+
+@pytest.fixture(scope="module")
+def demo_source(tmp_path_factory) -> Path:
+    from tasks.synth import synthesize
+
+    out = tmp_path_factory.mktemp("demo-synth")
+    synthesize(out)  # the default size: the cpu-demo config converges on it in about a minute
+    return out
+
+
+def run_flow(server, source: Path, wd: Path, *extra: str) -> dict:
+    env = {k: v for k, v in server.env().items() if k.startswith(("PREFECT_", "RN50_"))}
+    proc = rn50("run", source, wd, "--json", *extra, env=env, timeout=1500)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON on stdout (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    out = json.loads(lines[-1])
+    out["returncode"] = proc.returncode
+    return out
+
+
+EVERY = ("fetch", "verify", "pack", "train", "compliance", "archive")
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, demo_source, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("flow") / "wd"
+    return wd, run_flow(prefect_server, demo_source, wd)
+
+
+def test_full_flow_runs_every_stage(first_run):
+    wd, out = first_run
+    assert out["returncode"] == 0 and out["state"] == "Completed", out
+    assert out["stages"]["container"] == "Skipped"
+    assert all(out["stages"][s] == "Completed" for s in EVERY), out["stages"]
+    assert (wd / "archive" / "MANIFEST.json").is_file()
+    [run_dir] = list((wd / "runs").iterdir())
+    assert (run_dir / "result_0.txt").read_text().count('"key": "run_stop"') == 1
+
+
+def test_second_run_is_all_cached_and_invalidation_reruns_only_what_changed(prefect_server, demo_source, first_run):
+    wd, _ = first_run
+    out = run_flow(prefect_server, demo_source, wd)
+    assert out["stages"] == {**{s: "Cached" for s in EVERY}, "container": "Skipped"}, out["stages"]
+
+    # Outputs deleted: the stage runs again; what it feeds is unchanged in content, so stays cached.
+    (wd / "manifest.parquet").unlink()
+    out = run_flow(prefect_server, demo_source, wd)
+    assert out["stages"]["verify"] == "Completed" and (wd / "manifest.parquet").is_file()
+    assert out["stages"]["fetch"] == "Cached" and out["stages"]["pack"] == "Cached"
+    assert out["stages"]["train"] == "Cached"
+
+    # Outputs altered: the packed records are rewritten.
+    rec = wd / "recordio" / "val.rec"
+    with open(rec, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    out = run_flow(prefect_server, demo_source, wd)
+    assert out["stages"]["pack"] == "Completed", out["stages"]
+    assert out["stages"]["train"] == "Cached"  # same manifest + settings -> same content digest
+    assert out["returncode"] == 0
+
+
+def test_rerun_train_reruns_train_and_what_follows_only(prefect_server, demo_source, first_run):
+    wd, _ = first_run
+    before = set((wd / "runs").iterdir())
+    out = run_flow(prefect_server, demo_source, wd, "--rerun", "train")
+    assert out["returncode"] == 0, out
+    assert {s: out["stages"][s] for s in ("fetch", "verify", "pack")} == dict.fromkeys(("fetch", "verify", "pack"), "Cached")
+    assert {s: out["stages"][s] for s in ("train", "compliance", "archive")} == dict.fromkeys(
+        ("train", "compliance", "archive"), "Completed")
+    assert len(set((wd / "runs").iterdir()) - before) == 1
+
+
+def test_two_concurrent_runs_execute_each_stage_once(prefect_server, demo_source, tmp_path):
+    wd = tmp_path / "wd"
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(run_flow(prefect_server, demo_source, wd)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r["returncode"] == 0 for r in results), results
+    for stage in ("verify", "pack", "train"):
+        states = sorted(r["stages"][stage] for r in results)
+        assert states == ["Cached", "Completed"], (stage, states)
+    assert len(list((wd / "runs").iterdir())) == 1
+
+
+def test_bad_pipeline_and_missing_source_fail_clearly(prefect_server, tmp_path):
+    env = {k: v for k, v in prefect_server.env().items() if k.startswith(("PREFECT_", "RN50_"))}
+    proc = rn50("run", tmp_path / "nope", tmp_path / "wd", env=env, timeout=600)
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr.strip().splitlines()[-1]
+    proc = rn50("run", tmp_path, tmp_path / "wd", "--pipeline", "no-such", env=env, timeout=600)
+    assert proc.returncode != 0 and "no pipeline config 'no-such'" in proc.stderr.strip().splitlines()[-1]
