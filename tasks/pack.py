@@ -465,6 +465,9 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
     """Write .rec and .idx for `items` (the .lst order). Returns the number of escaped records."""
     import numpy as np
 
+    too_big = next((i for i, n in enumerate(sizes) if IR_SIZE + n > LEN_MASK), None)
+    if too_big is not None:
+        raise StageError(f"{root / items[too_big][2]} is {sizes[too_big]:,} bytes; RecordIO records stop at 512 MiB")
     batches = _batches(sizes)
     total = sum(record_size(n) for n in sizes)
     fd = os.open(rec, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # RDWR: the escape path reads back
@@ -701,10 +704,10 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
     settings = pack_settings()
     key = pack_key(mdigest, settings)
     if not force and stamp_valid(wd, "pack", key):
-        stamp = read_stamp(wd, "pack")
-        res = stamp["result"]
-        res["splits"] = {s: SplitResult(**r) for s, r in res["splits"].items()}
-        return PackResult(**{**res, "cached": True})
+        res = read_stamp(wd, "pack")["result"]
+        with contextlib.suppress(TypeError, KeyError, AttributeError):  # a stamp of another version: repack
+            res["splits"] = {s: SplitResult(**r) for s, r in res["splits"].items()}
+            return PackResult(**{**res, "cached": True})
 
     expected = _expected(df)
     quirk_rows = df[(df.format != "JPEG") | (df["mode"] != "RGB")]
