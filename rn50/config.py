@@ -49,6 +49,7 @@ DEFAULTS: Dict[str, Any] = {
     "dali_prefetch": 2,
     "dali_initial_fill": 1024,
     "dali_hw_decoder_load": 0.0,
+    "dali_resize_antialias": False,
     # Optimisation.
     "optimizer": "lars",  # lars | sgd
     "base_lr": 0.1,

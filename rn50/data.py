@@ -82,18 +82,21 @@ def build_pipeline(data_dir: Path, split: str, cfg: Dict, shard_id: int, num_sha
             # val: every rank reads exactly its own shard, padded to whole batches (padding is discarded).
             pad_last_batch=not train, stick_to_shard=not train, name=READER)
         extra = {"hw_decoder_load": cfg["dali_hw_decoder_load"]} if decode == "mixed" else {}
+        # Bilinear as in NVIDIA's MLPerf pipeline; antialiasing only matters for strong downscales
+        # (rare for random-resized crops) and costs ~15 % of the CPU pipeline's time.
+        resize = {"interp_type": types.INTERP_LINEAR, "antialias": cfg["dali_resize_antialias"]}
         if train:
             images = fn.decoders.image_random_crop(
                 jpegs, device=decode, output_type=types.RGB,
                 random_area=[cfg["min_random_area"], cfg["max_random_area"]],
                 random_aspect_ratio=[cfg["min_random_aspect_ratio"], cfg["max_random_aspect_ratio"]],
                 num_attempts=100, **extra)
-            images = fn.resize(images, device=dev, resize_x=cfg["train_crop"], resize_y=cfg["train_crop"])
+            images = fn.resize(images, device=dev, resize_x=cfg["train_crop"], resize_y=cfg["train_crop"], **resize)
             mirror = fn.random.coin_flip(probability=0.5)
             crop = cfg["train_crop"]
         else:
             images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB, **extra)
-            images = fn.resize(images, device=dev, resize_shorter=cfg["val_resize"])
+            images = fn.resize(images, device=dev, resize_shorter=cfg["val_resize"], **resize)
             mirror = 0
             crop = cfg["val_crop"]
         images = fn.crop_mirror_normalize(images, device=dev, dtype=dtype, output_layout=layout,
