@@ -567,22 +567,22 @@ def plot(current: NightlyResult | dict[str, Any] | Sequence[RunCurve], baseline:
         ax.plot(*zip(*b_med), color="0.25", lw=2.2, marker="o", ms=4,
                 label=f"baseline ({baseline.get('accepted_at') or 'stored'}"
                       f"{', median' if len(b_runs) > 1 else ''})")
+    seeds = ", ".join(str(x.get("seed")) for x in runs[:6]) + (", ..." if len(runs) > 6 else "")
     for i, x in enumerate(runs):
-        label = f"seed {x.get('seed')}" if len(runs) <= 5 else None
         ax.plot(*zip(*x["curve"]), color=colour, lw=1, alpha=0.45 if len(runs) > 1 else 1, marker=".", ms=4,
-                label=label if len(runs) > 1 else None)
+                label=f"this night's runs (seeds {seeds})" if i == 0 and len(runs) > 1 else None)
     ax.plot(*zip(*med), color=colour, lw=2.4, marker="o", ms=5,
-            label=f"this night{' (median of %d runs)' % len(runs) if len(runs) > 1 else ''}")
+            label=f"this night (median of {len(runs)} runs)" if len(runs) > 1 else f"this night (seed {seeds})")
     ax.axhline(target, color="#2ca02c", ls=":", lw=1.5, label=f"target {target:g}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("eval top-1 accuracy")
     ax.set_ylim(0, 1.0)
     ax.grid(alpha=0.3)
     ax.set_title(f"Nightly convergence: {title}", fontsize=11)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
-    try:
+    try:  # also creates out_png's directory
         with atomic_path(out_png, suffix=".png") as tmp:
             fig.savefig(tmp, format="png", pil_kwargs={"optimize": True})
     except OSError as e:
@@ -630,8 +630,11 @@ def markdown_with_plot(result: NightlyResult | dict[str, Any]) -> str:
 
 
 def write_report(result: NightlyResult) -> None:
-    write_text_atomic(result.report_md, _markdown(result.to_dict(), Path(result.plot_png).name))
-    write_json_atomic(result.report_json, result.to_dict())
+    try:
+        write_text_atomic(result.report_md, _markdown(result.to_dict(), Path(result.plot_png).name))
+        write_json_atomic(result.report_json, result.to_dict())
+    except OSError as e:
+        raise StageError(f"cannot write nightly report in {result.out_dir}: {e.strerror}") from None
 
 
 # --- CLI ------------------------------------------------------------------------------------------
