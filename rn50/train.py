@@ -30,8 +30,10 @@ from rn50.config import ConfigError, eval_epochs, load_config
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m rn50.train", description="ResNet-50 v1.5 MLPerf training.")
     ap.add_argument("--config", required=True, help="a name in rn50/configs/ (e.g. cpu-demo) or a .yaml path")
-    ap.add_argument("--data", required=True, type=Path, help="directory holding {train,val}.{rec,idx}")
-    ap.add_argument("--out", required=True, type=Path, help="run directory (log, checkpoints)")
+    ap.add_argument("--data", type=Path, help="directory holding {train,val}.{rec,idx} (required to train)")
+    ap.add_argument("--out", type=Path, help="run directory (log, checkpoints) (required to train)")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (defaults + file + --set) as JSON and exit (for cache keys)")
     ap.add_argument("--run-index", type=int, default=0, help="N in result_<N>.txt (default 0)")
     ap.add_argument("--seed", type=int, default=None, help="base seed (default: random, logged)")
     ap.add_argument("--resume", action="store_true",
@@ -101,6 +103,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.print_config:
+            print(json.dumps(cfg, indent=2, sort_keys=True))
+            return 0
+        if args.data is None or args.out is None:
+            raise ConfigError("--data and --out are required")
         if args.resume and cfg["timed"]:
             raise ConfigError(f"config {cfg['name']!r} is a timed MLPerf run (timed: true) and never resumes; "
                               "rerun without --resume for a fresh attempt, or use --set timed=false for a regression run")
@@ -163,7 +170,7 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
     # Rank 0 picks the base seed, everyone agrees on it; ranks differ by their rank so their
     # augmentations and shuffles differ.
     base = seed if seed is not None else random.SystemRandom().randrange(1, 2 ** 31 - size)
-    base = int(hvd.broadcast(mx.nd.array([base], dtype="float64"), root_rank=0, name="seed").asscalar())
+    base = int(hvd.broadcast(mx.nd.array([base], ctx=ctx, dtype="float64"), root_rank=0, name="seed").asscalar())
     log.event("seed", base)
     mx.random.seed(base + rank)
     np.random.seed(base + rank)

@@ -55,3 +55,13 @@ def test_unknown_key_in_file_is_an_error(tmp_path):
     p.write_text("bath_size: 3\n")
     with pytest.raises(ConfigError, match="unknown setting 'bath_size'"):
         load_config(str(p))
+
+
+def test_print_config_gives_the_resolved_settings():
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "rn50.train", "--config", "cpu-demo", "--set", "max_epochs=3",
+                        "--print-config"], capture_output=True, text=True, check=True)
+    cfg = json.loads(r.stdout)
+    assert cfg["max_epochs"] == 3 and cfg["name"] == "cpu-demo" and cfg["width"] == 16
