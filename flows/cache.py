@@ -43,6 +43,11 @@ def train_key(packed: dict[str, Any], image: dict[str, Any] | None, settings: di
     return digest_of(["train", packed["content_digest"], (image or {}).get("tag"), settings, training_code])
 
 
+def nightly_key(flow_run_id: Any) -> str:
+    # A regression check is about tonight's run: never served from cache.
+    return digest_of(["nightly", str(flow_run_id)])
+
+
 def compliance_key(trained: dict[str, Any], settings: dict[str, Any], code: str) -> str:
     return digest_of(["compliance", trained.get("logs_digest") or trained.get("logs"), settings, code])
 

@@ -8,6 +8,7 @@ import sys
 from tasks.common import StageError
 
 STAGES = ("fetch", "verify", "pack", "container", "train", "compliance", "archive")
+NIGHTLY_STAGES = ("train-nightly", "nightly")
 
 
 def stage_states(flow_run_id) -> dict[str, str]:
@@ -22,9 +23,11 @@ def stage_states(flow_run_id) -> dict[str, str]:
     states = {}
     for tr in runs:
         name = tr.name.rsplit("-", 1)[0]
-        if name in STAGES and tr.state is not None:
+        if name in STAGES + NIGHTLY_STAGES and tr.state is not None:
             states[name] = tr.state.name
-    return {s: states.get(s, "NotRun") for s in STAGES}
+    out = {s: states.get(s, "NotRun") for s in STAGES}
+    out.update({s: states[s] for s in NIGHTLY_STAGES if s in states})
+    return out
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +37,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", default="demo", help="pipeline config name in configs/pipeline/ (default: demo)")
     p.add_argument("--rerun", nargs="+", default=[], choices=STAGES, metavar="STAGE",
                    help="run these stages even if cached (what depends on them follows by its keys)")
+    p.add_argument("--nightly", action="store_true",
+                   help="convergence regression: train fresh with fixed seeds, compare with the last accepted night")
     p.add_argument("--json", action="store_true", help="print one JSON object: flow_run_id, state, stages")
     p.set_defaults(run=_cli)
 
@@ -41,7 +46,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 def _cli(args: argparse.Namespace) -> int:
     from flows.rn50 import rn50
 
-    state = rn50(args.source, args.workdir, args.pipeline, args.rerun, return_state=True)
+    state = rn50(args.source, args.workdir, args.pipeline, args.rerun, args.nightly, return_state=True)
     flow_run_id = state.state_details.flow_run_id
     stages = stage_states(flow_run_id)
     if args.json:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, runtime
+from prefect.states import Failed
 
 import tasks.archive
 import tasks.compliance
@@ -11,9 +12,11 @@ import tasks.pack
 import tasks.verify
 from flows import cache, stages
 from flows.config import load_pipeline
+from rn50.config import load_config
 from tasks.common import Workdir, file_digest, stamp_valid
 from tasks.container import content_hash
 from tasks.fetch import OFFICIAL_MD5, read_md5sums
+from tasks.nightly import baseline_location
 
 STAGES = ("fetch", "verify", "pack", "container", "train", "compliance", "archive")
 RN50_PACKAGE = Path(__file__).resolve().parent.parent / "rn50"
@@ -21,7 +24,9 @@ RN50_PACKAGE = Path(__file__).resolve().parent.parent / "rn50"
 
 @flow(name="rn50", log_prints=True)
 def rn50(source: str | None = None, workdir: str | None = None, pipeline: str = "demo",
-         rerun: list[str] | None = None) -> dict:
+         rerun: list[str] | None = None, nightly: bool = False) -> dict:
+    """`nightly`: train fresh with the pipeline's fixed seeds and fail if convergence regressed
+    against the last accepted nightly (kept next to the archive)."""
     cfg = load_pipeline(pipeline, source=source, workdir=workdir)
     wd, rerun = Workdir(cfg["workdir"]), set(rerun or ())
 
@@ -47,9 +52,22 @@ def rn50(source: str | None = None, workdir: str | None = None, pipeline: str = 
         stages.skip.with_options(name="container")("no container runtime requested")
     train_settings = {"config": t["config"], "hosts": t["hosts"], "runs": t["runs"],
                       "hosts_digest": file_digest(t["hosts"]) if t["hosts"] else None}
-    trained = run(stages.train, "train", cache.train_key(packed, image, train_settings, cache.tree_digest(RN50_PACKAGE)),
-                  config=t["config"], hosts=t["hosts"], runs=t["runs"], image=image and image["tag"],
-                  timeout_s=60 * t["timeout_minutes"])
+    launch = dict(config=t["config"], hosts=t["hosts"], image=image and image["tag"], timeout_s=60 * t["timeout_minutes"])
+    if nightly:
+        n = cfg["nightly"]
+        trained = run(stages.nightly_train, "train-nightly", cache.nightly_key(runtime.flow_run.id),
+                      runs=n["runs"], seed=n["seed"], **launch)
+        regression = run(stages.nightly, "nightly", cache.nightly_key(runtime.flow_run.id),
+                         logs=trained["results"], baseline=baseline_location(a["uri"]),
+                         tolerance_epochs=n["tolerance_epochs"], tolerance_accuracy=n["tolerance_accuracy"],
+                         target=load_config(t["config"])["target_accuracy"],
+                         context={"config": t["config"], "manifest_digest": verified["manifest_digest"]})
+        print(f"nightly: {regression['verdict']}: {regression['reason']}")
+        if regression["verdict"] == "regressed":
+            return Failed(message=regression["reason"])
+    else:
+        trained = run(stages.train, "train", cache.train_key(packed, image, train_settings, cache.tree_digest(RN50_PACKAGE)),
+                      runs=t["runs"], **launch)
     trained["logs_digest"] = [file_digest(r, "sha256") for r in trained["results"]]
     checked = run(stages.compliance, "compliance", cache.compliance_key(trained, q, cache.code_version(tasks.compliance)),
                   logdir=trained["run_dir"], ruleset=q["ruleset"], dataset=q["dataset"])

@@ -144,9 +144,8 @@ def container(workdir: str, from_image: str, registry: str | None, push: bool) -
                        log_path=Workdir(workdir).reports / "container-build.log")
 
 
-@stage("train", outputs=lambda wd, r: [r["run_dir"]], retries=1)
-def train(workdir: str, config: str, hosts: str | None, runs: int, image: str | None, timeout_s: float,
-          seed: int | None = None) -> Any:
+def _train(workdir: str, config: str, hosts: str | None, runs: int, image: str | None, timeout_s: float,
+           seed: int | None = None) -> Any:
     from tasks.train import launch
 
     table = _EpochTable(Workdir(workdir).runs)
@@ -156,6 +155,27 @@ def train(workdir: str, config: str, hosts: str | None, runs: int, image: str | 
     finally:
         table.stop.set()
         table.publish()
+
+
+train = stage("train", outputs=lambda wd, r: [r["run_dir"]], retries=1)(_train)
+# The nightly regression trains fresh with fixed seeds; its own stamp keeps `rn50/full`'s train cache intact.
+nightly_train = stage("train-nightly", outputs=lambda wd, r: [r["run_dir"]], retries=1)(_train)
+
+
+def _nightly_artifacts(r: dict) -> None:
+    from tasks.nightly import markdown_with_plot
+
+    create_markdown_artifact(markdown_with_plot(r), key="nightly-convergence", description=r["reason"])
+
+
+@stage("nightly", outputs=lambda wd, r: [r["plot_png"], r["report_json"], r["report_md"]], retries=0,
+       publish=_nightly_artifacts)
+def nightly(workdir: str, logs: list[str], baseline: str, tolerance_epochs: float, tolerance_accuracy: float,
+            target: float, context: dict) -> Any:
+    """Compare this night's convergence with the last accepted night; accept it unless it regressed."""
+    from tasks.nightly import run_nightly
+
+    return run_nightly(logs, baseline, tolerance_epochs, tolerance_accuracy, target, context=context)
 
 
 def _compliance_artifacts(r: dict) -> None:

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "tasks.train",
     "tasks.compliance",
     "tasks.archive",
+    "tasks.nightly",
     "flows.cli",
 ]
 
