@@ -128,3 +128,26 @@ def test_bad_pipeline_and_missing_source_fail_clearly(prefect_server, tmp_path):
     assert "does not exist" in proc.stderr.strip().splitlines()[-1]
     proc = rn50("run", tmp_path, tmp_path / "wd", "--pipeline", "no-such", env=env, timeout=600)
     assert proc.returncode != 0 and "no pipeline config 'no-such'" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_nightly_accepts_a_baseline_then_fails_a_regression(prefect_server, demo_source, first_run):
+    wd, _ = first_run
+    out = run_flow(prefect_server, demo_source, wd, "--nightly")
+    assert out["returncode"] == 0 and out["stages"]["nightly"] == "Completed", out
+    assert out["stages"]["train"] == "NotRun" and out["stages"]["train-nightly"] == "Completed"
+    baseline = wd / "archive" / "nightly" / "baseline.json"
+    doc = json.loads(baseline.read_text())
+    assert doc["run_ids"] and doc["epochs_to_target"] is not None
+
+    # A baseline that converged at the first evaluation makes tonight's run a regression.
+    first_eval = doc["curve"][0][0]
+    for holder in [doc, *doc["runs"]]:
+        holder["curve"] = [[first_eval, 0.95]]
+        holder["epochs_to_target"], holder["final_accuracy"] = first_eval, 0.95
+    baseline.write_text(json.dumps(doc))
+    out = run_flow(prefect_server, demo_source, wd, "--nightly")
+    assert out["returncode"] != 0 and out["state"] == "Failed", out
+    assert out["stages"]["nightly"] == "Completed" and out["stages"]["compliance"] == "NotRun"
+    assert json.loads(baseline.read_text())["curve"] == [[first_eval, 0.95]]  # a regression is never accepted
+    reports = list((wd / "reports" / "nightly").glob("*/convergence.png"))
+    assert len(reports) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in reports)
