@@ -478,9 +478,8 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
             except OSError as e:
                 raise StageError(f"{_write_error(e, rec)} (needs {human_bytes(total)})") from None
         ring = [os.pipe() for _ in range(workers)]
-        rel = [p for _, _, p in items]
 
-        def build(lo: int, hi: int) -> tuple[bytearray, int]:
+        def build(lo: int, hi: int, rootfd: int) -> tuple[bytearray, int]:
             buf = bytearray(sum(record_size(n) for n in sizes[lo:hi]))
             view, extra, pos = memoryview(buf), bytearray(1), 0
             for i in range(lo, hi):
@@ -489,7 +488,7 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
                 REC_HEAD.pack_into(buf, pos, MAGIC, IR_SIZE + n, 0, label, key, 0)
                 body = view[pos + 32:pos + 32 + n]
                 try:
-                    f = os.open(os.path.join(root, path), os.O_RDONLY)
+                    f = os.open(path, os.O_RDONLY, dir_fd=rootfd)  # a 2-component lookup, not the full path
                 except FileNotFoundError:
                     raise _WorkerError(f"{root / path} vanished after it was listed") from None
                 except OSError as e:
@@ -521,9 +520,10 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
 
         def work(w: int, send: Callable[[Any], None]) -> None:
             ring_in, ring_out = ring[w][0], ring[(w + 1) % workers][1]
+            rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
             for b in range(w, len(batches), workers):
                 lo, hi = batches[b]
-                buf, escaped = build(lo, hi)
+                buf, escaped = build(lo, hi, rootfd)
                 start = struct.unpack("<q", _read_exact(ring_in, 8))[0]
                 with contextlib.suppress(BrokenPipeError):
                     os.write(ring_out, struct.pack("<q", start + len(buf)))
