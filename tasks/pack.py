@@ -334,10 +334,19 @@ class _WorkerError(Exception):
     """A one-line message from a worker, raised as StageError in the parent."""
 
 
-def _die_with_parent(parent: int) -> None:
+def _prctl():
+    # Looked up before forking: dlopen in a child forked from a threaded process (a Prefect worker) could
+    # deadlock on a loader lock held by another thread at fork time.
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(prctl, parent: int) -> None:
     # A SIGKILLed pack must not leave workers writing into its temporary files.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(1)
 
@@ -346,7 +355,7 @@ def _run_forked(n: int, fn: Callable[[int, Callable[[Any], None]], Any],
                 on_message: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Run fn(i, send) in n forked children; `send` streams messages to on_message in the parent.
     Returns each child's return value. The first error kills every child and raises StageError."""
-    parent, children = os.getpid(), []
+    parent, children, prctl = os.getpid(), [], _prctl()
     try:
         for i in range(n):
             r, w = os.pipe()
@@ -355,7 +364,7 @@ def _run_forked(n: int, fn: Callable[[int, Callable[[Any], None]], Any],
                 code = 0
                 try:
                     os.close(r)
-                    _die_with_parent(parent)
+                    _die_with_parent(prctl, parent)
 
                     def send(obj: Any, _w: int = w) -> None:
                         data = pickle.dumps(obj)
@@ -575,9 +584,9 @@ def _write_im2rec(prefix: Path, root: Path, threads: int, tick: Callable[[int], 
     """The wheel's im2rec.py --pass-through, for audits. It skips unreadable files with a message and
     exits 0, so its first complaint is kept for the error the verification will raise."""
     cmd = [sys.executable, str(im2rec_path()), "--pass-through", "--num-thread", str(threads), str(prefix), str(root)]
-    complaint, last = None, 0
+    complaint, last, prctl, parent = None, 0, _prctl(), os.getpid()
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL)) as proc:
+                          preexec_fn=lambda: _die_with_parent(prctl, parent)) as proc:
         for line in proc.stdout:
             if "count:" in line:
                 count = int(line.rsplit("count:", 1)[1])

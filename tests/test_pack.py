@@ -275,6 +275,26 @@ def test_rerun_is_cached_until_outputs_or_manifest_change(tmp_path):
     assert pack(wd, force=True).content_digest == r3.content_digest
 
 
+def _no_process_mentions(text: str, within: float = 1.0) -> bool:
+    """No live process has `text` in its command line (forked workers share the parent's), within a moment."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        alive = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    stat = (d / "stat").read_text()
+                except OSError:
+                    continue
+                if text in cmd and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(d.name)
+        if not alive:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_kill9_mid_pack_then_rerun_completes(tmp_path):
     """A real SIGKILL of `rn50 pack` while it writes: nothing is accepted, the rerun repacks correctly."""
     wd = make_workdir(tmp_path, classes=4, train=500, val=20, size=110)  # ~45 MiB of noise JPEGs
@@ -292,7 +312,7 @@ def test_kill9_mid_pack_then_rerun_completes(tmp_path):
             proc.send_signal(signal.SIGKILL)
             killed_mid_write += 1
         proc.wait()
-        time.sleep(0.05)  # workers die by PDEATHSIG
+        assert _no_process_mentions(str(wd.root)), "the killed pack's workers outlived it"
         assert read_stamp(wd, "pack") is None, "a killed pack left a stamp"
         assert not any((wd.recordio / o).exists() for o in OUTPUTS), "a killed pack left outputs in place"
         if killed_mid_write >= 2:
