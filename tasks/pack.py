@@ -266,24 +266,24 @@ def _check_tree(root: Path, expected: dict[str, tuple], split: str) -> None:
 def _load_im2rec():
     """im2rec.py from the wheel as a module, without importing mxnet or cv2 (its list code uses neither).
 
-    The module gets a private Random (its `random.seed(100)` must not reseed the caller's) and a
-    private `print` (it prints the folder->label map to stdout)."""
+    Its imports of mxnet, cv2 and sys resolve to stand-ins (no 3 s of imports, no edit of the real
+    sys.path), and it gets a private Random (its `random.seed(100)` must not reseed the caller's) and a
+    private `print` (it prints the folder->label map to stdout). Nothing global is touched, so this is
+    safe in a threaded Prefect worker."""
+    import builtins
     import random
 
     path = im2rec_path()
+    stand_ins = {"mxnet": types.ModuleType("mxnet"), "cv2": types.ModuleType("cv2"),
+                 "sys": types.SimpleNamespace(path=[], argv=[str(path)])}
+
+    def _import(name, globals=None, locals=None, fromlist=(), level=0):
+        return stand_ins.get(name) or builtins.__import__(name, globals, locals, fromlist, level)
+
     mod = types.ModuleType("rn50_im2rec")
     mod.__file__ = str(path)
-    saved_path, stubs = list(sys.path), {}
-    for name in ("mxnet", "cv2"):
-        if name not in sys.modules:
-            stubs[name] = sys.modules[name] = types.ModuleType(name)
-    try:
-        exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)
-    finally:
-        sys.path[:] = saved_path  # im2rec appends to sys.path at import
-        for name, stub in stubs.items():
-            if sys.modules.get(name) is stub:
-                del sys.modules[name]
+    mod.__builtins__ = {**vars(builtins), "__import__": _import}
+    exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)
     mod.random = random.Random()
     mod.folder_labels = []
     mod.print = lambda *a, **k: mod.folder_labels.append(a)

@@ -148,9 +148,10 @@ def test_list_is_im2rec_list_byte_for_byte(tmp_path):
                     str(wd.extracted / "train")], check=True, capture_output=True)
     assert ours.read_bytes() == (tmp_path / "ref.lst").read_bytes()
     assert [k for k, _, _ in _read_lst(ours)] != sorted(k for k, _, _ in _read_lst(ours)), "not shuffled"
-    state = random.getstate()
+    state, path, modules = random.getstate(), list(sys.path), set(sys.modules)
     make_list(wd.extracted / "train", tmp_path / "again")
     assert random.getstate() == state, "im2rec's seed(100) leaked into the global random"
+    assert sys.path == path and set(sys.modules) <= modules | {"rn50_im2rec"}, "listing touched global state"
 
 
 @pytest.mark.parametrize("writer,threads", [("fast", 1), ("fast", 3), ("im2rec", 2)])
