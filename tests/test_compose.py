@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,11 +138,74 @@ def test_worker_polls_the_pool_the_deployments_use(config):
     pool = cmd[cmd.index("--pool") + 1]
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
     assert {d["work_pool"]["name"] for d in deployments} == {pool} == {"rn50"}
-    assert f"work-pool create {pool} --type process" in config["services"]["deploy"]["command"][-1]
+    deploy = config["services"]["deploy"]
+    assert deploy["command"] == ["sh", "infra/compose/deploy.sh"]
+    assert f"work-pool create {pool} --type process" in (ROOT / "infra" / "compose" / "deploy.sh").read_text()
+    assert deploy["environment"]["RN50_PIPELINE"] == "/opt/rn50/infra/compose/pipeline-team.yaml"
     # The deployments' pull step cds into RN50_PROJECT_DIR: the image must hold the project there.
     assert re.search(r"^WORKDIR /opt/rn50$", DOCKERFILE.read_text(), re.M)
     targets = {v["target"] if isinstance(v, dict) else v.split(":")[1] for v in worker["volumes"]}
     assert {"/data", "/etc/rn50/hosts.yaml", "/run/secrets/rn50-ssh"} <= targets
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_deploy_script_against_a_real_server(config, tmp_path):
+    """The deploy service's script, run twice against a real local Prefect server (SQLite instead of
+    PostgreSQL, loopback): the pool, and every prefect.yaml deployment with the team pipeline parameter."""
+    import json
+    import urllib.request
+
+    port, prefect = _free_port(), str(Path(sys.executable).parent / "prefect")
+    api = f"http://127.0.0.1:{port}/api"
+    team = str(ROOT / "infra" / "compose" / "pipeline-team.yaml")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "RN50_PROJECT_DIR": str(ROOT),
+           "RN50_PIPELINE": team, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                opener.open(f"{api}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        for attempt in (1, 2):  # the second run finds the pool and updates the deployments in place
+            proc = subprocess.run(["sh", str(ROOT / "infra" / "compose" / "deploy.sh")], env=env, cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, f"deploy.sh run {attempt}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+        def post(path: str, body: dict) -> list:
+            req = urllib.request.Request(f"{api}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+            return json.loads(opener.open(req, timeout=30).read())
+
+        pools = {p["name"]: p["type"] for p in post("/work_pools/filter", {})}
+        assert pools.get("rn50") == "process"
+        got = {d["name"]: d for d in post("/deployments/filter", {})}
+        expected = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+        assert set(got) == set(expected)
+        for name, want in expected.items():
+            d = got[name]
+            assert d["work_pool_name"] == "rn50"
+            assert d["parameters"] == {**want.get("parameters", {}), "pipeline": team}, name
+            assert len(d.get("schedules") or []) == len(want.get("schedules") or []), name
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def test_missing_secret_fails_with_its_name(tmp_path):

@@ -1,0 +1,15 @@
+#!/bin/sh
+# The compose `deploy` service (one-shot): the `rn50` process pool, kept if it exists so settings made in
+# the UI survive, and every deployment in prefect.yaml with its `pipeline` parameter set to $RN50_PIPELINE
+# (the team's config instead of the embedded demo); each deployment's other parameters (rerun, nightly)
+# and schedules stay as prefect.yaml has them. Needs PREFECT_API_URL (+ auth) and RN50_PROJECT_DIR.
+set -eu
+cd "${RN50_PROJECT_DIR:?}"
+: "${RN50_PIPELINE:?set RN50_PIPELINE to a pipeline config name or path}"
+prefect work-pool inspect rn50 >/dev/null 2>&1 || prefect work-pool create rn50 --type process
+# `prefect deploy --all` ignores --param, so deploy them one by one.
+names=$(python -c 'import yaml; print(" ".join(d["name"] for d in yaml.safe_load(open("prefect.yaml"))["deployments"]))')
+for name in $names; do
+  prefect deploy --name "$name" --param "pipeline=$RN50_PIPELINE" --no-prompt
+done
+echo "deployed: $names (pipeline=$RN50_PIPELINE)"
