@@ -44,7 +44,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from flows.rn50 import rn50
+    from flows.pipeline import rn50
 
     state = rn50(args.source, args.workdir, args.pipeline, args.rerun, args.nightly, return_state=True)
     flow_run_id = state.state_details.flow_run_id

@@ -3,7 +3,7 @@
 # local base image (no registry is reachable), iproute2 for network namespaces, Chromium for the UI test.
 # Installs only what is missing; needs root (it is, on CI and the dev machines).
 set -euo pipefail
-pkgs=(docker.io openssh-server openssh-client debootstrap iproute2 util-linux chromium procps psmisc)
+pkgs=(docker.io docker-compose openssh-server openssh-client debootstrap iproute2 util-linux chromium chromium-driver procps psmisc)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
 if ((${#missing[@]})); then
