@@ -446,7 +446,13 @@ def _pwrite_all(fd: int, data, offset: int, where: Path) -> None:
         raise _WorkerError(_write_error(e, where)) from None
 
 
-def _write_error(e: OSError, where: Path) -> str:
+def _os_error(e: OSError, where: Path | str) -> str:
+    if e.errno in (errno.ENOSPC, errno.EFBIG):
+        return _write_error(e, where)
+    return f"{where}: {e.strerror or e}"
+
+
+def _write_error(e: OSError, where: Path | str) -> str:
     if e.errno == errno.ENOSPC:
         return f"no space left on device while writing {where}"
     if e.errno == errno.EFBIG:
@@ -740,19 +746,25 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
         (wd.stamps / "pack.json").unlink(missing_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-pack-", dir=out))
         try:
-            result = _pack_into(wd, tmp, splits, expected, quirk_paths, workers, full_check, progress, writer)
+            try:
+                result = _pack_into(wd, tmp, splits, expected, quirk_paths, workers, full_check, progress, writer)
+            except OSError as e:  # listing, relabelling: anything not already worded for the user
+                raise StageError(_os_error(e, e.filename or tmp)) from None
             seconds = result.pop("seconds")
             t_commit = time.perf_counter()
-            outputs = []
-            for s in splits:
-                for ext in ("lst", "idx", "rec"):
-                    with open(tmp / f"{s}.{ext}", "rb") as f:
+            outputs = [out / f"{s}.{ext}" for s in splits for ext in ("lst", "idx", "rec")]
+            try:
+                for p in outputs:  # durable before visible
+                    with open(tmp / p.name, "rb") as f:
                         os.fsync(f.fileno())
-                    os.replace(tmp / f"{s}.{ext}", out / f"{s}.{ext}")
-                    outputs.append(str(out / f"{s}.{ext}"))
-            dfd = os.open(out, os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
+                for p in outputs:
+                    os.replace(tmp / p.name, p)
+                dfd = os.open(out, os.O_RDONLY)
+                os.fsync(dfd)
+                os.close(dfd)
+            except OSError as e:
+                raise StageError(_os_error(e, e.filename or out)) from None
+            outputs = [str(p) for p in outputs]
             seconds["commit"] = time.perf_counter() - t_commit
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -769,9 +781,12 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
         full_check=full_check, seconds=seconds,
         write_mib_s=round(image_bytes / (1 << 20) / max(seconds["write"], 1e-9), 1),
         report_md=str(wd.reports / "pack.md"), report_json=str(wd.reports / "pack.json"), cached=False)
-    write_json_atomic(res.report_json, res.to_dict())
-    write_text_atomic(res.report_md, _markdown(res))
-    write_stamp(wd, "pack", key, res.to_dict(), outputs)
+    try:
+        write_json_atomic(res.report_json, res.to_dict())
+        write_text_atomic(res.report_md, _markdown(res))
+        write_stamp(wd, "pack", key, res.to_dict(), outputs)
+    except OSError as e:  # the outputs are complete, but without a stamp the next run repacks them
+        raise StageError(_os_error(e, e.filename or wd.reports)) from None
     return res
 
 
@@ -783,8 +798,11 @@ def _pack_into(wd: Workdir, tmp: Path, splits: list[str], expected: dict, quirk_
     for s in splits:
         root = wd.extracted / s
         _check_tree(root, expected[s], s)
-        lst = make_list(root, tmp / s)
-        lists[s] = _fix_labels(lst, _read_lst(lst), expected[s], s)
+        try:
+            lst = make_list(root, tmp / s)
+            lists[s] = _fix_labels(lst, _read_lst(lst), expected[s], s)
+        except OSError as e:
+            raise StageError(_os_error(e, e.filename or tmp / f"{s}.lst")) from None
     seconds["list"] = time.perf_counter() - t
 
     total = sum(len(items) for items, _ in lists.values())

@@ -426,6 +426,9 @@ def test_failing_writer_file_size_limit(tmp_path):
     proc = cli(str(wd.root), preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert_one_line_error(proc, "file size limit exceeded", "train.rec")
     assert_nothing_written(wd)
+    proc = cli(str(wd.root), preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200)))
+    assert_one_line_error(proc, "file size limit exceeded", "train.lst")  # im2rec's list writer fails first
+    assert_nothing_written(wd)
 
 
 def test_verification_catches_corruption(tmp_path, packed):
