@@ -31,11 +31,14 @@ def rn50(source: str | None = None, workdir: str | None = None, pipeline: str = 
     wd, rerun = Workdir(cfg["workdir"]), set(rerun or ())
 
     def run(task, stage: str, key: str, **kwargs):
-        # A cached result counts only while the stage's outputs are still as it left them.
-        fresh = stage in rerun or not stamp_valid(wd, f"flow-{stage}", key)
-        print(f"{stage}: key {key[:12]}, {'run' if fresh else 'cache allowed'}"
-              + (" (asked to rerun)" if stage in rerun else ""))
-        return task.with_options(refresh_cache=fresh)(key, str(wd.root), **kwargs)
+        # A cached result counts only while the stage's outputs are still as it left them (its stamp).
+        # Checked after the cache lookup, which waits on the stage's lock: a concurrent run that is
+        # computing the same key finishes first, and this one then takes its result from the cache.
+        state = task.with_options(refresh_cache=stage in rerun)(key, str(wd.root), return_state=True, **kwargs)
+        if state.name == "Cached" and not stamp_valid(wd, f"flow-{stage}", key):
+            print(f"{stage}: cached result's outputs are missing or changed here; running it again")
+            state = task.with_options(refresh_cache=True)(key, str(wd.root), return_state=True, **kwargs)
+        return state.result()
 
     f, p, c, t, q, a = (cfg[s] for s in ("fetch", "pack", "container", "train", "compliance", "archive"))
     expected = read_md5sums(f["md5_file"]) if f["md5_file"] else OFFICIAL_MD5

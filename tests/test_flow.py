@@ -125,7 +125,7 @@ def test_bad_pipeline_and_missing_source_fail_clearly(prefect_server, tmp_path):
     env = {k: v for k, v in prefect_server.env().items() if k.startswith(("PREFECT_", "RN50_"))}
     proc = rn50("run", tmp_path / "nope", tmp_path / "wd", env=env, timeout=600)
     assert proc.returncode != 0
-    assert "does not exist" in proc.stderr.strip().splitlines()[-1]
+    assert str(tmp_path / "nope") in proc.stderr.strip().splitlines()[-1]
     proc = rn50("run", tmp_path, tmp_path / "wd", "--pipeline", "no-such", env=env, timeout=600)
     assert proc.returncode != 0 and "no pipeline config 'no-such'" in proc.stderr.strip().splitlines()[-1]
 
