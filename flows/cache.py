@@ -31,8 +31,12 @@ def verify_key(fetched: dict[str, Any], code: str) -> str:
     return digest_of(["verify", fetched["md5"], code])
 
 
-def pack_key(verified: dict[str, Any], settings: dict[str, Any], code: str) -> str:
-    return digest_of(["pack", verified["manifest_digest"], settings, code])
+def pack_key(verified: dict[str, Any], code: str) -> str:
+    # The pack stage's own key: manifest digest + the settings that determine the output bytes
+    # (thread count and --full-check do not: every thread count writes identical files).
+    from tasks.pack import pack_key as stage_key
+
+    return digest_of(["pack", stage_key(verified["manifest_digest"]), code])
 
 
 def container_key(context_digest: str, settings: dict[str, Any]) -> str:
@@ -48,8 +52,8 @@ def nightly_key(flow_run_id: Any) -> str:
     return digest_of(["nightly", str(flow_run_id)])
 
 
-def compliance_key(trained: dict[str, Any], settings: dict[str, Any], code: str) -> str:
-    return digest_of(["compliance", trained.get("logs_digest") or trained.get("logs"), settings, code])
+def compliance_key(logs_digest: list[str], settings: dict[str, Any], code: str) -> str:
+    return digest_of(["compliance", logs_digest, settings, code])
 
 
 def archive_key(parts: list[Any], settings: dict[str, Any], code: str) -> str:

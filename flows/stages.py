@@ -48,6 +48,28 @@ def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries
     return deco
 
 
+class Runner:
+    """Calls stage tasks for one work dir: `run(task, key, **kwargs)` -> the stage's result dict.
+
+    A cached result counts only while the stage's outputs are still as it left them (its stamp).
+    That is checked after the cache lookup, which waits on the stage's lock: a concurrent run computing
+    the same key finishes first, and this one then takes its result from the cache."""
+
+    def __init__(self, wd: Workdir, rerun: Iterable[str] = ()):
+        self.wd, self.rerun = wd, set(rerun)
+
+    def __call__(self, stage_task, key: str, **kwargs: Any) -> dict:
+        from tasks.common import stamp_valid
+
+        name = stage_task.name
+        state = stage_task.with_options(refresh_cache=name in self.rerun)(key, str(self.wd.root), return_state=True,
+                                                                         **kwargs)
+        if state.name == "Cached" and not stamp_valid(self.wd, f"flow-{name}", key):
+            print(f"{name}: the cached result's outputs are missing or changed here; running it again")
+            state = stage_task.with_options(refresh_cache=True)(key, str(self.wd.root), return_state=True, **kwargs)
+        return state.result()
+
+
 @task(name="skipped")
 def skip(reason: str):
     """A stage the configuration does not ask for: visible in the UI as Skipped, with the reason."""
