@@ -29,8 +29,10 @@ demo: install
 demo-stop:
 	bash scripts/demo.sh stop
 
+# Benchmarks (ratios against a baseline measured in the same run); figures go in the README.
 bench: install
-	$(PY) bench/pack.py
+	$(PY) -m bench.pack
+	$(PY) bench/train_dataloader.py
 	$(PY) bench/cached_flow.py
 
 clean:
