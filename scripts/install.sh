@@ -14,5 +14,7 @@ if ! command -v uv >/dev/null 2>&1; then
   export PATH="$HOME/.local/bin:$PATH"
 fi
 # --inexact keeps Horovod, which is not in the lock because it must be built against the installed MXNet.
-uv sync --frozen --inexact --extra "$MXNET_BUILD" --extra test
+# Byte-compiled once here: the tests start many short Python processes, and some environments set
+# PYTHONDONTWRITEBYTECODE, which would make each of them recompile pandas, Prefect and MXNet.
+uv sync --frozen --inexact --compile-bytecode --extra "$MXNET_BUILD" --extra test
 bash scripts/build-horovod.sh
