@@ -145,6 +145,15 @@ def synthesize(out: Path | str, classes: int = 10, train_per_class: int = 100, v
     found: dict[str, list[str]] = {"png_as_jpeg": [], "cmyk": [], "grayscale": []}
     names = {"png": "png_as_jpeg", "cmyk": "cmyk", "gray": "grayscale"}
 
+    def write_image(tar: tarfile.TarFile, name: str, wnid: str, kind: str, where: str) -> None:
+        nonlocal done
+        _add_bytes(tar, name, _encode(_image(rng, label[wnid], classes), rng, kind))
+        if kind != "rgb":
+            found[names[kind]].append(where)
+        done += 1
+        if progress:
+            progress(done, total)
+
     with atomic_path(out / TRAIN_TAR) as tmp, tarfile.open(tmp, "w") as outer:
         for w in wnids:
             inner_buf = io.BytesIO()
@@ -152,12 +161,7 @@ def synthesize(out: Path | str, classes: int = 10, train_per_class: int = 100, v
                 for i in range(train_counts[w]):
                     kind = quirks.get((w, i), "rgb")
                     name = PNG_AS_JPEG[1] if kind == "png" else f"{w}_{i + 1}.JPEG"
-                    _add_bytes(inner, name, _encode(_image(rng, label[w], classes), rng, kind))
-                    if kind != "rgb":
-                        found[names[kind]].append(f"train/{w}/{name}")
-                    done += 1
-                    if progress:
-                        progress(done, total)
+                    write_image(inner, name, w, kind, f"train/{w}/{name}")
             _add_bytes(outer, f"{w}.tar", inner_buf.getvalue())
 
     val_labels = [w for w in wnids for _ in range(val_per_class)]
@@ -166,12 +170,7 @@ def synthesize(out: Path | str, classes: int = 10, train_per_class: int = 100, v
         for i, w in enumerate(val_labels, start=1):
             kind = "cmyk" if i == 1 else "gray" if i == 2 else "rgb"
             name = f"ILSVRC2012_val_{i:08d}.JPEG"
-            _add_bytes(tar, name, _encode(_image(rng, label[w], classes), rng, kind))
-            if kind != "rgb":
-                found[names[kind]].append(f"val/{name}")
-            done += 1
-            if progress:
-                progress(done, total)
+            write_image(tar, name, w, kind, f"val/{name}")
 
     with atomic_path(out / DEVKIT_TGZ) as tmp:
         meta = tmp.with_suffix(".mat")
