@@ -160,7 +160,8 @@ def synthesize(out: Path | str, classes: int = 10, train_per_class: int = 100, v
             with tarfile.open(fileobj=inner_buf, mode="w") as inner:
                 for i in range(train_counts[w]):
                     kind = quirks.get((w, i), "rgb")
-                    name = PNG_AS_JPEG[1] if kind == "png" else f"{w}_{i + 1}.JPEG"
+                    n = i + 1 + (w == PNG_AS_JPEG[0] and i + 1 >= 2933)  # 2933 is the PNG's number
+                    name = PNG_AS_JPEG[1] if kind == "png" else f"{w}_{n}.JPEG"
                     write_image(inner, name, w, kind, f"train/{w}/{name}")
             _add_bytes(outer, f"{w}.tar", inner_buf.getvalue())
 

@@ -87,8 +87,11 @@ def _members(archive: Path, fileobj=None):
 def _store(root: Path, rel: str, data: bytes, rows: list[dict], split: str, wnid: str, workdir: Path) -> None:
     path = root / split / wnid / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "xb") as f:  # "x": a duplicate name in an archive is an error, never a silent overwrite
-        f.write(data)
+    try:
+        with open(path, "xb") as f:  # "x": a duplicate name in an archive is an error, never a silent overwrite
+            f.write(data)
+    except FileExistsError:
+        raise StageError(f"the {split} archive holds {wnid}/{rel} twice") from None
     rows.append({"split": split, "wnid": wnid, "path": str(path.relative_to(workdir)).replace("extracted.partial", "extracted", 1),
                  "bytes": len(data), "md5": hashlib.md5(data).hexdigest(), "abs": str(path)})
 

@@ -257,3 +257,25 @@ def test_verify_fails_when_counts_disagree_with_devkit(workdir_copy):
 
 def test_verify_without_fetch(tmp_path):
     _one_line_error(rn50("verify", tmp_path / "empty"), "rn50 fetch")
+
+
+def test_synth_names_stay_unique_past_the_png_number(tmp_path):
+    """The PNG-in-disguise is n02105855_2933.JPEG; a class that large must not get a second 2933."""
+    from tasks.synth import synthesize
+
+    synthesize(tmp_path, classes=2, train_per_class=2934, val_per_class=1, seed=3)
+    with tarfile.open(tmp_path / TRAIN_TAR) as outer:
+        inner = tarfile.open(fileobj=outer.extractfile("n02105855.tar"))
+        names = inner.getnames()
+    assert len(names) == len(set(names)) and "n02105855_2933.JPEG" in names
+
+
+def test_verify_refuses_a_duplicate_member(workdir_copy):
+    raw = workdir_copy / "raw"
+    with tarfile.open(raw / VAL_TAR) as old:
+        first = old.getmembers()[0]
+        data = old.extractfile(first).read()
+    _rewrite_tar(raw / VAL_TAR, [first], data)
+    _record_as_fetched(raw, VAL_TAR)
+    _one_line_error(rn50("verify", workdir_copy), "twice", first.name)
+    assert not (workdir_copy / "extracted.partial").exists()
