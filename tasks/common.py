@@ -100,11 +100,12 @@ def write_json_atomic(path: Path | str, obj: Any) -> Path:
 # --- stamps: "this stage's outputs are complete and unchanged" without re-hashing data ------------
 
 
-def fingerprint(paths: Iterable[Path | str], root: Path | None = None) -> list[list[Any]]:
-    """Cheap identity of outputs: (path, size, mtime_ns) of each file, and of every directory below
-    each directory given. Deleting or adding a file changes its directory's mtime; rewriting a file
-    changes its own. Files inside directories are not stat'ed, so the cost grows with the number
-    of directories, not of images. Paths are reported relative to `root` when given."""
+def fingerprint(paths: Iterable[Path | str], root: Path | None = None, depth: int = 2) -> list[list[Any]]:
+    """Cheap identity of outputs: (path, size, mtime_ns) of each file, and of the directories up to
+    `depth` levels below each directory given. Deleting or adding a file changes its directory's mtime;
+    rewriting a file changes its own. With depth 2, extracted/ is covered down to its class folders
+    (extracted/train/<wnid>) without listing them, so the cost grows with the number of classes,
+    never with the number of images. Paths are reported relative to `root` when given."""
     def name(p: str | Path) -> str:
         return os.path.relpath(p, root) if root else str(p)
 
@@ -115,14 +116,16 @@ def fingerprint(paths: Iterable[Path | str], root: Path | None = None) -> list[l
             continue
         st = p.stat()
         out.append([name(p), st.st_size if p.is_file() else None, st.st_mtime_ns])
-        if p.is_dir():
-            stack = [p]
-            while stack:
-                with os.scandir(stack.pop()) as it:
-                    for entry in it:
-                        if entry.is_dir(follow_symlinks=False):
-                            out.append([name(entry.path), None, entry.stat().st_mtime_ns])
-                            stack.append(Path(entry.path))
+        stack = [(p, 0)] if p.is_dir() else []
+        while stack:
+            d, level = stack.pop()
+            if level >= depth:
+                continue
+            with os.scandir(d) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        out.append([name(entry.path), None, entry.stat().st_mtime_ns])
+                        stack.append((Path(entry.path), level + 1))
     return sorted(out)
 
 
