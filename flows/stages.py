@@ -6,8 +6,10 @@ outputs, and the stage's artifacts — so each wrapper below only says what is s
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -105,11 +107,10 @@ class _EpochTable(threading.Thread):
     def __init__(self, runs_dir: Path, interval_s: float = 10.0):
         super().__init__(daemon=True)
         self.runs_dir, self.interval_s, self.stop = runs_dir, interval_s, threading.Event()
-        self.start_time, self.published = __import__("time").time(), None
+        self.start_time, self.published = time.time(), None
 
     def rows(self) -> list[dict]:
-        import json
-
+        # A light scan, not mlperf_logging's parser: the logs are still being written.
         rows = []
         for log in sorted(self.runs_dir.glob("*/result_*.txt")):
             if log.stat().st_mtime < self.start_time:
@@ -201,8 +202,6 @@ def nightly(workdir: str, logs: list[str], baseline: str, tolerance_epochs: floa
 
 
 def _compliance_artifacts(r: dict) -> None:
-    from tasks.compliance import ComplianceResult, table_rows  # noqa: F401
-
     rows = [{k: v[k] for k in ("file", "passed", "time_to_train_min", "epochs", "accuracy", "status", "reason")}
             for v in r["logs"]]
     create_table_artifact(rows, key="compliance", description=f"MLPerf compliance, ruleset {r['ruleset']}")
