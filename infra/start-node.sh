@@ -3,17 +3,21 @@
 # every node: docker run --network=host ..., install sshd, PermitRootLogin, Port 12345).
 # usage: infra/start-node.sh IMAGE DATA_DIR [PORT] [AUTHORIZED_KEYS]
 # Then list the host in the inventory with ssh_port: PORT and runtime: docker.
+# RN50_DOCKER_ARGS: extra `docker run` arguments, split on spaces (e.g. more -v mounts).
 set -euo pipefail
 image=${1:?image tag (from rn50 build)}; data=${2:?recordio dir on this host}; port=${3:-12345}
 keys=${4:-$HOME/.ssh/authorized_keys}
 name=${RN50_CONTAINER:-rn50-node}
 docker rm -f "$name" >/dev/null 2>&1 || true
 gpus=()
-if command -v nvidia-smi >/dev/null 2>&1; then gpus=(--gpus all); fi
+# Unlimited locked memory is for NCCL/InfiniBand pinned buffers: GPU hosts only (a CPU host does not
+# need it, and one whose hard limit is lower refuses it unless dockerd has CAP_SYS_RESOURCE).
+if command -v nvidia-smi >/dev/null 2>&1; then gpus=(--gpus all --ulimit memlock=-1); fi
+read -r -a extra <<<"${RN50_DOCKER_ARGS:-}"
 docker run -d --name "$name" "${gpus[@]}" \
     --network=host --ipc=host --uts=host --shm-size=1g \
-    --ulimit memlock=-1 --ulimit stack=67108864 --security-opt seccomp=unconfined \
+    --ulimit stack=67108864 --security-opt seccomp=unconfined \
     -v "$data":"$data":ro -v "$keys":/root/.ssh/authorized_keys:ro \
     -v "${RN50_RUNS_DIR:-/tmp/rn50-runs}":"${RN50_RUNS_DIR:-/tmp/rn50-runs}" \
-    "$image" sshd "$port"
+    "${extra[@]}" "$image" sshd "$port"
 echo "started $name from $image; sshd on port $port"
