@@ -16,6 +16,7 @@ if [ "$1" = "sshd" ]; then
     { env | grep -E '^[A-Za-z_][A-Za-z0-9_]*=' | grep -vE '^(HOME|PWD|OLDPWD|SHLVL|_|HOSTNAME|TERM)=' \
         > /root/.ssh/environment; } 2>/dev/null \
         || echo "rn50-entrypoint: cannot write /root/.ssh/environment; ssh sessions get a bare environment" >&2
-    exec /usr/sbin/sshd -D -e -f /etc/rn50/sshd_config -p "$port"
+    # RN50_SSH_LISTEN (docker run -e): listen on that address only (e.g. the cluster NIC's, or loopback).
+    exec /usr/sbin/sshd -D -e -f /etc/rn50/sshd_config -p "$port" ${RN50_SSH_LISTEN:+-o ListenAddress=$RN50_SSH_LISTEN}
 fi
 exec "$@"

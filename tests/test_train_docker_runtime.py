@@ -112,7 +112,10 @@ def node_image(docker_url, tmp_path_factory):
     client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=shim_tag, network_mode="none", rm=True)
     img = build_image(REPO, from_image=shim_tag, build_args=OFFLINE_ARGS, docker_host=docker_url,
                       network_mode="none", log_path=tmp_path_factory.mktemp("build") / "build.log")
-    return img.tag
+    yield img.tag
+    # Every change to rn50/ or infra/ gives a new tag: keep only the (stable) bases in the cached engine.
+    if img.built:
+        client.images.remove(img.tag, force=True)
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +131,15 @@ def node(docker_url, node_image, tmp_path_factory):
     port = closed_loopback_port()
     name = f"rn50-test-node-{os.getpid()}"
     env = {**os.environ, "DOCKER_HOST": docker_url, "RN50_CONTAINER": name, "RN50_RUNS_DIR": str(wd / "runs"),
-           "RN50_DOCKER_ARGS": f"-v {PY_HOME}:{PY_HOME}:ro -v {VENV}:{VENV}:ro"}
-    r = subprocess.run(["bash", str(REPO / "infra" / "start-node.sh"), node_image, str(wd / "recordio"), str(port),
-                        f"{key}.pub"], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+           # Host network: the node's sshd listens on loopback only.
+           "RN50_DOCKER_ARGS": f"-e RN50_SSH_LISTEN=127.0.0.1 -v {PY_HOME}:{PY_HOME}:ro -v {VENV}:{VENV}:ro"}
     try:
+        r = subprocess.run(["bash", str(REPO / "infra" / "start-node.sh"), node_image, str(wd / "recordio"),
+                            str(port), f"{key}.pub"], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
         _wait_port(port)
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout.split()
+        assert f"127.0.0.1:{port}" in listening and not any(a.endswith(f"*:{port}") for a in listening), listening
         yield {"wd": wd, "port": port, "key": key, "image": node_image, "name": name, "env": env}
     finally:
         subprocess.run(["docker", "rm", "-f", name], env=env, capture_output=True, timeout=60)
