@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tasks.common import StageError
-from tasks.train import launch, parse_inventory
+from tasks.train import Inventory, launch, parse_inventory
 from tests.sshd_hosts import closed_loopback_port, make_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -157,7 +157,7 @@ def _wait_port(port: int, timeout: float = 20) -> None:
     raise AssertionError(f"the node container's sshd did not listen on 127.0.0.1:{port}")
 
 
-def _inventory(node) -> object:
+def _inventory(node) -> Inventory:
     return parse_inventory({
         "runtime": "docker", "env_profile": "cpu", "min_free_bytes": 1 << 20,
         "hosts": [{"host": "127.0.0.1", "slots": 2, "ssh_port": node["port"], "user": "root", "key": str(node["key"])}],
@@ -179,8 +179,10 @@ def test_docker_runtime_trains_inside_the_node_container(node):
     probe = f"if [ -e {REPO}/rn50 ]; then echo checkout; elif [ -f /opt/rn50/rn50/train.py ]; then echo image; fi"
     exec_ = ["docker", "exec", node["name"], "sh", "-c", probe]
     assert subprocess.run(exec_, env=node["env"], capture_output=True, text=True).stdout.strip() == "image"
-    # Both ranks (and horovodrun) ran the image's python, in the container's pid namespace.
+    # horovodrun and both ranks ran the image's python, in the container's pid namespace.
     ours = os.readlink("/proc/self/ns/pid")
+    launcher = (run_dir / "launcher_0.log").read_text().splitlines()
+    assert any(ln.startswith("rn50-test-node python: dockerenv pidns=") for ln in launcher)
     for rank in (0, 1):
         log = (run_dir / f"rank{rank}_0.log").read_text()
         marks = [ln for ln in log.splitlines() if ln.startswith("rn50-test-node python: dockerenv pidns=")]
