@@ -486,10 +486,17 @@ class _Streamer:
         failed = [(r, c) for r, c in self.exits if c != 0]
         if not failed:
             return None
-        primary = [(r, c) for r, c in failed if not any(_PEER_LOST.search(t) for t in self.tail.get(r, []))]
+        primary = [(r, c) for r, c in failed if not self._lost_peer(r)]
+        if not primary:
+            # Under load the rank that raised can still be tearing down when its peers' "shut down" exits
+            # arrive and horovodrun stops it: blame a rank that printed an exception of its own.
+            primary = [(r, None) for r in sorted(self.tail) if r not in dict(failed) and not self._lost_peer(r)
+                       and any(_EXCEPTION.match(t) for t in self.tail[r])]
         rank, code = (primary or failed)[0]
         host = self.hosts_of_rank.get(rank, "?")
-        if code < 0 or code in (128 + 9, 128 + 15):
+        if code is None:
+            reason = "raised, then stopped by horovodrun"
+        elif code < 0 or code in (128 + 9, 128 + 15):
             reason = f"killed by signal {-code if code < 0 else code - 128}"
         elif code == 255 and not is_local_name(host):
             reason = "exit 255: the ssh session died with the rank"
@@ -498,6 +505,9 @@ class _Streamer:
         err = _last_error(self.tail.get(rank, []))
         return f"rank {rank} on {host} failed first ({reason})" + (f": {err}" if err else "")
 
+    def _lost_peer(self, rank: int) -> bool:
+        return any(_PEER_LOST.search(t) for t in self.tail.get(rank, []))
+
     def close(self) -> None:
         self.launcher.close()
         for f in self.rank_files.values():
@@ -505,6 +515,7 @@ class _Streamer:
 
 
 _PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Horovod has been shut down|ranks? (has|have) (finished|shut)", re.I)
+_EXCEPTION = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b")
 _FATAL = re.compile(r"Segmentation fault|Fatal Python error|Killed|Bus error|Illegal instruction")
 
 
@@ -515,7 +526,7 @@ def is_local_name(host: str) -> bool:
 def _last_error(lines: list[str]) -> str:
     """The line a human would quote: the exception line of a traceback, a crash, else the last line."""
     for line in reversed(lines):
-        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b", line):
+        if _EXCEPTION.match(line):
             return line[:300]
     for line in lines:
         if _FATAL.search(line):
