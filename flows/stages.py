@@ -64,6 +64,7 @@ class Runner:
         from tasks.common import stamp_valid
 
         name = stage_task.name
+        print(f"{name}: cache key {key[:16]}" + (" (rerun requested)" if name in self.rerun else ""))
         state = stage_task.with_options(refresh_cache=name in self.rerun)(key, str(self.wd.root), return_state=True,
                                                                          **kwargs)
         if state.name == "Cached" and not stamp_valid(self.wd, f"flow-{name}", key):

@@ -49,6 +49,7 @@ def run_flow(server, source: Path, wd: Path, *extra: str) -> dict:
     assert lines, f"no JSON on stdout (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     out = json.loads(lines[-1])
     out["returncode"] = proc.returncode
+    out["log"] = [line for line in proc.stderr.splitlines() if "key " in line or "again" in line or "Finished" in line]
     return out
 
 
@@ -117,7 +118,7 @@ def test_two_concurrent_runs_execute_each_stage_once(prefect_server, demo_source
     assert all(r["returncode"] == 0 for r in results), results
     for stage in ("verify", "pack", "train"):
         states = sorted(r["stages"][stage] for r in results)
-        assert states == ["Cached", "Completed"], (stage, states)
+        assert states == ["Cached", "Completed"], (stage, states, results[0]["log"], results[1]["log"])
     assert len(list((wd / "runs").iterdir())) == 1
 
 
