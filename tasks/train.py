@@ -423,7 +423,7 @@ def _in_first_container(inv: Inventory, argv: list[str], env: dict[str, str], ss
     """Runtime docker: run horovodrun inside the first host's container (as the seeds did by hand);
     it reaches the other containers' sshd with the key mounted at /root/.ssh (infra/start-node.sh)."""
     h0 = inv.hosts[0]
-    inner = ["python"] + argv[1:]  # the container's interpreter, not the launcher's
+    inner = [inv.python or "python"] + argv[1:]  # the container's interpreter (as the ranks use), not the launcher's
     if h0.ssh_port:
         inner[inner.index("--disable-cache"):inner.index("--disable-cache")] = ["-p", str(h0.ssh_port)]
     keep = {k: v for k, v in env.items() if k not in ("PATH", "HOME", "PYTHONPATH", "USER", "LOGNAME")}
