@@ -856,7 +856,7 @@ def _markdown(r: PackResult) -> str:
              f"- work dir: `{r.workdir}` → `{r.recordio}`",
              f"- writer: {r.writer}, {r.threads} worker(s), check: {'every record' if r.full_check else 'sample + quirks'}",
              f"- cache key: `{r.key[:16]}`, content digest: `{r.content_digest[:16]}`, manifest: `{r.manifest_digest[:16]}`",
-             f"- time: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
+             "- time: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
              f"- write throughput: {r.write_mib_s:,.1f} MiB/s of images", "",
              "| split | records | image bytes | .rec bytes | relabelled | escaped | byte-checked |",
              "|---|---:|---:|---:|---:|---:|---:|"]

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from tasks.common import Result, StageError, Workdir, file_digest, write_json_atomic, write_text_atomic
 

@@ -227,7 +227,7 @@ def _validate(df, devkit: Devkit) -> list[dict[str, Any]]:
 
 
 def _report(wd: Workdir, r: dict[str, Any]) -> Path:
-    lines = [f"# Data verification report", "",
+    lines = ["# Data verification report", "",
              f"- classes: {r['classes']}, train images: {r['train_images']:,}, val images: {r['val_images']:,}",
              f"- bytes: {r['bytes']:,}, manifest digest: `{r['manifest_digest'][:16]}`", "",
              "| suite | expectation | observed | result |", "|---|---|---|---|"]

@@ -97,28 +97,35 @@ def engine() -> Iterator[str]:
 def base_image(base_url: str) -> str:
     """Tag of a minimal Debian bookworm image in the engine (debootstrapped once, then cached)."""
     import docker
+
+    return debootstrap_image(docker.DockerClient(base_url=base_url, version="auto"), BASE_TAG, BASE_TAR)
+
+
+def debootstrap_image(client, tag: str, tar: Path, include: str = "") -> str:
+    """`tag` in the engine: bookworm minbase (+ `include`, comma-separated Debian packages), debootstrapped
+    once into the tarball `tar` (kept as a cache outside the repo) and imported."""
     import docker.errors
 
-    client = docker.DockerClient(base_url=base_url, version="auto")
     try:
-        client.images.get(BASE_TAG)
-        return BASE_TAG
+        client.images.get(tag)
+        return tag
     except docker.errors.ImageNotFound:
         pass
-    if not BASE_TAR.exists():
+    if not tar.exists():
         if shutil.which("debootstrap") is None:
-            raise NoEngine("no cached base image and `debootstrap` is not installed (Debian: debootstrap)")
-        BASE_TAR.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=BASE_TAR.parent) as tmp:
+            raise NoEngine(f"no cached {tar.name} and `debootstrap` is not installed (Debian: debootstrap)")
+        tar.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=tar.parent) as tmp:
             rootfs = Path(tmp) / "rootfs"
-            r = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), DEBIAN_MIRROR],
+            extra = [f"--include={include}"] if include else []
+            r = subprocess.run(["debootstrap", "--variant=minbase", *extra, "bookworm", str(rootfs), DEBIAN_MIRROR],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 raise NoEngine(f"debootstrap failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-            part = BASE_TAR.with_suffix(".tar.part")
+            part = tar.with_suffix(".tar.part")
             subprocess.run(["tar", "-C", str(rootfs), "-cf", str(part), "."], check=True)
-            part.rename(BASE_TAR)
-    repo, tag = BASE_TAG.split(":")
-    client.api.import_image(src=str(BASE_TAR), repository=repo, tag=tag)
-    client.images.get(BASE_TAG)
-    return BASE_TAG
+            part.rename(tar)
+    repo, name = tag.split(":")
+    client.api.import_image(src=str(tar), repository=repo, tag=name)
+    client.images.get(tag)
+    return tag

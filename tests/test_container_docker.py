@@ -7,7 +7,6 @@ else (COPY of rn50/, the env profile, the entrypoint, the content-hash label) is
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 

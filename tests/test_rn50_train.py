@@ -7,7 +7,6 @@ synth -> fetch -> verify -> pack stages and the unmodified cpu-demo config.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

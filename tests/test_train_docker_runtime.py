@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,32 +62,9 @@ def docker_url():
 
 def _node_base(client) -> str:
     """Debian bookworm minbase + NODE_PACKAGES, debootstrapped once and cached as a tarball."""
-    import docker.errors
+    from tests.docker_engine import CACHE, debootstrap_image
 
-    from tests.docker_engine import CACHE, DEBIAN_MIRROR, NoEngine
-
-    try:
-        client.images.get(NODE_BASE_TAG)
-        return NODE_BASE_TAG
-    except docker.errors.ImageNotFound:
-        pass
-    tar = CACHE / "base" / "bookworm-sshd.tar"
-    if not tar.exists():
-        if shutil.which("debootstrap") is None:
-            raise NoEngine("no cached node base image and `debootstrap` is not installed (Debian: debootstrap)")
-        tar.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=tar.parent) as tmp:
-            rootfs = Path(tmp) / "rootfs"
-            r = subprocess.run(["debootstrap", "--variant=minbase", f"--include={NODE_PACKAGES}", "bookworm",
-                                str(rootfs), DEBIAN_MIRROR], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise NoEngine(f"debootstrap failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-            part = tar.with_suffix(".tar.part")
-            subprocess.run(["tar", "-C", str(rootfs), "-cf", str(part), "."], check=True)
-            part.rename(tar)
-    repo, tag = NODE_BASE_TAG.split(":")
-    client.api.import_image(src=str(tar), repository=repo, tag=tag)
-    return NODE_BASE_TAG
+    return debootstrap_image(client, NODE_BASE_TAG, CACHE / "base" / "bookworm-sshd.tar", NODE_PACKAGES)
 
 
 @pytest.fixture(scope="module")
