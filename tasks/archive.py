@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
-from tasks.common import CHUNK, Result, StageError, Workdir, atomic_path, digest_of, human_bytes
+from tasks.common import CHUNK, Result, StageError, Workdir, atomic_path, digest_of, human_bytes, s3_client
 
 log = logging.getLogger("rn50.archive")
 
@@ -182,24 +182,6 @@ class _Retrier:
 
 
 # --- S3 -------------------------------------------------------------------------------------------
-
-
-def s3_client(s3_options: dict[str, Any] | None = None, timeout: float = 20.0):
-    """boto3 S3 client from the standard AWS chain (AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION,
-    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws) plus explicit options; path-style, SigV4."""
-    import boto3
-    from botocore.config import Config
-
-    opts = dict(s3_options or {})
-    session = boto3.session.Session()
-    if not opts.get("region_name") and not session.region_name:
-        opts["region_name"] = "us-east-1"
-    cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                 connect_timeout=timeout, read_timeout=timeout * 3,
-                 # Our own retry loop backs off long enough to outlive a server restart.
-                 retries={"max_attempts": 1, "mode": "standard"},
-                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return session.client("s3", config=cfg, **opts)
 
 
 class _S3Target:

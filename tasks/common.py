@@ -154,6 +154,25 @@ def stamp_valid(wd: Workdir, stage: str, key: str | None = None) -> bool:
     return fingerprint(stamp["outputs"], wd.root) == stamp["fingerprint"]
 
 
+def s3_client(s3_options: dict[str, Any] | None = None, timeout: float = 20.0, attempts: int = 1):
+    """boto3 S3 client from the standard AWS chain (AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION,
+    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws) plus explicit options; path-style, SigV4.
+    `attempts`: botocore's own tries per request; the archive keeps 1 because its own retry loop
+    backs off long enough to outlive a server restart."""
+    import boto3
+    from botocore.config import Config
+
+    opts = dict(s3_options or {})
+    session = boto3.session.Session()
+    if not opts.get("region_name") and not session.region_name:
+        opts["region_name"] = "us-east-1"
+    cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                 connect_timeout=timeout, read_timeout=timeout * 3,
+                 retries={"max_attempts": attempts, "mode": "standard"},
+                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
+    return session.client("s3", config=cfg, **opts)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

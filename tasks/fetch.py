@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from tasks.common import CHUNK, Result, StageError, Workdir, write_json_atomic
+from tasks.common import CHUNK, Result, StageError, Workdir, s3_client, write_json_atomic
 from tasks.synth import DEVKIT_TGZ, TRAIN_TAR, VAL_TAR
 
 ARCHIVES = (TRAIN_TAR, VAL_TAR, DEVKIT_TGZ)
@@ -117,16 +117,12 @@ class HttpSource:
 
 class S3Source:
     def __init__(self, uri: str):
-        import boto3
-        from botocore.config import Config
-
         parsed = urllib.parse.urlparse(uri)
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         if not self.bucket:
             raise StageError(f"no bucket in {uri}")
         # Endpoint, region and credentials come from the standard AWS environment / config files.
-        self.s3 = boto3.client("s3", config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                                                   retries={"max_attempts": 5, "mode": "standard"}))
+        self.s3 = s3_client(timeout=60.0, attempts=5)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

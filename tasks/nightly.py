@@ -269,7 +269,7 @@ class _Store:
 
     def client(self):
         if self._client is None:
-            from tasks.archive import s3_client
+            from tasks.common import s3_client
 
             self._client = s3_client(self.s3_options)
         return self._client

@@ -200,12 +200,17 @@ def test_deploy_script_against_a_real_server(config, tmp_path):
             assert d["parameters"] == {**want.get("parameters", {}), "pipeline": team}, name
             assert len(d.get("schedules") or []) == len(want.get("schedules") or []), name
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        _stop_group(server)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started with start_new_session=True, and everything it spawned."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_missing_secret_fails_with_its_name(tmp_path):
@@ -294,10 +299,5 @@ def test_s3_service_command_serves_the_buckets_with_credentials_only(config, tmp
         with pytest.raises(ClientError, match="AccessDenied"):
             anonymous.get_object(Bucket="rn50-archive", Key="probe")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop_group(proc)
         log.close()
