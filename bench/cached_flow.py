@@ -38,12 +38,11 @@ def run_flow(source: Path, wd: Path, env: dict) -> dict:
 
 def stage_seconds(flow_run_id: str) -> tuple[float, dict[str, float]]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
 
+    from flows.cli import task_runs
+
+    runs = task_runs(flow_run_id)
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
         flow_run = client.read_flow_run(flow_run_id)
     per = {tr.name.rsplit("-", 1)[0]: (tr.end_time - tr.start_time).total_seconds() for tr in runs
            if tr.start_time and tr.end_time}

@@ -10,17 +10,21 @@ STAGES = ("fetch", "verify", "pack", "container", "train", "compliance", "archiv
 NIGHTLY_STAGES = ("train-nightly", "nightly")
 
 
-def stage_states(flow_run_id) -> dict[str, str]:
-    """Final state name of each stage's task run in one flow run; stages that never started are NotRun."""
+def task_runs(flow_run_id) -> list:
+    """The task runs of one flow run, in start order, from the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
                                      sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+
+
+def stage_states(flow_run_id) -> dict[str, str]:
+    """Final state name of each stage's task run in one flow run; stages that never started are NotRun."""
     states = {}
-    for tr in runs:
+    for tr in task_runs(flow_run_id):
         name = tr.name.rsplit("-", 1)[0]
         if name in STAGES + NIGHTLY_STAGES and tr.state is not None:
             states[name] = tr.state.name
