@@ -6,22 +6,15 @@ from typing import Any
 
 import yaml
 
+from tasks import paths
 from tasks.common import StageError
 
-PROJECT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = PROJECT / "configs" / "pipeline"
+PROJECT = paths.REPO
 
 
 def load_pipeline(name_or_path: str, source: str | None = None, workdir: str | None = None) -> dict[str, Any]:
     """The named pipeline config; `source`/`workdir` override its defaults."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise StageError(f"no pipeline config {name_or_path!r} (known: {known})") from None
+    cfg = yaml.safe_load(paths.resolve("pipeline", name_or_path).read_text())
     source = source or cfg.get("source")
     workdir = workdir or cfg.get("workdir")
     if not source or not workdir:

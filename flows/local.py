@@ -17,7 +17,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
+from tasks.paths import REPO
+
+PROJECT = REPO
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 

@@ -17,12 +17,13 @@ from flows import cache, stages
 from flows.cache import code_version as code
 from flows.config import load_pipeline
 from rn50.config import load_config
+from tasks import paths
 from tasks.common import Workdir, file_digest
 from tasks.container import content_hash
 from tasks.fetch import OFFICIAL_MD5, read_md5sums
 from tasks.nightly import baseline_location
 
-RN50_PACKAGE = Path(__file__).resolve().parent.parent / "rn50"
+RN50_PACKAGE = paths.REPO / "rn50"
 
 
 @flow(name="rn50", log_prints=True)
@@ -59,7 +60,8 @@ def rn50(source: str | None = None, workdir: str | None = None, pipeline: str = 
             return Failed(message=night["reason"])
     else:
         settings = {"config": t["config"], "runs": t["runs"], "hosts": t["hosts"],
-                    "hosts_digest": file_digest(t["hosts"]) if t["hosts"] else None}
+                    "hosts_digest": file_digest(t["hosts"]) if t["hosts"] else None,
+                    "config_digest": file_digest(paths.resolve("training", t["config"]))}
         trained = run(stages.train, cache.train_key(packed, image, settings, cache.tree_digest(RN50_PACKAGE)),
                       runs=t["runs"], **launch)
 

@@ -1,4 +1,4 @@
-"""Training configuration: named YAML files in rn50/configs/ over a table of defaults.
+"""Training configuration: named YAML files in configs/training/ over a table of defaults.
 
 Every key has a default here, so a config file states only what it changes and a typo'd key is an
 error instead of a silently ignored setting.
@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# configs/training/ of the checkout (or /opt/rn50/configs/training/ in the training image).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "training"
 
 
 class ConfigError(Exception):

@@ -29,7 +29,7 @@ from rn50.config import ConfigError, eval_epochs, load_config
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m rn50.train", description="ResNet-50 v1.5 MLPerf training.")
-    ap.add_argument("--config", required=True, help="a name in rn50/configs/ (e.g. cpu-demo) or a .yaml path")
+    ap.add_argument("--config", required=True, help="a name in configs/training/ (e.g. cpu-demo) or a .yaml path")
     ap.add_argument("--data", type=Path, help="directory holding {train,val}.{rec,idx} (required to train)")
     ap.add_argument("--out", type=Path, help="run directory (log, checkpoints) (required to train)")
     ap.add_argument("--print-config", action="store_true",

@@ -7,7 +7,7 @@ What is archived (keys are paths relative to WORKDIR, under the URI's prefix):
   reports/**           verify / pack reports
   configs/**           configs copied into the work dir, if any
   manifest.parquet     the image manifest
-  repo/rn50/configs/*.yaml, repo/configs/systems/*.yaml
+  repo/configs/training/*.yaml, repo/configs/systems/*.yaml
                        the training and system configs of this checkout (include_repo_configs=True)
   MANIFEST.json        written last: {"objects": [{"key", "bytes", "sha256"}]} for everything above
 Hidden files and directories (.stamps/, .tmp-*) are never archived.
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
+from tasks.paths import REPO
 from tasks.common import CHUNK, Result, StageError, Workdir, atomic_path, digest_of, human_bytes, s3_client
 
 log = logging.getLogger("rn50.archive")
@@ -44,8 +45,7 @@ DEFAULT_PART_SIZE = 16 << 20
 MIN_PART_SIZE = 5 << 20  # S3's minimum for every part but the last
 TOP_LEVEL_FILES = ("manifest.parquet",)
 TREES = ("runs", "compliance", "reports", "configs")
-REPO = Path(__file__).resolve().parents[1]
-REPO_CONFIGS = ("rn50/configs", "configs/systems")
+REPO_CONFIGS = ("configs/training", "configs/systems")
 
 Progress = Callable[[str, int, int], None]  # (key, bytes done for this object, object size)
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from tasks import paths
 from tasks.common import Result, StageError, Workdir, digest_of, file_digest, write_json_atomic, write_text_atomic
 
 BENCHMARK = "resnet"
@@ -39,8 +40,7 @@ SET_SIZE = 5  # mlperf_logging.benchmark_meta: resnet needs 5 result files
 MAX_FAILED = 1  # olympic scoring drops one non-converged run
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 DEFAULT_RULESET = "4.0.0"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS_DIR = REPO_ROOT / "configs" / "systems"
+SYSTEMS_DIR = paths.KINDS["systems"][0]
 TOOL_TIMEOUT = 600
 
 # MLPerf 4.x system descriptions must use these availability strings (system_desc_checker).
@@ -283,12 +283,7 @@ def _load_system_config(system: str | os.PathLike | None, platform_name: str | N
             if platform_name and platform_name in (cfg.get("match_platforms") or []):
                 return p.stem, cfg
         system = "local-cpu"
-    p = Path(system)
-    if not p.suffix:
-        p = SYSTEMS_DIR / f"{system}.yaml"
-    if not p.is_file():
-        names = ", ".join(sorted(q.stem for q in SYSTEMS_DIR.glob("*.yaml")))
-        raise StageError(f"system description {system!r} not found (known: {names}; or give a .yaml path)")
+    p = paths.resolve("systems", system)
     try:
         cfg = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

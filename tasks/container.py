@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Iterable
 
 from tasks.common import Result, StageError
+from tasks.paths import REPO
 
 log = logging.getLogger("rn50.container")
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_FROM = "nvcr.io/nvidia/mxnet:23.09-py3"
 # What the image is made of; anything else in the tree (venv, data, runs) never reaches the engine.
-CONTEXT_PATHS = ("infra/Dockerfile", "infra", "rn50", "uv.lock", "pyproject.toml")
+CONTEXT_PATHS = ("infra/Dockerfile", "infra", "rn50", "configs/training", "configs/env", "uv.lock", "pyproject.toml")
 _SKIP_PARTS = {"__pycache__", ".pytest_cache"}
-# Inventory examples live in infra/ but are launcher input, not image content.
-_SKIP_DIRS = ("infra/inventory",)
+# The compose stack's files are the server's image, not the training image's.
+_SKIP_DIRS = ("infra/compose",)
 
 
 @dataclasses.dataclass
@@ -223,7 +223,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--registry", default=None, help="registry prefix, e.g. registry.example:5000/team")
     p.add_argument("--push", action="store_true", help="push the built image to --registry")
     p.add_argument("--build-arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra Dockerfile ARG (e.g. RUNTIME_ENV=infra/env/cpu.env)")
+                   help="extra Dockerfile ARG (e.g. RUNTIME_ENV=configs/env/cpu.env)")
     p.add_argument("--network", default=None, help="network mode for RUN steps (e.g. host)")
     p.add_argument("--log", type=Path, default=None, help="also write the build log here")
     p.set_defaults(run=_cli)

@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tasks import paths
 from tasks.common import Result, StageError, Workdir, file_digest, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("rn50.train")
 
-REPO = Path(__file__).resolve().parent.parent
-INFRA = REPO / "infra"
 RECORDIO_FILES = ("train.rec", "train.idx", "val.rec", "val.idx")
 # The .rec files can be ~140 GB; a digest of their first and last MiB plus the exact size (and the
 # full digest of the .idx, which holds every record's offset) catches a wrong or truncated copy
@@ -72,7 +71,7 @@ class Inventory:
     python: str | None = None  # interpreter on the hosts; default: this one (local) / `python` (docker)
     data_dir: str | None = None  # recordio/ path on every host; default: WORKDIR/recordio
     work_dir: str | None = None  # where ranks write on every host (free-disk check); default: WORKDIR
-    env_profile: str = "cpu"  # infra/env/<profile>.env, or a path
+    env_profile: str = "cpu"  # configs/env/<profile>.env, or a path
     env: tuple[tuple[str, str], ...] = ()
     container: str = "rn50-node"  # docker runtime: name of the per-host container running sshd
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
@@ -180,9 +179,7 @@ def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
 
 def read_env_file(profile: str) -> dict[str, str]:
     """KEY=VALUE lines (the format the Dockerfile's entrypoint sources); `#` comments, no expansion."""
-    path = Path(profile) if ("/" in profile or profile.endswith(".env")) else INFRA / "env" / f"{profile}.env"
-    if not path.is_file():
-        raise StageError(f"runtime env profile {profile!r}: {path} does not exist")
+    path = paths.resolve("env", profile)
     out = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()
@@ -616,9 +613,7 @@ def launch(
     if entry is None:
         python = inv.python or ("python" if inv.runtime == "docker" else sys.executable)
         entry = [python, "-m", "rn50.train"]
-        cfg_file = REPO / "rn50" / "configs" / f"{config}.yaml"
-        if not (Path(config).is_file() or cfg_file.is_file()):
-            raise StageError(f"training config {config!r}: neither a file nor rn50/configs/{config}.yaml")
+        paths.resolve("training", config)
     recordio = wd.recordio
     data_dir = inv.data_dir or str(recordio)
     base_seed = seed if seed is not None else secrets.randbelow(2**31 - runs)
@@ -698,7 +693,7 @@ def add_command(subparsers) -> None:
                               description=launch.__doc__)
     p.add_argument("workdir", type=Path)
     p.add_argument("--hosts", type=Path, default=None, help="inventory YAML (default: localhost, 2 slots)")
-    p.add_argument("--config", default="cpu-demo", help="rn50/configs/NAME.yaml or a path")
+    p.add_argument("--config", default="cpu-demo", help="configs/training/NAME.yaml or a path")
     p.add_argument("--runs", type=int, default=1, help="independent runs, distinct seeds (5 for a submission set)")
     p.add_argument("--image", default=None, help="image tag for runtime: docker (from `rn50 build`)")
     p.add_argument("--np", type=int, default=None, help="ranks (default: all slots)")

@@ -47,7 +47,7 @@ def make_workdir(root: Path, big_mib: int = 0) -> Path:
 
 
 # the checkout's training/system configs ride along under repo/
-REPO_CONFIGS = {f"repo/{d}/{p.name}": p for d in ("rn50/configs", "configs/systems")
+REPO_CONFIGS = {f"repo/{d}/{p.name}": p for d in ("configs/training", "configs/systems")
                 for p in sorted((REPO / d).glob("*.y*ml"))}
 EXPECTED = sorted(["compliance/r1/report.json", "compliance/r1/report.md", "configs/cpu-demo.yaml", "manifest.parquet",
                    "reports/pack.json", "runs/r1/config.yaml", "runs/r1/result_0.txt", "runs/r1/stdout.rank0.txt",
@@ -82,7 +82,7 @@ def check_archive_contents(objs: dict[str, bytes], wd: Path, with_checkpoints: b
     assert sorted(objs) == sorted(expected + ["MANIFEST.json"])
     man = json.loads(objs["MANIFEST.json"])
     assert [o["key"] for o in man["objects"]] == sorted(expected)
-    assert "repo/configs/systems/local-cpu.yaml" in objs and "repo/rn50/configs/cpu-demo.yaml" in objs
+    assert "repo/configs/systems/local-cpu.yaml" in objs and "repo/configs/training/cpu-demo.yaml" in objs
     for o in man["objects"]:
         data = (REPO_CONFIGS.get(o["key"]) or wd / o["key"]).read_bytes()
         assert objs[o["key"]] == data and o["sha256"] == sha(data) and o["bytes"] == len(data)

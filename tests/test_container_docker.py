@@ -112,11 +112,13 @@ def test_content_hash_tracks_context_only(tree):
     h0 = content_hash(tree)
     (tree / "rn50" / "__pycache__").mkdir(exist_ok=True)
     (tree / "rn50" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"junk")
-    (tree / "infra" / "inventory").mkdir(exist_ok=True)
-    (tree / "infra" / "inventory" / "mine.yaml").write_text("hosts: []\n")
+    (tree / "configs" / "inventory").mkdir(exist_ok=True)
+    (tree / "configs" / "inventory" / "mine.yaml").write_text("hosts: []\n")
+    (tree / "infra" / "compose" / "ssh").mkdir(parents=True, exist_ok=True)
+    (tree / "infra" / "compose" / "ssh" / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
     (tree / "README.md").write_text("not in the context\n")
     assert content_hash(tree) == h0
     assert content_hash(tree, from_image="other:1") != h0
-    assert content_hash(tree, build_args={"RUNTIME_ENV": "infra/env/cpu.env"}) != h0
+    assert content_hash(tree, build_args={"RUNTIME_ENV": "configs/env/cpu.env"}) != h0
     (tree / "uv.lock").write_text((tree / "uv.lock").read_text() + "\n")
     assert content_hash(tree) != h0

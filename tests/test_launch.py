@@ -173,7 +173,7 @@ def test_bad_inventory_is_one_line(doc, needle):
 
 
 def test_inventory_examples_parse():
-    root = Path(__file__).resolve().parent.parent / "infra" / "inventory"
+    root = Path(__file__).resolve().parent.parent / "configs" / "inventory"
     invs = {p.name: load_inventory(p) for p in root.glob("*.yaml")}
     assert invs["local.yaml"].hosts == (Host("localhost", 2),)
     assert invs["nf5488-docker.yaml"].runtime == "docker" and invs["nf5488-docker.yaml"].total_slots == 16
@@ -209,7 +209,7 @@ def test_cli_train_exit_codes(wd, tmp_path, capsys):
     with pytest.raises(StageError, match="slots must be >= 1"):
         args.run(args)
     args = parser.parse_args(["train", str(wd), "--config", "no-such-config"])
-    with pytest.raises(StageError, match="neither a file nor rn50/configs/no-such-config.yaml"):
+    with pytest.raises(StageError, match="no training config 'no-such-config'"):
         args.run(args)
 
 
@@ -219,7 +219,7 @@ def test_docker_runtime_command_runs_horovodrun_in_first_container(wd, tmp_path)
     and without the launcher's PATH/HOME."""
     from tasks.train import _in_first_container, _rank_env, check_inputs, horovod_command
 
-    inv = load_inventory(Path(__file__).resolve().parent.parent / "infra" / "inventory" / "nf5488-docker.yaml")
+    inv = load_inventory(Path(__file__).resolve().parent.parent / "configs" / "inventory" / "nf5488-docker.yaml")
     with pytest.raises(StageError, match="runtime docker needs an image"):
         check_inputs(inv, wd / "recordio", 16, None)
     env = _rank_env(inv, None)

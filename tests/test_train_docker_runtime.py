@@ -39,7 +39,7 @@ VENV, PY_HOME = Path(sys.prefix), Path(sys.base_prefix)
 # in the minbase image (MXNet/Horovod: libgomp, libquadmath; stdlib sqlite3).
 NODE_PACKAGES = "openssh-server,libgomp1,libquadmath0,libsqlite3-0"
 NODE_BASE_TAG = "rn50-test/bookworm-sshd:1"
-OFFLINE_ARGS = {"APT_PACKAGES": "", "PIP_INSTALL": "0", "RUNTIME_ENV": "infra/env/cpu.env"}
+OFFLINE_ARGS = {"APT_PACKAGES": "", "PIP_INSTALL": "0", "RUNTIME_ENV": "configs/env/cpu.env"}
 SHIM = f"""#!/bin/sh
 # rn50 test image: the host's venv (bind-mounted at its own path) is this image's Python.
 [ -f /.dockerenv ] && echo "rn50-test-node python: dockerenv pidns=$(readlink /proc/self/ns/pid)" >&2
