@@ -1,0 +1,70 @@
+"""Helpers shared by the test modules (plain functions; the fixtures are in conftest.py).
+
+    from helpers import missing, require, free_port, stop_group, clear_aws_env
+
+Strict mode: with RN50_STRICT=1 (exported by .ci/run), a real-component test whose component is missing
+(no Docker engine, no root, no debootstrap mirror, no netns/sshd, no Chromium, no `weed`, ...) FAILS,
+naming what is missing, instead of being skipped; outside CI it is skipped with that reason (`-rs`).
+conftest.py also turns any other skip into a failure in strict mode, so a bare `pytest.skip` cannot
+hide a missing component in CI either.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+STRICT = os.environ.get("RN50_STRICT", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(what: str) -> NoReturn:
+    """A component this test needs is not here: skip (fail under RN50_STRICT=1), saying what is missing."""
+    if STRICT:
+        pytest.fail(f"RN50_STRICT=1 and a component is missing: {what}", pytrace=False)
+    pytest.skip(what)
+
+
+def require(condition: object, what: str) -> None:
+    """`missing(what)` unless `condition` holds."""
+    if not condition:
+        missing(what)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Stop a process started with start_new_session=True and everything it spawned: SIGTERM to its
+    process group, SIGKILL after `timeout` seconds. A process that already exited is just reaped."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def clear_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No AWS_* variable, config file, credentials file or instance metadata of the user reaches the test."""
+    for k in list(os.environ):
+        if k.startswith("AWS_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
