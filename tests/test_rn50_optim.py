@@ -1,11 +1,12 @@
-"""Learning-rate schedule against hand-computed points, LARS update against a hand computation."""
+"""Learning-rate schedule against hand-computed points, LARS update against a hand computation, and the
+multi-tensor LARS path against the per-tensor reference."""
 import math
 
 import mxnet as mx
 import numpy as np
 import pytest
 
-from rn50.optim import MLPerfLARS, PolyWarmupSchedule, smoothed_labels
+from rn50.optim import MLPerfLARS, PolyWarmupSchedule, build_optimizer, smoothed_labels
 
 
 def test_schedule_seed002_points():
@@ -56,7 +57,8 @@ def test_lars_update_matches_hand_computation():
     weight, state = mx.nd.array(w), opt.create_state(0, mx.nd.array(w))
     opt.update(0, weight, mx.nd.array(g), state)
     step1 = lr * trust * (g + wd * w)
-    np.testing.assert_allclose(state.asnumpy(), step1, rtol=1e-5)
+    # MXNet's sgd_mom_update convention: the state holds the (negative) velocity.
+    np.testing.assert_allclose(state.asnumpy(), -step1, rtol=1e-5)
     np.testing.assert_allclose(weight.asnumpy(), w - step1, rtol=1e-5)
     # Second step: momentum accumulates.
     w1 = w - step1
@@ -111,3 +113,96 @@ def test_label_smoothing_targets():
     np.testing.assert_allclose(t[0], [0.025, 0.025, 0.925, 0.025], rtol=1e-6)
     np.testing.assert_allclose(t.sum(axis=1), [1.0, 1.0], rtol=1e-6)
     assert math.isclose(t[1, 0], 0.925, rel_tol=1e-6)
+
+
+def test_logged_decay_steps_mean_what_the_rcp_table_means():
+    # RCP (mlperf_logging rcps_resnet.json, resnet_ref_3264): opt_learning_rate_decay_steps 14523 =
+    # 37 epochs x 1,281,167 / 3264, counted from the first step (warm-up included). Ours drops the
+    # last partial batch of an epoch (392 steps, not 392.5), so it may differ by under one step/epoch.
+    spe = 1281167 // 3264
+    s = PolyWarmupSchedule(10.5, 2 * spe, 37 * spe)
+    assert s.total_steps == 37 * 392
+    assert abs(s.total_steps - 14523) < 37
+
+
+def _resnet_params(dtype="float32"):
+    """Real ResNet-50 v1.5 parameter names and shapes (narrow, so the test stays fast)."""
+    from rn50.model import resnet50_v1_5
+
+    net = resnet50_v1_5(classes=10, width=8)
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2))
+    net(mx.nd.zeros((1, 3, 32, 32)))
+    params = [p for p in net.collect_params().values() if p.grad_req != "null"]
+    return [(p.name, p.data().astype(dtype)) for p in params]
+
+
+def _run_updates(aggregate_num, params, grads_per_step, lars=True, dtype="float32"):
+    cfg = {"momentum": 0.9, "weight_decay": 5e-5, "lars_eta": 0.001, "lars_epsilon": 0.0,
+           "optimizer": "lars" if lars else "sgd"}
+    sched = PolyWarmupSchedule(2.0, 3, 20)
+    opt = build_optimizer(cfg, sched, multi_precision=dtype == "float16", aggregate_num=aggregate_num)
+    opt.idx2name = {i: name for i, (name, _) in enumerate(params)}
+    opt.rescale_grad = 1.0 / 32
+    updater = mx.optimizer.get_updater(opt)
+    weights = [w.copy() for _, w in params]
+    for grads in grads_per_step:
+        updater(list(range(len(weights))), [g.astype(dtype) for g in grads], weights)
+    masters = [updater.states[i][0] if dtype == "float16" else weights[i] for i in range(len(weights))]
+    return [m.asnumpy().astype(np.float64) for m in masters], updater
+
+
+@pytest.mark.parametrize("lars", [True, False])
+def test_multi_tensor_path_equals_per_tensor_reference(lars, monkeypatch):
+    """Same ResNet parameters, same gradients, 8 steps through warm-up and decay: the multi-tensor
+    path (NVIDIA's multi_sum_sq / multi_lars / preloaded_multi_sgd_mom_update) ends on the same
+    weights as the per-tensor reference. fp32; tolerance rtol 1e-4, atol 1e-6 (float summation order
+    differs between nd.norm and multi_sum_sq)."""
+    params = _resnet_params()
+    rng = np.random.default_rng(0)
+    steps = [[mx.nd.array(rng.normal(0, 1, w.shape).astype(np.float32)) for _, w in params] for _ in range(8)]
+    calls = {"many": 0, "one": 0}
+    many, one = MLPerfLARS._update_many, MLPerfLARS._update_one
+    monkeypatch.setattr(MLPerfLARS, "_update_many", lambda self, *a, **k: (calls.__setitem__("many", calls["many"] + 1), many(self, *a, **k))[1])
+    monkeypatch.setattr(MLPerfLARS, "_update_one", lambda self, *a, **k: (calls.__setitem__("one", calls["one"] + 1), one(self, *a, **k))[1])
+    ref, _ = _run_updates(0, params, steps, lars=lars)
+    assert calls == {"many": 0, "one": 8 * len(params)}
+    fast, _ = _run_updates(54, params, steps, lars=lars)
+    assert calls["many"] == 8 * -(-len(params) // 54)          # ceil(n / 54) fused calls per step
+    moved = 0
+    for (name, w0), a, b in zip(params, ref, fast):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=name)
+        moved += not np.allclose(a, w0.asnumpy())
+    assert moved == len(params)                                 # every parameter really was updated
+
+
+def test_multi_tensor_path_float16_keeps_fp32_masters_close_to_reference():
+    """fp16 weights with fp32 masters (preloaded_multi_mp_sgd_mom_update): masters match the
+    per-tensor path's masters (rtol 1e-3: the gradients are fp16)."""
+    params = _resnet_params("float16")
+    rng = np.random.default_rng(1)
+    steps = [[mx.nd.array(rng.normal(0, 1, w.shape).astype(np.float32)) for _, w in params] for _ in range(4)]
+    ref, _ = _run_updates(0, params, steps, dtype="float16")
+    fast, upd = _run_updates(54, params, steps, dtype="float16")
+    assert upd.states[0][0].dtype == np.float32
+    for (name, _), a, b in zip(params, ref, fast):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_trainer_routes_parameters_through_the_multi_tensor_path(monkeypatch):
+    """Gluon's Trainer really hands lists to the optimizer when aggregate_num > 0 (MXNet's Updater)."""
+    from rn50.model import resnet50_v1_5
+
+    seen = []
+    many = MLPerfLARS._update_many
+    monkeypatch.setattr(MLPerfLARS, "_update_many", lambda self, idx, *a, **k: (seen.append(len(idx)), many(self, idx, *a, **k))[1])
+    net = resnet50_v1_5(classes=4, layers=[1, 1, 1, 1], width=8)
+    net.initialize(mx.init.Xavier())
+    cfg = {"momentum": 0.9, "weight_decay": 5e-5, "lars_eta": 0.001, "lars_epsilon": 0.0, "optimizer": "lars"}
+    opt = build_optimizer(cfg, PolyWarmupSchedule(1.0, 1, 10), multi_precision=False, aggregate_num=16)
+    trainer = mx.gluon.Trainer(net.collect_params(), opt)
+    with mx.autograd.record():
+        loss = net(mx.nd.ones((2, 3, 32, 32))).sum()
+    loss.backward()
+    trainer.step(2)
+    n = sum(1 for p in net.collect_params().values() if p.grad_req != "null")
+    assert sum(seen) == n and max(seen) == 16
