@@ -47,6 +47,21 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    import os
+
+    from tasks.tether import TAG, Tether
+
+    # Whatever this run starts (Prefect's temporary server when PREFECT_API_URL is unset, horovodrun and
+    # its ranks) inherits the tether's token and is stopped if this process is killed, even by SIGKILL.
+    with Tether() as tether:
+        os.environ[TAG] = tether.token
+        try:
+            return _run_flow(args)
+        finally:
+            os.environ.pop(TAG, None)
+
+
+def _run_flow(args: argparse.Namespace) -> int:
     from flows.pipeline import rn50
 
     state = rn50(args.source, args.workdir, args.pipeline, args.rerun, args.nightly, return_state=True)

@@ -1,8 +1,9 @@
 """Prefect tasks for the stages: one thin wrapper each around the plain function in tasks/.
 
-`stage()` adds what every stage gets from Prefect — retries, a content-keyed cache with serializable
-isolation (two concurrent flow runs never both execute an expensive stage), a stamp recording the
-outputs, and the stage's artifacts — so each wrapper below only says what is specific to it.
+`stage()` adds what every stage gets from Prefect — retries of transient failures only, a content-keyed
+cache with serializable isolation (two concurrent flow runs never both execute an expensive stage; a lock
+whose holder died is broken, see flows/locks.py), a stamp recording the outputs, and the stage's
+artifacts — so each wrapper below only says what is specific to it.
 """
 from __future__ import annotations
 
@@ -17,17 +18,32 @@ from prefect import task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.states import Completed
 
-from tasks.common import Workdir, write_stamp
+from flows.locks import LiveLockManager
+from tasks.common import Workdir, is_transient, write_stamp
 
 LOCKS = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser() / "rn50-locks"
 
 
 def _policy(stage: str) -> CacheKeyFnPolicy:
     return CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: f"rn50-{stage}-{params['key']}").configure(
-        isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(LOCKS))
+        isolation_level="SERIALIZABLE", lock_manager=LiveLockManager(LOCKS))
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect's `retry_condition_fn`: retry what may go away by itself (network, S3 5xx, a lost node);
+    a checksum mismatch, an unsafe archive, a bad config, a failed compliance check or a cancellation
+    fails at once with its one-line reason."""
+    from prefect.logging import get_run_logger
+
+    try:
+        state.result()
+    except BaseException as e:  # noqa: BLE001 - the state's exception is what we judge
+        if not is_transient(e):
+            get_run_logger().info("%s: not retried (%s: a retry cannot change the outcome)", task.name, type(e).__name__)
+        return is_transient(e)
+    return False
 
 
 def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries: int = 2,
@@ -45,7 +61,8 @@ def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries
 
         run.__name__, run.__doc__ = fn.__name__, fn.__doc__
         return task(name=name, retries=retries, retry_delay_seconds=[2, 10, 30], cache_policy=_policy(name),
-                    persist_result=True, result_serializer="json", log_prints=True)(run)
+                    retry_condition_fn=retry_if_transient, persist_result=True, result_serializer="json",
+                    log_prints=True)(run)
 
     return deco
 
@@ -170,7 +187,7 @@ def container(workdir: str, from_image: str, registry: str | None, push: bool) -
 
 def _train(workdir: str, config: str, hosts: str | None, runs: int, image: str | None, timeout_s: float,
            seed: int | None = None) -> Any:
-    from tasks.train import launch
+    from tasks.train import train as launch
 
     table = _EpochTable(Workdir(workdir).runs)
     table.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Order is the order of `rn50 --help`, which is the order of the pipeline.
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from tasks.common import StageError
+
+    # Offline and private, as under `make`: no analytics from Prefect (incl. its temporary server) or GX.
+    for k, v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("GX_ANALYTICS_ENABLED", "false")):
+        os.environ.setdefault(k, v)
 
     args = build_parser().parse_args(argv)
     try:

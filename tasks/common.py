@@ -18,7 +18,27 @@ CHUNK = 1 << 20
 
 
 class StageError(Exception):
-    """An error the user can act on; its message is one line."""
+    """An error the user can act on; its message is one line. Deterministic: running again gives the same."""
+
+
+class TransientError(StageError):
+    """A failure that may go away by itself (network, a server's 5xx, a node lost mid-run): worth a retry."""
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a retry can help: a TransientError, or a network-level error that no stage translated.
+    Deterministic StageErrors, programming errors and cancellation (BaseException) never are."""
+    if isinstance(e, TransientError):
+        return True
+    if isinstance(e, StageError) or not isinstance(e, Exception):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from tasks.storage import retryable
+    except ImportError:
+        return False
+    return retryable(e)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,214 @@
+"""Stage locks that a dead holder cannot wedge.
+
+The stages run with SERIALIZABLE isolation so two flow runs never both execute an expensive stage for the
+same key: the first takes a lock file, the second waits on it. Prefect's `FileSystemLockManager` writes
+those locks without an expiry when, as here, the transaction gives no `hold_timeout` (it never does in
+Prefect 3.8): a holder killed by `kill -9`, or by a cancel that kills the flow-run process, leaves a lock
+that blocks that cache key forever.
+
+`LiveLockManager` records who holds a lock (host, boot id, pid and the pid's start time) and keeps an
+expiry that a heartbeat thread renews while the holder lives. A lock is stale, and is broken with one
+log line, when
+  - its holder ran on this machine (same boot) and that process is gone, or
+  - its expiry passed without renewal (a holder on another host that died, or hung for `hold_s`).
+The lock file is created with its content in one step (link of a finished temp file), so a reader never
+sees a half-written lock.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect.locking.filesystem import FileSystemLockManager
+
+log = logging.getLogger(__name__)
+
+HOLD_S = 120.0  # a lock not renewed for this long is stale, wherever its holder ran
+RENEW_S = 20.0
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): pid + this is unique."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _report(msg: str) -> None:
+    """One line in the flow run's log when there is a run context, else in the process log."""
+    try:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning(msg)
+    except Exception:
+        log.warning(msg)
+
+
+class LiveLockManager(FileSystemLockManager):
+    def __init__(self, lock_files_directory: Path, hold_s: float = HOLD_S, renew_s: float = RENEW_S) -> None:
+        super().__init__(lock_files_directory)
+        self.hold_s, self.renew_s = hold_s, renew_s
+        self._held: dict[str, str] = {}  # key -> holder, for the heartbeat
+        self._mutex = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
+
+    # -- the lock file ------------------------------------------------------------------------------
+
+    def _record(self, holder: str) -> dict[str, Any]:
+        pid = os.getpid()
+        return {"holder": holder, "expiration": time.time() + self.hold_s, "host": socket.gethostname(),
+                "boot_id": _boot_id(), "pid": pid, "pid_start": _start_time(pid)}
+
+    def _read(self, key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._lock_path_for_key(key).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return {}  # unreadable or written by another lock manager: judged by the file's age below
+
+    def _write(self, path: Path, record: dict[str, Any], exclusive: bool) -> bool:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            if not exclusive:
+                os.replace(tmp, path)
+                return True
+            try:
+                os.link(tmp, path)  # fails if the lock exists: create-with-content in one step
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def stale_reason(self, key: str) -> str | None:
+        """Why the lock on `key` may be broken, or None while its holder may still be working."""
+        rec = self._read(key)
+        if rec is None:
+            return None
+        path = self._lock_path_for_key(key)
+        if not rec or not isinstance(rec.get("expiration"), (int, float)):
+            # No expiry we understand (e.g. Prefect's own `"expiration": null`): stale once unrenewed as long.
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            return f"an unrenewed lock without a live holder record, {age:.0f} s old" if age > self.hold_s else None
+        if rec.get("boot_id") == _boot_id() and rec.get("host") == socket.gethostname():
+            pid = rec.get("pid")
+            if isinstance(pid, int) and _start_time(pid) != rec.get("pid_start"):
+                return f"its holder (pid {pid} on {rec['host']}) is gone"
+        if rec["expiration"] < time.time():
+            return f"its holder ({rec.get('host', '?')} pid {rec.get('pid', '?')}) stopped renewing it"
+        return None
+
+    def _break_if_stale(self, key: str) -> bool:
+        reason = self.stale_reason(key)
+        if reason is None:
+            return False
+        path = self._lock_path_for_key(key)
+        # Rename first: of several waiters that all found it stale, exactly one breaks it.
+        grave = path.with_name(f".broken-{path.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            os.rename(path, grave)
+        except FileNotFoundError:
+            return True
+        grave.unlink(missing_ok=True)
+        self._locks.pop(key, None)
+        _report(f"broke the stale lock {path.name}: {reason}")
+        return True
+
+    # -- LockManager ---------------------------------------------------------------------------------
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        self._ensure_lock_files_directory_exists()
+        path = self._lock_path_for_key(key)
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            if self._write(path, self._record(holder), exclusive=True):
+                with self._mutex:
+                    self._held[key] = holder
+                self._locks.pop(key, None)
+                self._start_heartbeat()
+                return True
+            rec = self._read(key)
+            if rec and rec.get("holder") == holder:
+                return True
+            if not self._break_if_stale(key):
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                time.sleep(0.2)
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        rec = self._read(key)
+        if not rec or rec.get("holder") != holder:
+            raise ValueError(f"No lock held by {holder} for transaction with key {key}")
+        with self._mutex:  # the heartbeat never re-creates a released lock
+            self._held.pop(key, None)
+            self._lock_path_for_key(key).unlink(missing_ok=True)
+        self._locks.pop(key, None)
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        if self._read(key) is None:
+            return False
+        return not self._break_if_stale(key)
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        rec = self._read(key)
+        return bool(rec) and rec.get("holder") == holder and self.stale_reason(key) is None
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+    # -- heartbeat -----------------------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        with self._mutex:
+            if self._heartbeat is None or not self._heartbeat.is_alive():
+                self._heartbeat = threading.Thread(target=self._renew_forever, name="rn50-lock-heartbeat",
+                                                   daemon=True)
+                self._heartbeat.start()
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(self.renew_s)
+            with self._mutex:
+                for key, holder in self._held.items():
+                    rec = self._read(key)
+                    if rec and rec.get("holder") == holder:
+                        self._write(self._lock_path_for_key(key), self._record(holder), exclusive=False)
