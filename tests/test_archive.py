@@ -16,7 +16,7 @@ import pytest
 
 from s3_server import ACCESS_KEY, SECRET_KEY, seaweed_s3  # noqa: F401  (pytest fixture)
 from tasks import archive as A
-from tasks.common import StageError
+from tasks.common import StageError, s3_client
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -145,7 +145,7 @@ def moto_s3(monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     try:
-        yield A.s3_client()
+        yield s3_client()
     finally:
         srv.stop()
 
@@ -198,7 +198,7 @@ def test_seaweed_archive_verified_and_checksum_enforced(tmp_path, seaweed_s3, mo
     from botocore.exceptions import ClientError
 
     with pytest.raises(ClientError, match="BadDigest"):
-        A.s3_client().put_object(Bucket="rn50-archive", Key="x", Body=b"abc",
+        s3_client().put_object(Bucket="rn50-archive", Key="x", Body=b"abc",
                                  ChecksumSHA256=base64.b64encode(hashlib.sha256(b"abd").digest()).decode())
 
     before = {k: c.head_object(Bucket="rn50-archive", Key=f"nightly/2026-11-23/{k}")["LastModified"]
@@ -255,3 +255,116 @@ def test_seaweed_credentials_never_printed_logged_or_written(tmp_path, seaweed_s
             assert secret not in text
         assert not [p for p, b in files.items() if secret.encode() in b]
         assert not [k for k, b in objects.items() if secret.encode() in b]
+
+
+# --- hostile work dirs: links are never followed, nothing partial is left (issue 16, item 3) ----------
+
+
+SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- worker's key\n"
+
+
+def plant_secret(tmp_path: Path) -> Path:
+    secret_dir = tmp_path / "worker-home" / ".ssh"
+    secret_dir.mkdir(parents=True)
+    (secret_dir / "id_ed25519").write_bytes(SECRET)
+    return secret_dir
+
+
+def archived_files(dest: Path) -> dict[str, bytes]:
+    return {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+
+
+def test_symlinks_in_the_work_dir_are_skipped_and_logged(tmp_path, caplog):
+    wd = make_workdir(tmp_path)
+    secret_dir = plant_secret(tmp_path)
+    (wd / "runs/r1/id_ed25519").symlink_to(secret_dir / "id_ed25519")      # a link to a file
+    (wd / "runs/r1/home").symlink_to(secret_dir)                           # a link to a directory
+    (wd / "reports/environ.txt").symlink_to("/proc/self/environ")
+    (wd / "configs").rename(tmp_path / "configs-elsewhere")
+    (wd / "configs").symlink_to(tmp_path / "configs-elsewhere")            # a whole tree
+    dest = tmp_path / "archive"
+    caplog.set_level(logging.WARNING, logger="rn50.archive")
+    r = A.archive(wd, f"file://{dest}")
+    objs = archived_files(dest)
+    assert not [k for k, b in objs.items() if SECRET in b or b"PATH=" in b]
+    assert sorted(objs) == sorted([k for k in EXPECTED if k != "configs/cpu-demo.yaml"] + ["MANIFEST.json"])
+    assert sorted(r.skipped) == ["configs/", "reports/environ.txt", "runs/r1/home/", "runs/r1/id_ed25519"]
+    for key in r.skipped:
+        assert f"not archived: {key} is a symbolic link" in caplog.text
+
+
+def test_a_file_swapped_for_a_link_after_listing_is_not_followed(tmp_path, monkeypatch, caplog):
+    """collect() saw regular files; before they are opened, one becomes a link to the key and one
+    directory on another file's path becomes a link to a directory holding a fake of it."""
+    wd = make_workdir(tmp_path)
+    secret_dir = plant_secret(tmp_path)
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "report.md").write_bytes(SECRET)
+    (decoy / "report.json").write_bytes(SECRET)
+    real_collect = A.collect
+
+    def collect_then_swap(*args, **kwargs):
+        files = real_collect(*args, **kwargs)
+        (wd / "runs/r1/result_0.txt").unlink()
+        (wd / "runs/r1/result_0.txt").symlink_to(secret_dir / "id_ed25519")
+        (wd / "compliance/r1").rename(tmp_path / "r1-moved")
+        (wd / "compliance/r1").symlink_to(decoy)
+        return files
+
+    monkeypatch.setattr(A, "collect", collect_then_swap)
+    caplog.set_level(logging.WARNING, logger="rn50.archive")
+    dest = tmp_path / "archive"
+    r = A.archive(wd, f"file://{dest}")
+    objs = archived_files(dest)
+    assert not [k for k, b in objs.items() if SECRET in b]
+    assert {"runs/r1/result_0.txt", "compliance/r1/report.md", "compliance/r1/report.json"} == set(r.skipped)
+    assert not {"runs/r1/result_0.txt", "compliance/r1/report.md"} & set(objs)
+    assert "runs/r1/config.yaml" in objs and "not archived: runs/r1/result_0.txt: symbolic link" in caplog.text
+
+
+def test_file_copy_that_fails_verification_is_removed_with_the_manifest(tmp_path):
+    wd = make_workdir(tmp_path)
+    dest = tmp_path / "archive"
+
+    def tamper(key: str, done: int, total: int) -> None:  # the stored copy is altered after it was written
+        if key == "reports/pack.json":
+            (dest / key).write_bytes(b'{"records": 11}\n')
+
+    with pytest.raises(StageError, match=r"^verification failed for file://.*/reports/pack.json$"):
+        A.archive(wd, f"file://{dest}", progress=tamper)
+    objs = archived_files(dest)
+    assert "reports/pack.json" not in objs and "MANIFEST.json" not in objs
+    assert not [p for p in dest.rglob(".tmp-*")]
+    assert A.archive(wd, f"file://{dest}").verified == len(EXPECTED) + 1  # the next run completes it
+
+
+def test_s3_copy_that_fails_verification_is_removed_with_the_manifest(tmp_path, moto_s3):
+    wd = make_workdir(tmp_path)
+    moto_s3.create_bucket(Bucket="arch-verify")
+
+    def tamper(key: str, done: int, total: int) -> None:
+        if key == "reports/pack.json":
+            moto_s3.put_object(Bucket="arch-verify", Key=f"run/{key}", Body=b"tampered", Metadata={"sha256": "0" * 64})
+
+    with pytest.raises(StageError, match=r"^verification failed for s3://arch-verify/run/reports/pack.json"):
+        A.archive(wd, "s3://arch-verify/run", progress=tamper)
+    keys = [o["Key"] for o in moto_s3.list_objects_v2(Bucket="arch-verify", Prefix="run/").get("Contents", [])]
+    assert "run/reports/pack.json" not in keys and "run/MANIFEST.json" not in keys and "run/runs/r1/config.yaml" in keys
+
+
+def test_s3_multipart_of_a_file_changing_underneath_is_aborted_not_completed(tmp_path, moto_s3):
+    wd = make_workdir(tmp_path, big_mib=11)
+    moto_s3.create_bucket(Bucket="arch-changing")
+
+    def rewrite(key: str, done: int, total: int) -> None:  # after part 1: the rest of the file changes in place
+        if key == "manifest.parquet" and done == 5 * MiB:
+            with open(wd / key, "r+b") as f:
+                f.seek(6 * MiB)
+                f.write(b"\0" * MiB)
+
+    with pytest.raises(StageError, match=r"^manifest.parquet changed while being archived$"):
+        A.archive(wd, "s3://arch-changing/run", multipart_threshold=5 * MiB, part_size=5 * MiB, progress=rewrite)
+    keys = [o["Key"] for o in moto_s3.list_objects_v2(Bucket="arch-changing", Prefix="run/").get("Contents", [])]
+    assert "run/manifest.parquet" not in keys and "run/MANIFEST.json" not in keys
+    assert not moto_s3.list_multipart_uploads(Bucket="arch-changing").get("Uploads")
