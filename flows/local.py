@@ -67,6 +67,10 @@ class LocalPrefect:
         pool = self._prefect("work-pool", "create", "rn50", "--type", "process", "--overwrite")
         if pool.returncode:
             raise RuntimeError(f"work-pool create failed: {pool.stderr[-2000:] or pool.stdout[-2000:]}")
+        if self._prefect("global-concurrency-limit", "inspect", "rn50-cluster").returncode:
+            limit = self._prefect("global-concurrency-limit", "create", "rn50-cluster", "--limit", "1")
+            if limit.returncode:
+                raise RuntimeError(f"global-concurrency-limit create failed: {limit.stderr[-2000:] or limit.stdout[-2000:]}")
         deploy = self._prefect("deploy", "--all", "--no-prompt")
         if deploy.returncode:
             raise RuntimeError(f"prefect deploy failed: {deploy.stdout[-3000:]}{deploy.stderr[-2000:]}")

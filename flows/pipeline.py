@@ -20,7 +20,7 @@ from rn50.config import load_config
 from tasks import paths
 from tasks.common import Workdir, file_digest
 from tasks.container import content_hash
-from tasks.fetch import OFFICIAL_MD5, read_md5sums
+from tasks.ilsvrc import OFFICIAL_MD5, read_md5sums
 from tasks.nightly import baseline_location
 
 RN50_PACKAGE = paths.REPO / "rn50"
@@ -47,7 +47,8 @@ def rn50(source: str | None = None, workdir: str | None = None, pipeline: str = 
     else:
         stages.skip.with_options(name="container")("no container runtime requested")
 
-    launch = dict(config=t["config"], hosts=t["hosts"], image=image and image["tag"], timeout_s=60 * t["timeout_minutes"])
+    launch = dict(config=t["config"], hosts=t["hosts"], image=image and image["tag"], timeout_s=60 * t["timeout_minutes"],
+                  cluster_limit=t.get("cluster_limit", stages.CLUSTER_LIMIT))
     if nightly:
         n, key = cfg["nightly"], cache.nightly_key(runtime.flow_run.id)
         trained = run(stages.nightly_train, key, runs=n["runs"], seed=n["seed"], **launch)

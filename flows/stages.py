@@ -7,6 +7,7 @@ artifacts — so each wrapper below only says what is specific to it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -185,14 +186,50 @@ def container(workdir: str, from_image: str, registry: str | None, push: bool) -
                        log_path=Workdir(workdir).reports / "container-build.log")
 
 
+CLUSTER_LIMIT = "rn50-cluster"
+
+
+def ensure_cluster_limit(name: str = CLUSTER_LIMIT, slots: int = 1) -> None:
+    """Create the global concurrency limit `name` (1 slot) unless it exists; an existing one is kept as is."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            except ObjectAlreadyExists:
+                pass
+
+
+@contextlib.contextmanager
+def cluster_slot(name: str):
+    """One timed run per cluster at a time: the launch holds a slot of the global concurrency limit `name`.
+    Time-to-train figures of two runs sharing the nodes would both be wrong."""
+    from prefect.concurrency.sync import concurrency
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    ensure_cluster_limit(name)
+    logger.info("train: waiting for the cluster (global concurrency limit %r)", name)
+    t0 = time.monotonic()
+    with concurrency(name, occupy=1, strict=True):
+        logger.info("train: the cluster is ours (waited %.0f s)", time.monotonic() - t0)
+        yield
+
+
 def _train(workdir: str, config: str, hosts: str | None, runs: int, image: str | None, timeout_s: float,
-           seed: int | None = None) -> Any:
+           seed: int | None = None, cluster_limit: str = CLUSTER_LIMIT) -> Any:
     from tasks.train import train as launch
 
     table = _EpochTable(Workdir(workdir).runs)
     table.start()
     try:
-        return launch(workdir, hosts=hosts, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed)
+        with cluster_slot(cluster_limit):
+            return launch(workdir, hosts=hosts, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed)
     finally:
         table.stop.set()
         table.publish()

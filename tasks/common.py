@@ -34,11 +34,9 @@ def is_transient(e: BaseException) -> bool:
         return False
     if isinstance(e, (ConnectionError, TimeoutError)):
         return True
-    try:
-        from tasks.storage import retryable
-    except ImportError:
-        return False
-    return retryable(e)
+    from tasks.storage import is_retryable  # S3 5xx, throttling, botocore connection errors
+
+    return is_retryable(e)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,9 @@ set -eu
 cd "${RN50_PROJECT_DIR:?}"
 : "${RN50_PIPELINE:?set RN50_PIPELINE to a pipeline config name or path}"
 prefect work-pool inspect rn50 >/dev/null 2>&1 || prefect work-pool create rn50 --type process
+# One timed run per cluster at a time (the train stage holds a slot while it launches); kept if it exists.
+prefect global-concurrency-limit inspect rn50-cluster >/dev/null 2>&1 \
+  || prefect global-concurrency-limit create rn50-cluster --limit 1
 # `prefect deploy --all` ignores --param, so deploy them one by one.
 names=$(python -c 'import yaml; print(" ".join(d["name"] for d in yaml.safe_load(open("prefect.yaml"))["deployments"]))')
 for name in $names; do
