@@ -130,13 +130,14 @@ class S3Source:
     def _call(self, what: str, fn, **kw):
         from botocore.exceptions import BotoCoreError, ClientError
 
+        from tasks import storage
+
         try:
             return fn(Bucket=self.bucket, Key=kw.pop("Key"), **kw)
         except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "?")
-            if code in ("404", "NoSuchKey", "NotFound"):
+            if storage.is_not_found(e):
                 raise StageError(f"source has no {what} (s3://{self.bucket}/{self._key(what)})") from None
-            raise StageError(f"S3 error for {what}: {code}") from None
+            raise StageError(f"S3 error for {what}: {storage.error_code(e) or '?'}") from None
         except BotoCoreError as e:
             raise StageError(f"S3 error for {what}: {e}") from None
 
