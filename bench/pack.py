@@ -53,9 +53,16 @@ def timed(cmd: list[str], **kw) -> float:
     # goes to a private prefix, not into the shared venv). Both Python commands get the same treatment.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "rn50-bench-pycache")
+    kw.setdefault("stdout", subprocess.DEVNULL)
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, **kw)
+    subprocess.run(cmd, check=True, env=env, **kw)
     return time.perf_counter() - t
+
+
+def timed_cat(files_txt: Path, out: Path) -> float:
+    """`xargs cat < files.txt > out`, without a shell."""
+    with open(files_txt, "rb") as stdin, open(out, "wb") as stdout:
+        return timed(["xargs", "cat"], stdin=stdin, stdout=stdout)
 
 
 def machine() -> dict:
@@ -78,12 +85,12 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     os.chdir(a.out)
     wd = build(a.out.resolve(), a.classes, a.train_per_class, a.val_per_class)
-    from tasks.pack import im2rec_path, pack
+    from tasks.pack import pack
+    from tasks.recordio import im2rec_path, read_lst
 
     pack(wd, force=True)  # warms the page cache and gives the .lst files the reference packs from
     splits = [s for s in ("train", "val") if (wd / "recordio" / f"{s}.lst").exists()]
-    files = [str(wd / "extracted" / s / line.rstrip("\n").split("\t")[2])
-             for s in splits for line in open(wd / "recordio" / f"{s}.lst")]
+    files = [str(wd / "extracted" / s / rel) for s in splits for _, _, rel in read_lst(wd / "recordio" / f"{s}.lst")]
     image_bytes = sum(os.path.getsize(f) for f in files)
     scratch = wd / "bench-scratch"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -97,7 +104,7 @@ def main() -> int:
     floor, reference, ours, phases = [], [], [], []
     for i in range(a.repeat + 1):  # round 0 warms up (bytecode cache, page cache) and is not counted
         (scratch / "cat.out").unlink(missing_ok=True)
-        floor.append(timed(["sh", "-c", f"xargs cat < {scratch / 'files.txt'} > {scratch / 'cat.out'}"]))
+        floor.append(timed_cat(scratch / "files.txt", scratch / "cat.out"))
         for s in splits:
             for ext in ("rec", "idx"):
                 (ref / f"{s}.{ext}").unlink(missing_ok=True)

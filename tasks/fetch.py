@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -20,16 +19,9 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from tasks.common import CHUNK, Result, StageError, Workdir, s3_client, write_json_atomic
-from tasks.synth import DEVKIT_TGZ, TRAIN_TAR, VAL_TAR
+from tasks.common import CHUNK, Result, StageError, Workdir, s3_client
+from tasks.ilsvrc import ARCHIVES, OFFICIAL_MD5, read_fetch_record, read_md5sums, write_fetch_record
 
-ARCHIVES = (TRAIN_TAR, VAL_TAR, DEVKIT_TGZ)
-# The digests image-net.org publishes for the ILSVRC2012 downloads.
-OFFICIAL_MD5 = {
-    TRAIN_TAR: "1d675b47d978889d74fa0da5fadfb00e",
-    VAL_TAR: "29b22e2961454d5413ddabcf34fc5622",
-    DEVKIT_TGZ: "fa75699e90414af021442c21a62c3abf",
-}
 Progress = Callable[[str, int, Optional[int]], None]
 
 
@@ -42,26 +34,6 @@ class FetchResult(Result):
     downloaded: list[str]
     reused: list[str]
     seconds: float
-
-
-def read_md5sums(path: Path | str) -> dict[str, str]:
-    """Parse md5sum output (`<digest>  <name>` or `<digest> *<name>`)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise StageError(f"cannot read MD5 file {path}: {e.strerror}") from None
-    out = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        parts = line.split(None, 1)
-        if len(parts) != 2 or len(parts[0]) != 32:
-            raise StageError(f"{path}:{n}: not md5sum format: {line!r}")
-        out[parts[1].strip().lstrip("*")] = parts[0].lower()
-    missing = [a for a in ARCHIVES if a not in out]
-    if missing:
-        raise StageError(f"{path} has no digest for {', '.join(missing)}")
-    return out
 
 
 # --- sources: size(name) and open(name, offset) -> a byte stream starting at offset -------------
@@ -169,19 +141,14 @@ def open_source(uri: str):
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def _sidecar(raw: Path, name: str) -> Path:
-    return raw / f".{name}.md5.json"
-
-
 def _verified_copy(raw: Path, name: str, expected: str) -> bool:
     """True when raw/<name> was verified before and has not changed since (no re-hash)."""
-    final = raw / name
+    record = read_fetch_record(raw, name)
     try:
-        meta = json.loads(_sidecar(raw, name).read_text())
-        st = final.stat()
-    except (FileNotFoundError, json.JSONDecodeError):
+        st = (raw / name).stat()
+    except FileNotFoundError:
         return False
-    return meta == {"md5": expected, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return record == {"md5": expected, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _download(src, name: str, raw: Path, total: int, progress: Progress | None) -> tuple[str, Path]:
@@ -242,8 +209,7 @@ def fetch(source: str, workdir: Path | str, md5_file: Path | str | None = None,
             raise StageError(f"{name}: MD5 mismatch: expected {expected[name]}, got {digest} "
                              f"(file kept aside as {rejected}, not used)")
         os.replace(partial, final)
-        st = final.stat()
-        write_json_atomic(_sidecar(wd.raw, name), {"md5": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        write_fetch_record(wd.raw, name, digest)
         downloaded.append(name)
     shutil.rmtree(wd.raw / ".partial", ignore_errors=True)
     return FetchResult(source, str(wd.raw), {n: expected[n] for n in ARCHIVES}, sizes, downloaded, reused,

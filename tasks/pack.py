@@ -7,11 +7,11 @@ class missing from a split would shift every later label; when that happens the 
 the manifest labels in im2rec's own format and the report says how many lines changed.
 
 How:
-- The .lst comes from im2rec.py's own `make_list` (the wheel's file, executed in-process with its
-  mxnet/cv2 imports stubbed out because listing never touches them: this saves ~3 s of imports per split
-  and keeps the exact walk order, extension filter, `random.seed(100)` shuffle and line format).
-- Records are written by a pure-Python writer of the dmlc RecordIO format (including its escaping of the
-  magic word inside payloads) in N forked workers: each builds a batch of records in memory from one
+- The .lst comes from im2rec.py's own `make_list` (tasks.recordio: the wheel's file, executed in-process
+  with its mxnet/cv2 imports stubbed out because listing never touches them: this saves ~3 s of imports
+  per split and keeps the exact walk order, extension filter, `random.seed(100)` shuffle and line format).
+- Records are written by a pure-Python writer of the dmlc RecordIO format (tasks.recordio, including its
+  escaping of the magic word inside payloads) in N forked workers (tasks.workers): each builds a batch of records in memory from one
   `readv` per image, receives the batch's start offset from the previous batch's worker (a ring of
   pipes), passes on its end offset, and `pwrite`s the batch in place. The output is the same bytes
   im2rec writes (tests compare against the real im2rec.py), at close to `cat` speed. `writer="im2rec"`
@@ -26,37 +26,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import fcntl
 import hashlib
-import importlib.util
 import os
-import pickle
-import select
 import shutil
-import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tasks.common import (Result, StageError, Workdir, digest_of, file_digest, human_bytes, read_stamp,
                           stamp_valid, write_json_atomic, write_stamp, write_text_atomic)
+from tasks.ilsvrc import MANIFEST_COLUMNS, SPLITS, manifest_digest
+from tasks.recordio import (IM2REC_EXTS, IR_SIZE, LEN_MASK, MAGIC, REC_HEAD, encode_record, im2rec_path, make_list,
+                            pad4, read_lst, read_record, record_size, write_lst)
+from tasks.workers import WorkerError, die_with_parent, read_exact, run_forked
 
-SPLITS = ("train", "val")
 FORMAT_VERSION = 1
-IM2REC_EXTS = [".jpeg", ".jpg", ".png"]  # im2rec.py's default --exts
-MAGIC = 0xCED7230A  # dmlc::RecordIOWriter::kMagic
-MAGIC_BYTES = struct.pack("<I", MAGIC)
-LEN_MASK = (1 << 29) - 1
-REC_HEAD = struct.Struct("<IIIfQQ")  # dmlc header (magic, cflag<<29|len) + mxnet IRHeader (flag, label, id, id2)
-IR_SIZE = 24
 BATCH_BYTES = 4 << 20
 BATCH_RECORDS = 1024
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
@@ -101,17 +92,6 @@ class PackResult(Result):
 
 # --- keys -----------------------------------------------------------------------------------------
 
-
-def im2rec_path() -> Path:
-    spec = importlib.util.find_spec("mxnet")
-    if spec is None or not spec.submodule_search_locations:
-        raise StageError("mxnet is not installed: the pack stage needs its tools/im2rec.py")
-    path = Path(list(spec.submodule_search_locations)[0]) / "tools" / "im2rec.py"
-    if not path.is_file():
-        raise StageError(f"{path} is missing from the mxnet wheel")
-    return path
-
-
 def pack_settings() -> dict[str, Any]:
     """Everything that determines the output bytes besides the manifest. Thread count and writer are
     not in it: every thread count and both writers give byte-identical files (tested)."""
@@ -124,64 +104,8 @@ def pack_settings() -> dict[str, Any]:
     }
 
 
-def manifest_digest(workdir: Path | str) -> str:
-    """The verify stage's content digest of manifest.parquet (path, md5, label, split of every image)."""
-    from tasks.verify import manifest_digest as digest
-
-    return digest(_read_manifest(workdir if isinstance(workdir, Workdir) else Workdir(workdir)))
-
-
 def pack_key(manifest_digest: str, settings: dict[str, Any] | None = None) -> str:
     return digest_of({"manifest": manifest_digest, "settings": digest_of(settings or pack_settings())})
-
-
-# --- RecordIO format ------------------------------------------------------------------------------
-
-
-def _pad4(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def record_size(image_bytes: int) -> int:
-    """Bytes a pass-through record of an image takes when its payload holds no magic word."""
-    return 8 + _pad4(IR_SIZE + image_bytes)
-
-
-def encode_record(payload: bytes) -> bytes:
-    """dmlc RecordIOWriter::WriteRecord: a 4-byte-aligned magic word inside the payload splits the
-    record into parts (cflag 1 = first, 2 = middle, 3 = last) and is dropped; readers put it back."""
-    import numpy as np
-
-    n = len(payload)
-    words = np.frombuffer(payload, dtype="<u4", count=n // 4)
-    hits = (np.flatnonzero(words == MAGIC) * 4).tolist()
-    out, dptr = [], 0
-    for i in hits:
-        out += [struct.pack("<II", MAGIC, ((1 if dptr == 0 else 2) << 29) | (i - dptr)), payload[dptr:i]]
-        dptr = i + 4
-    out += [struct.pack("<II", MAGIC, ((3 if dptr else 0) << 29) | (n - dptr)), payload[dptr:],
-            b"\0" * (_pad4(n) - n)]
-    return b"".join(out)
-
-
-def read_record(fd: int, offset: int) -> tuple[bytes, int]:
-    """The payload of the record at `offset` (parts joined as dmlc's reader does) and where it ends."""
-    parts, pos = [], offset
-    while True:
-        head = os.pread(fd, 8, pos)
-        if len(head) != 8:
-            raise ValueError(f"truncated record header at byte {pos}")
-        magic, lrec = struct.unpack("<II", head)
-        cflag, n = lrec >> 29, lrec & LEN_MASK
-        if magic != MAGIC or cflag not in ((0, 1) if not parts else (2, 3)):
-            raise ValueError(f"no record {'header' if not parts else 'continuation'} at byte {pos}")
-        data = os.pread(fd, n, pos + 8)
-        if len(data) != n:
-            raise ValueError(f"truncated record at byte {pos}")
-        parts.append(data)
-        pos += 8 + _pad4(n)
-        if cflag in (0, 3):
-            return MAGIC_BYTES.join(parts), pos
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -192,12 +116,11 @@ def _read_manifest(wd: Workdir):
         raise StageError(f"{wd.manifest} does not exist: run `rn50 verify {wd.root}` first")
     import pandas as pd
 
-    cols = ["split", "wnid", "label", "path", "bytes", "md5", "mode", "format"]
     try:
         df = pd.read_parquet(wd.manifest)
     except Exception as e:  # pyarrow raises several unrelated types for a damaged file
         raise StageError(f"cannot read {wd.manifest}: {e}") from None
-    missing = [c for c in cols if c not in df.columns]
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise StageError(f"{wd.manifest} lacks column(s) {', '.join(missing)}: rerun `rn50 verify`")
     return df
@@ -263,53 +186,6 @@ def _check_tree(root: Path, expected: dict[str, tuple], split: str) -> None:
                          f"(rerun `rn50 verify`)")
 
 
-def _load_im2rec():
-    """im2rec.py from the wheel as a module, without importing mxnet or cv2 (its list code uses neither).
-
-    Its imports of mxnet, cv2 and sys resolve to stand-ins (no 3 s of imports, no edit of the real
-    sys.path), and it gets a private Random (its `random.seed(100)` must not reseed the caller's) and a
-    private `print` (it prints the folder->label map to stdout). Nothing global is touched, so this is
-    safe in a threaded Prefect worker."""
-    import builtins
-    import random
-
-    path = im2rec_path()
-    stand_ins = {"mxnet": types.ModuleType("mxnet"), "cv2": types.ModuleType("cv2"),
-                 "sys": types.SimpleNamespace(path=[], argv=[str(path)])}
-
-    def _import(name, globals=None, locals=None, fromlist=(), level=0):
-        return stand_ins.get(name) or builtins.__import__(name, globals, locals, fromlist, level)
-
-    mod = types.ModuleType("rn50_im2rec")
-    mod.__file__ = str(path)
-    mod.__builtins__ = {**vars(builtins), "__import__": _import}
-    exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)
-    mod.random = random.Random()
-    mod.folder_labels = []
-    mod.print = lambda *a, **k: mod.folder_labels.append(a)
-    return mod
-
-
-def make_list(root: Path, prefix: Path) -> Path:
-    """`im2rec.py --list --recursive PREFIX ROOT` (shuffled, seed 100), in-process. Returns PREFIX.lst."""
-    im2rec = _load_im2rec()
-    args = argparse.Namespace(root=str(root), prefix=str(prefix), recursive=True, exts=IM2REC_EXTS,
-                              shuffle=True, chunks=1, train_ratio=1.0, test_ratio=0.0)
-    im2rec.make_list(args)
-    return Path(f"{prefix}.lst")
-
-
-def _read_lst(path: Path) -> list[tuple[int, float, str]]:
-    items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 3:
-                raise StageError(f"{path}:{n}: expected 'index<TAB>label<TAB>path', got {line.strip()!r}")
-            items.append((int(parts[0]), float(parts[1]), parts[2]))
-    return items
-
-
 def _fix_labels(lst: Path, items: list[tuple[int, float, str]], expected: dict[str, tuple], split: str) -> tuple[list, int]:
     """Check the .lst against the manifest; rewrite its labels (im2rec's format, same order) if they differ."""
     paths = [p for _, _, p in items]
@@ -322,118 +198,8 @@ def _fix_labels(lst: Path, items: list[tuple[int, float, str]], expected: dict[s
     fixed = [(k, float(expected[p][0]), p) for k, _, p in items]
     changed = sum(1 for a, b in zip(items, fixed) if a[1] != b[1])
     if changed:
-        with open(lst, "w") as f:  # the format of im2rec.write_list
-            f.writelines(f"{k}\t{label:f}\t{p}\n" for k, label, p in fixed)
+        write_lst(lst, fixed)
     return fixed, changed
-
-
-# --- forked workers -------------------------------------------------------------------------------
-
-
-class _WorkerError(Exception):
-    """A one-line message from a worker, raised as StageError in the parent."""
-
-
-def _prctl():
-    # Looked up before forking: dlopen in a child forked from a threaded process (a Prefect worker) could
-    # deadlock on a loader lock held by another thread at fork time.
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent(prctl, parent: int) -> None:
-    # A SIGKILLed pack must not leave workers writing into its temporary files.
-    if prctl is not None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _run_forked(n: int, fn: Callable[[int, Callable[[Any], None]], Any],
-                on_message: Callable[[int, Any], None] | None = None) -> list[Any]:
-    """Run fn(i, send) in n forked children; `send` streams messages to on_message in the parent.
-    Returns each child's return value. The first error kills every child and raises StageError."""
-    parent, children, prctl = os.getpid(), [], _prctl()
-    try:
-        for i in range(n):
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # child
-                code = 0
-                try:
-                    os.close(r)
-                    _die_with_parent(prctl, parent)
-
-                    def send(obj: Any, _w: int = w) -> None:
-                        data = pickle.dumps(obj)
-                        data = struct.pack("<Q", len(data)) + data
-                        while data:
-                            data = data[os.write(_w, data):]
-
-                    send(("done", fn(i, send)))
-                except BaseException as e:  # noqa: BLE001 - everything must reach the parent as one line
-                    code = 1
-                    msg = str(e) if isinstance(e, (_WorkerError, StageError)) else f"{type(e).__name__}: {e}"
-                    with contextlib.suppress(BaseException):
-                        send(("error", msg))
-                finally:
-                    os._exit(code)
-            os.close(w)
-            children.append([pid, r, b"", None])
-        open_fds = {c[1]: c for c in children}
-        while open_fds:
-            ready, _, _ = select.select(list(open_fds), [], [], 1.0)
-            for fd in ready:
-                c = open_fds[fd]
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    del open_fds[fd]
-                    os.close(fd)
-                    c[1] = None
-                    continue
-                c[2] += chunk
-                while len(c[2]) >= 8:
-                    size = struct.unpack("<Q", c[2][:8])[0]
-                    if len(c[2]) < 8 + size:
-                        break
-                    kind, *payload = msg = pickle.loads(c[2][8:8 + size])
-                    c[2] = c[2][8 + size:]
-                    if kind == "error":
-                        raise StageError(payload[0])
-                    if kind == "done":
-                        c[3] = msg
-                    elif on_message:
-                        on_message(children.index(c), msg)
-        results = []
-        for pid, _, _, done in children:
-            _, status = os.waitpid(pid, 0)
-            if done is None:
-                why = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-                       else f"exit code {os.waitstatus_to_exitcode(status)}")
-                raise StageError(f"a pack worker died ({why}) without reporting; out of memory?")
-            results.append(done[1])
-        children = []
-        return results
-    finally:
-        for pid, r, _, _ in children:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.waitpid(pid, 0)
-            if r is not None:
-                os.close(r)
-
-
-def _read_exact(fd: int, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))
-        if not chunk:
-            raise _WorkerError("pack worker ring closed early")
-        data += chunk
-    return data
 
 
 def _pwrite_all(fd: int, data, offset: int, where: Path) -> None:
@@ -443,7 +209,7 @@ def _pwrite_all(fd: int, data, offset: int, where: Path) -> None:
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
     except OSError as e:
-        raise _WorkerError(_write_error(e, where)) from None
+        raise WorkerError(_write_error(e, where)) from None
 
 
 def _os_error(e: OSError, where: Path | str) -> str:
@@ -505,22 +271,22 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
                 try:
                     f = os.open(path, os.O_RDONLY, dir_fd=rootfd)  # a 2-component lookup, not the full path
                 except FileNotFoundError:
-                    raise _WorkerError(f"{root / path} vanished after it was listed") from None
+                    raise WorkerError(f"{root / path} vanished after it was listed") from None
                 except OSError as e:
-                    raise _WorkerError(f"cannot read {root / path}: {e.strerror}") from None
+                    raise WorkerError(f"cannot read {root / path}: {e.strerror}") from None
                 try:
                     got = os.readv(f, [body, extra])  # one syscall; the extra byte catches a grown file
                 except OSError as e:
-                    raise _WorkerError(f"cannot read {root / path}: {e.strerror}") from None
+                    raise WorkerError(f"cannot read {root / path}: {e.strerror}") from None
                 finally:
                     os.close(f)
                 if got != n:
-                    raise _WorkerError(f"{root / path} changed since verify: manifest says {n} bytes, file has "
+                    raise WorkerError(f"{root / path} changed since verify: manifest says {n} bytes, file has "
                                        f"{'more' if got > n else got}; rerun `rn50 verify`")
                 head = bytes(body[:8])
                 if head[:3] != SIGNATURES[0] and head != SIGNATURES[1]:
-                    raise _WorkerError(f"{root / path} is not a JPEG or PNG (starts with {head!r})")
-                pos += 8 + _pad4(IR_SIZE + n)
+                    raise WorkerError(f"{root / path} is not a JPEG or PNG (starts with {head!r})")
+                pos += 8 + pad4(IR_SIZE + n)
             # Every record header holds the magic word once; any more means a payload holds it too.
             if np.count_nonzero(np.frombuffer(buf, dtype="<u4") == MAGIC) == hi - lo:
                 return buf, 0
@@ -539,7 +305,7 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
             for b in range(w, len(batches), workers):
                 lo, hi = batches[b]
                 buf, escaped = build(lo, hi, rootfd)
-                start = struct.unpack("<q", _read_exact(ring_in, 8))[0]
+                start = struct.unpack("<q", read_exact(ring_in, 8))[0]
                 with contextlib.suppress(BrokenPipeError):
                     os.write(ring_out, struct.pack("<q", start + len(buf)))
                 _pwrite_all(fd, buf, start, rec)
@@ -554,7 +320,7 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
 
         os.write(ring[0][1], struct.pack("<q", 0))
         try:
-            _run_forked(workers, work, on_message)
+            run_forked(workers, work, on_message, name="pack worker")
         finally:
             for r, w in ring:
                 os.close(r)
@@ -590,9 +356,9 @@ def _write_im2rec(prefix: Path, root: Path, threads: int, tick: Callable[[int], 
     """The wheel's im2rec.py --pass-through, for audits. It skips unreadable files with a message and
     exits 0, so its first complaint is kept for the error the verification will raise."""
     cmd = [sys.executable, str(im2rec_path()), "--pass-through", "--num-thread", str(threads), str(prefix), str(root)]
-    complaint, last, prctl, parent = None, 0, _prctl(), os.getpid()
+    complaint, last = None, 0
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          preexec_fn=lambda: _die_with_parent(prctl, parent)) as proc:
+                          preexec_fn=die_with_parent()) as proc:
         for line in proc.stdout:
             if "count:" in line:
                 count = int(line.rsplit("count:", 1)[1])
@@ -607,7 +373,7 @@ def _write_im2rec(prefix: Path, root: Path, threads: int, tick: Callable[[int], 
 # --- verification ---------------------------------------------------------------------------------
 
 
-def _verify_split(split: str, tmp: Path, root: Path, items: list[tuple[int, float, str]], sizes: list[int],
+def verify_split(split: str, tmp: Path, root: Path, items: list[tuple[int, float, str]], sizes: list[int],
                   sample: set[int], workers: int) -> tuple[int, int]:
     """Check the written files from disk. Returns (records compared with their sources, multi-part records)."""
     rec, idx = tmp / f"{split}.rec", tmp / f"{split}.idx"
@@ -639,36 +405,36 @@ def _verify_split(split: str, tmp: Path, root: Path, items: list[tuple[int, floa
                 what = f"{where}.rec record {i} (key {key}, {path}) at byte {off}"
                 head = os.pread(fd, 32, off)
                 if len(head) != 32:
-                    raise _WorkerError(f"{what}: .idx offset beyond the end of the file")
+                    raise WorkerError(f"{what}: .idx offset beyond the end of the file")
                 magic, lrec, flag, rlabel, rid, _ = REC_HEAD.unpack(head)
                 payload = None
                 if magic == MAGIC and lrec >> 29 == 0:
-                    length, rend = lrec & LEN_MASK, off + 8 + _pad4(lrec & LEN_MASK)
+                    length, rend = lrec & LEN_MASK, off + 8 + pad4(lrec & LEN_MASK)
                 else:
                     try:
                         payload, rend = read_record(fd, off)
                     except ValueError as e:
-                        raise _WorkerError(f"{what}: .idx offset is not at a record header ({e})") from None
+                        raise WorkerError(f"{what}: .idx offset is not at a record header ({e})") from None
                     length = len(payload)
                     multipart += 1
                     _, _, flag, rlabel, rid, _ = REC_HEAD.unpack(b"\0" * 8 + payload[:IR_SIZE])
                 if rend != end:
-                    raise _WorkerError(f"{what}: record ends at byte {rend}, the next record starts at {end}")
+                    raise WorkerError(f"{what}: record ends at byte {rend}, the next record starts at {end}")
                 if (flag, rid, rlabel) != (0, key, label) or length != IR_SIZE + sizes[i]:
-                    raise _WorkerError(f"{what}: header says id {rid}, label {rlabel}, {length - IR_SIZE} bytes; "
+                    raise WorkerError(f"{what}: header says id {rid}, label {rlabel}, {length - IR_SIZE} bytes; "
                                        f"expected id {key}, label {label}, {sizes[i]} bytes")
                 if i in sample:
                     if payload is None:
                         payload = read_record(fd, off)[0]
                     with open(root / path, "rb") as f:
                         if payload[IR_SIZE:] != f.read():
-                            raise _WorkerError(f"{what}: image bytes differ from {root / path}")
+                            raise WorkerError(f"{what}: image bytes differ from {root / path}")
                     checked += 1
         finally:
             os.close(fd)
         return checked, multipart
 
-    counts = _run_forked(workers, check)
+    counts = run_forked(workers, check, name="pack worker")
     return sum(c for c, _ in counts), sum(m for _, m in counts)
 
 
@@ -713,9 +479,7 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
         raise StageError(f"unknown writer {writer!r} (fast or im2rec)")
     workers = max(1, threads or len(os.sched_getaffinity(0)))
     df = _read_manifest(wd)
-    from tasks.verify import manifest_digest as _mdigest
-
-    mdigest = _mdigest(df)
+    mdigest = manifest_digest(df)
     settings = pack_settings()
     key = pack_key(mdigest, settings)
     if not force and stamp_valid(wd, "pack", key):
@@ -800,7 +564,7 @@ def _pack_into(wd: Workdir, tmp: Path, splits: list[str], expected: dict, quirk_
         _check_tree(root, expected[s], s)
         try:
             lst = make_list(root, tmp / s)
-            lists[s] = _fix_labels(lst, _read_lst(lst), expected[s], s)
+            lists[s] = _fix_labels(lst, read_lst(lst), expected[s], s)
         except OSError as e:
             raise StageError(_os_error(e, e.filename or tmp / f"{s}.lst")) from None
     seconds["list"] = time.perf_counter() - t
@@ -839,7 +603,7 @@ def _pack_into(wd: Workdir, tmp: Path, splits: list[str], expected: dict, quirk_
                 quirks.append({"split": s, "path": expected[s][p][5], "key": key, "format": q[0], "mode": q[1],
                                "bytes": sizes[i]})
         sample = set(range(len(items))) if full_check else _sample(len(items), set(mine))
-        checked, multipart = _verify_split(s, tmp, root, items, sizes, sample, workers)
+        checked, multipart = verify_split(s, tmp, root, items, sizes, sample, workers)
         if writer == "fast" and multipart != escaped:
             raise StageError(f"recordio/{s}.rec: {multipart} multi-part records found, the writer made {escaped}")
         escaped = multipart

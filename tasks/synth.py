@@ -27,14 +27,8 @@ import numpy as np
 from PIL import Image
 
 from tasks.common import Result, StageError, atomic_path, file_digest, write_text_atomic
-
-TRAIN_TAR = "ILSVRC2012_img_train.tar"
-VAL_TAR = "ILSVRC2012_img_val.tar"
-DEVKIT_TGZ = "ILSVRC2012_devkit_t12.tar.gz"
-DEVKIT_DIR = "ILSVRC2012_devkit_t12"
-GROUND_TRUTH = f"{DEVKIT_DIR}/data/ILSVRC2012_validation_ground_truth.txt"
-META_MAT = f"{DEVKIT_DIR}/data/meta.mat"
-PNG_AS_JPEG = ("n02105855", "n02105855_2933.JPEG")  # the real set's PNG-in-disguise
+from tasks.ilsvrc import (ARCHIVES, DEVKIT_DIR, DEVKIT_TGZ, GROUND_TRUTH, META_MAT, PNG_AS_JPEG, TRAIN_TAR, VAL_TAR,
+                          md5sums_text)
 
 
 @dataclasses.dataclass
@@ -186,8 +180,8 @@ def synthesize(out: Path | str, classes: int = 10, train_per_class: int = 100, v
         finally:
             meta.unlink(missing_ok=True)
 
-    md5 = {n: file_digest(out / n) for n in (TRAIN_TAR, VAL_TAR, DEVKIT_TGZ)}
-    write_text_atomic(out / "MD5SUMS", "".join(f"{d}  {n}\n" for n, d in md5.items()))
+    md5 = {n: file_digest(out / n) for n in ARCHIVES}
+    write_text_atomic(out / "MD5SUMS", md5sums_text(md5))
     return SynthResult(str(out), classes, sum(train_counts.values()), len(val_labels), md5, found,
                        round(time.perf_counter() - t0, 2))
 

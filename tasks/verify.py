@@ -17,10 +17,8 @@ import argparse
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import posixpath
-import re
 import shutil
 import tarfile
 import time
@@ -30,9 +28,9 @@ from typing import Any, Callable, Optional
 
 from tasks.common import (Result, StageError, Workdir, atomic_path, digest_of, read_stamp, stamp_valid,
                           write_json_atomic, write_stamp, write_text_atomic)
-from tasks.synth import DEVKIT_TGZ, TRAIN_TAR, VAL_TAR
+from tasks.ilsvrc import (ARCHIVES, DEVKIT_GROUND_TRUTH, DEVKIT_META, DEVKIT_TGZ, MANIFEST_COLUMNS, TRAIN_TAR, VAL_NAME,
+                          VAL_TAR, manifest_digest, read_fetch_record)
 
-VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$")
 Progress = Callable[[str, int, Optional[int]], None]
 
 
@@ -111,9 +109,9 @@ def read_devkit(path: Path) -> Devkit:
 
     meta = gt = None
     for m, data in _members(path):
-        if m.name.endswith("data/meta.mat"):
+        if m.name.endswith(DEVKIT_META):
             meta = data
-        elif m.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
+        elif m.name.endswith(DEVKIT_GROUND_TRUTH):
             gt = data
     if meta is None:
         raise StageError(f"{path.name}: devkit has no data/meta.mat")
@@ -240,21 +238,14 @@ def _report(wd: Workdir, r: dict[str, Any]) -> Path:
     return write_text_atomic(wd.reports / "verify.md", "\n".join(lines) + "\n")
 
 
-def manifest_digest(df) -> str:
-    h = hashlib.sha256()
-    for row in df.sort_values("path")[["path", "md5", "label", "split"]].itertuples(index=False):
-        h.update(("\t".join(map(str, row)) + "\n").encode())
-    return h.hexdigest()
-
-
 def archives_digest(wd: Workdir) -> str:
     """Digest of the three verified archives, from the fetch stage's records (no re-hash)."""
     md5 = {}
-    for name in (TRAIN_TAR, VAL_TAR, DEVKIT_TGZ):
-        try:
-            md5[name] = json.loads((wd.raw / f".{name}.md5.json").read_text())["md5"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            raise StageError(f"{wd.raw / name} has not been fetched and verified; run `rn50 fetch` first") from None
+    for name in ARCHIVES:
+        record = read_fetch_record(wd.raw, name)
+        if not record or "md5" not in record:
+            raise StageError(f"{wd.raw / name} has not been fetched and verified; run `rn50 fetch` first")
+        md5[name] = record["md5"]
     return digest_of(md5)
 
 
@@ -301,8 +292,7 @@ def verify(workdir: Path | str, workers: int | None = None, progress: Progress |
         df[["width", "height", "mode", "format", "decodable"]] = pd.DataFrame(facts, index=df.index)
         label = {w: i for i, w in enumerate(devkit.wnids)}
         df["label"] = df.wnid.map(label).fillna(-1).astype(int)
-        df = df.drop(columns="abs")[["split", "wnid", "label", "path", "bytes", "md5", "width", "height",
-                                     "mode", "format", "decodable"]]
+        df = df.drop(columns="abs")[MANIFEST_COLUMNS]
         expectations = _validate(df, devkit)
         quirks = {
             "png_as_jpeg": df.path[(df.format == "PNG")].tolist(),

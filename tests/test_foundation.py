@@ -14,8 +14,7 @@ import pytest
 import scipy.io
 
 from conftest import SMALL, rn50
-from tasks.fetch import OFFICIAL_MD5, read_md5sums
-from tasks.synth import DEVKIT_TGZ, TRAIN_TAR, VAL_TAR
+from tasks.ilsvrc import DEVKIT_TGZ, OFFICIAL_MD5, TRAIN_TAR, VAL_TAR, read_md5sums, write_fetch_record
 
 
 # --- synth ----------------------------------------------------------------------------------------
@@ -192,9 +191,7 @@ def _record_as_fetched(raw: Path, name: str) -> None:
     """Refresh fetch's record of a tampered archive, as fetching a tampered source would."""
     from tasks.common import file_digest
 
-    st = (raw / name).stat()
-    (raw / f".{name}.md5.json").write_text(json.dumps({"md5": file_digest(raw / name), "size": st.st_size,
-                                                       "mtime_ns": st.st_mtime_ns}))
+    write_fetch_record(raw, name, file_digest(raw / name))
 
 
 def _evil(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:

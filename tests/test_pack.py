@@ -23,8 +23,9 @@ import pytest
 from PIL import Image
 
 from tasks.common import StageError, Workdir, read_stamp, stamp_valid
-from tasks.pack import (MAGIC, MAGIC_BYTES, encode_record, im2rec_path, make_list, pack, pack_key, read_record,
-                        _verify_split, _read_lst)
+from tasks.ilsvrc import manifest_digest
+from tasks.pack import pack, pack_key, verify_split
+from tasks.recordio import MAGIC_BYTES, encode_record, im2rec_path, make_list, read_lst, read_record
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -147,7 +148,7 @@ def test_list_is_im2rec_list_byte_for_byte(tmp_path):
     subprocess.run([PY, str(im2rec_path()), "--list", "--recursive", str(tmp_path / "ref"),
                     str(wd.extracted / "train")], check=True, capture_output=True)
     assert ours.read_bytes() == (tmp_path / "ref.lst").read_bytes()
-    assert [k for k, _, _ in _read_lst(ours)] != sorted(k for k, _, _ in _read_lst(ours)), "not shuffled"
+    assert [k for k, _, _ in read_lst(ours)] != sorted(k for k, _, _ in read_lst(ours)), "not shuffled"
     state, path, modules = random.getstate(), list(sys.path), set(sys.modules)
     make_list(wd.extracted / "train", tmp_path / "again")
     assert random.getstate() == state, "im2rec's seed(100) leaked into the global random"
@@ -186,7 +187,6 @@ def test_result_report_stamp_and_quirks(packed):
     assert json.loads(Path(r.report_json).read_text())["content_digest"] == r.content_digest
     assert stamp_valid(wd, "pack", r.key)
     assert sorted(Path(p).name for p in r.outputs) == sorted(OUTPUTS)
-    from tasks.verify import manifest_digest
     assert r.manifest_digest == manifest_digest(df) and r.key == pack_key(r.manifest_digest)
 
 
@@ -196,11 +196,11 @@ def test_labels_follow_manifest_when_val_lacks_a_class(tmp_path):
     df = manifest(wd).set_index("path")
     assert r.splits["val"].relabelled > 0 and r.splits["train"].relabelled == 0
     for s in ("train", "val"):
-        for k, label, rel in _read_lst(wd.recordio / f"{s}.lst"):
+        for k, label, rel in read_lst(wd.recordio / f"{s}.lst"):
             assert label == df.loc[f"extracted/{s}/{rel}", "label"]
     import mxnet as mx
     rec = mx.recordio.MXIndexedRecordIO(str(wd.recordio / "val.idx"), str(wd.recordio / "val.rec"), "r")
-    for k, label, rel in _read_lst(wd.recordio / "val.lst"):
+    for k, label, rel in read_lst(wd.recordio / "val.lst"):
         header, img = mx.recordio.unpack(rec.read_idx(k))
         assert header.label == label and img == (wd.extracted / "val" / rel).read_bytes()
 
@@ -216,7 +216,7 @@ def test_mxnet_reads_every_record(packed):
     for s in ("train", "val"):
         rec = mx.recordio.MXIndexedRecordIO(str(wd.recordio / f"{s}.idx"), str(wd.recordio / f"{s}.rec"), "r")
         got = {}
-        for k, label, rel in _read_lst(wd.recordio / f"{s}.lst"):
+        for k, label, rel in read_lst(wd.recordio / f"{s}.lst"):
             header, img = mx.recordio.unpack(rec.read_idx(k))
             assert header.id == k and header.label == label
             assert img == (wd.extracted / s / rel).read_bytes()
@@ -436,33 +436,33 @@ def test_verification_catches_corruption(tmp_path, packed):
     wd, _ = packed
     tmp = tmp_path / "t"
     shutil.copytree(wd.recordio, tmp)
-    items = _read_lst(tmp / "train.lst")
+    items = read_lst(tmp / "train.lst")
     df = manifest(wd).set_index("path")
     sizes = [int(df.loc[f"extracted/train/{p}", "bytes"]) for _, _, p in items]
     root = wd.extracted / "train"
-    assert _verify_split("train", tmp, root, items, sizes, set(range(len(items))), 2)[0] == len(items)
+    assert verify_split("train", tmp, root, items, sizes, set(range(len(items))), 2)[0] == len(items)
 
     lines = (tmp / "train.idx").read_text().splitlines()
     k, off = lines[5].split("\t")
     (tmp / "train.idx").write_text("\n".join(lines[:5] + [f"{k}\t{int(off) + 4}"] + lines[6:]) + "\n")
     with pytest.raises(StageError, match="not at a record header|the next record starts at"):
-        _verify_split("train", tmp, root, items, sizes, set(), 2)
+        verify_split("train", tmp, root, items, sizes, set(), 2)
     (tmp / "train.idx").write_text("\n".join([f"{k}\t{int(off) + 4}"] + lines[1:]) + "\n")
     items0 = [(int(k), *items[0][1:])] + items[1:]
     with pytest.raises(StageError, match="not at a record header"):
-        _verify_split("train", tmp, root, items0, sizes, set(), 1)
+        verify_split("train", tmp, root, items0, sizes, set(), 1)
     shutil.copy(wd.recordio / "train.idx", tmp / "train.idx")
 
     data = bytearray((tmp / "train.rec").read_bytes())
     data[int(lines[7].split("\t")[1]) + 100] ^= 0xFF
     (tmp / "train.rec").write_bytes(data)
-    _verify_split("train", tmp, root, items, sizes, {0}, 2)  # the sample misses record 7 ...
+    verify_split("train", tmp, root, items, sizes, {0}, 2)  # the sample misses record 7 ...
     with pytest.raises(StageError, match="image bytes differ"):  # ... the full check does not
-        _verify_split("train", tmp, root, items, sizes, set(range(len(items))), 2)
+        verify_split("train", tmp, root, items, sizes, set(range(len(items))), 2)
 
     (tmp / "train.idx").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(StageError, match="has 47 records but train.lst has 48 lines|records but train.lst has"):
-        _verify_split("train", tmp, root, items, sizes, set(), 2)
+        verify_split("train", tmp, root, items, sizes, set(), 2)
 
 
 # --- end to end -----------------------------------------------------------------------------------
