@@ -5,7 +5,7 @@ import pytest
 
 from rn50 import data as rdata
 from rn50.config import load_config
-from rn50.tinydata import make_recordio
+from rn50.tinydata import make_recordio, pack
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,46 @@ def test_val_shards_cover_all_images_exactly_once(rec, cfg):
     assert sorted(labels) == lst and len(labels) == n
 
 
-def test_val_images_are_center_crops(rec, cfg):
-    pipe = rdata.build_pipeline(rec, "val", cfg, 0, 1, None, seed=1, batch_size=2)
-    x, _ = rdata.Loader(pipe, mx.cpu()).next()
-    assert x.shape == (2, 3, cfg["val_crop"], cfg["val_crop"])
+GRADIENT_SIZES = {0: (240, 96), 1: (96, 240)}  # label: (width, height): one wide image, one tall one
+
+
+@pytest.fixture(scope="module")
+def gradients(tmp_path_factory):
+    """RecordIO of two JPEGs whose red channel rises 0 -> 255 left to right and green 0 -> 255 top to
+    bottom: the mean colour of a crop says where in the image it was taken."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("gradients")
+    for split in ("train", "val"):
+        for label, (w, h) in GRADIENT_SIZES.items():
+            xx, yy = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
+            d = root / "img" / split / f"cls{label:03d}"
+            d.mkdir(parents=True)
+            Image.fromarray(np.stack([xx, yy, np.full_like(xx, 128)], -1).round().astype(np.uint8)).save(
+                d / "g.JPEG", quality=95)
+    return pack(root / "img", root / "rec")
+
+
+def test_val_images_are_center_crops(gradients, cfg):
+    """Shorter side resized to val_resize, then the central val_crop square: a crop from a corner or an edge
+    (DALI's crop_pos_x/crop_pos_y != 0.5), or one cut before resizing, fails here."""
+    crop, short = cfg["val_crop"], cfg["val_resize"]
+    pipe = rdata.build_pipeline(gradients, "val", cfg, 0, 1, None, seed=1, batch_size=2)
+    x, y = rdata.Loader(pipe, mx.cpu()).next()
+    assert x.shape == (2, 3, crop, crop)
+    pixels = x.asnumpy() * np.array(rdata.STD)[None, :, None, None] + np.array(rdata.MEAN)[None, :, None, None]
+    for img, label in zip(pixels, y.asnumpy().astype(int).tolist()):
+        w, h = GRADIENT_SIZES[label]
+        red, green = img[0], img[1]
+        # The centre of the crop is the centre of the image: both gradients read mid-range there. An edge
+        # crop would be off by >= 15 on the short axis and by >= 80 on the long one.
+        assert abs(red.mean() - 127.5) < 5 and abs(green.mean() - 127.5) < 5, (label, red.mean(), green.mean())
+        # The crop spans crop/resized-length of the gradient along each axis (resized before cropping).
+        scale = short / min(w, h)
+        for channel, length, axis in ((red, w, 1), (green, h, 0)):
+            span = np.median(channel.max(axis=axis) - channel.min(axis=axis))
+            expected = 255 * (crop - 1) / (round(length * scale) - 1)
+            assert abs(span - expected) < 6, (label, axis, span, expected)
 
 
 def test_missing_recordio_is_a_clear_error(tmp_path, cfg):
