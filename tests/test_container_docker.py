@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from helpers import missing
 from tasks.common import StageError
 from tasks.container import REPO, build_image, content_hash, context_files
 
@@ -25,7 +26,7 @@ def docker_url():
         with engine() as url:
             yield url
     except NoEngine as e:
-        pytest.skip(f"no Docker engine can be started here: {e}")
+        missing(f"no Docker engine can be started here: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def base(docker_url):
     try:
         return base_image(docker_url)
     except NoEngine as e:
-        pytest.skip(str(e))
+        missing(f"no base image for the test containers: {e}")
 
 
 @pytest.fixture

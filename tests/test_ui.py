@@ -7,7 +7,8 @@ no browser-automation package. The UI is a JavaScript single-page app: pages are
 renders (`document.body.innerText`), polled until it settles.
 
 Screenshots go to $RN50_TEST_ARTIFACTS (if set, e.g. by CI) or the test's tmp dir; their paths are printed.
-Debian packages: chromium, chromium-driver.
+Debian packages: chromium, chromium-driver. Only the page tests need them: the run through the worker and its
+check on the server's API run without a browser.
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port, missing, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +46,6 @@ ARTIFACTS = ("data-verification", "pack-report", "training-progress", "complianc
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _request(method: str, url: str, body: dict | None = None, timeout: float = 60) -> dict:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
@@ -65,7 +60,7 @@ class WebDriver:
     """Just enough of a W3C WebDriver client for chromedriver: open a page, run JS, take a screenshot."""
 
     def __init__(self, workdir: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=workdir))
         self.log = workdir / "chromedriver.log"
         self.proc = subprocess.Popen([CHROMEDRIVER, f"--port={self.port}", f"--log-path={self.log}"],
@@ -123,13 +118,7 @@ class WebDriver:
             except (OSError, AssertionError):
                 pass
             self.session = None
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, timeout=10)
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
@@ -143,13 +132,11 @@ def _missing_browser() -> str | None:
 @pytest.fixture(scope="module")
 def prefect_run(tmp_path_factory):
     """A fresh local Prefect with one finished rn50/full run on a synthetic set: (LocalPrefect, flow run id)."""
-    if reason := _missing_browser():
-        pytest.skip(reason)
     from flows.local import LocalPrefect
     from tasks.synth import synthesize
 
     base = tmp_path_factory.mktemp("ui")
-    local = LocalPrefect(base / "prefect-home", _free_port())
+    local = LocalPrefect(base / "prefect-home", free_port())
     try:
         local.up()
         src, wd = base / "synthetic", base / "work"
@@ -167,6 +154,8 @@ def prefect_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory, prefect_run):
+    if reason := _missing_browser():
+        missing(reason)
     driver = WebDriver(tmp_path_factory.mktemp("chromium"))
     yield driver
     driver.quit()
