@@ -257,32 +257,24 @@ def nightly(workdir: str, logs: list[str], baseline: str, tolerance_epochs: floa
 
 
 def _compliance_artifacts(r: dict) -> None:
-    rows = [{k: v[k] for k in ("file", "passed", "time_to_train_min", "epochs", "accuracy", "status", "reason")}
-            for v in r["logs"]]
-    create_table_artifact(rows, key="compliance", description=f"MLPerf compliance, ruleset {r['ruleset']}")
+    from tasks.compliance import table_rows
+
+    create_table_artifact(table_rows(r), key="compliance", description=f"MLPerf compliance, ruleset {r['ruleset']}")
     create_markdown_artifact(Path(r["report_md"]).read_text(), key="compliance-report")
 
 
 @stage("compliance", outputs=lambda wd, r: [r["report_json"], r["report_md"]], retries=0,
        publish=_compliance_artifacts)
 def compliance(workdir: str, logdir: str, ruleset: str, dataset: str) -> Any:
-    """Gate: every log passes the official checker, and the runs converged — all of them for a demo or
-    regression (< 5 runs), MLPerf's set rule (5 runs, at most one not converged) for a submission set."""
+    """Gate: tasks.compliance.gate (the same as `rn50 check LOGDIR --gate`): every log passes the official
+    checker, and the runs converged (all of them below 5 runs; MLPerf's set rule for a set of 5)."""
     from tasks.common import StageError
-    from tasks.compliance import check
+    from tasks.compliance import check, gate
 
     result = check(logdir, ruleset=ruleset, dataset=dataset)
-    failed = [v for v in result.logs if not v.passed]
-    if failed:
-        raise StageError(f"{len(failed)} log(s) fail ruleset {ruleset}: "
-                         + "; ".join(f"{Path(v.file).name}: {v.reason}" for v in failed))
-    if len(result.logs) >= 5 and not result.set_passed:
-        raise StageError(f"the set fails: {result.set_reason}")
-    unconverged = [v for v in result.logs if v.status != "success"]
-    if len(result.logs) < 5 and unconverged:
-        raise StageError(f"{len(unconverged)} run(s) did not reach the target: "
-                         + "; ".join(f"{Path(v.file).name}: {v.status} at epoch {v.epochs}, top-1 {v.accuracy}"
-                                     for v in unconverged))
+    reason = gate(result)
+    if reason:
+        raise StageError(reason)
     return result
 
 
@@ -291,7 +283,10 @@ def _archive_artifacts(r: dict) -> None:
 
     rows = [{"key": o["key"], "bytes": o["bytes"], "sha256": o.get("sha256", ""), "action": o["action"]}
             for o in r["objects"]]
-    create_table_artifact(rows, key="archive-manifest", description=f"Archived to {r['uri']}")
+    skipped = r.get("skipped") or []
+    create_table_artifact(rows, key="archive-manifest", description=f"Archived to {r['uri']}" + (
+        f"; {len(skipped)} symbolic link(s) not followed: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
+        if skipped else ""))
     if r["uri"].startswith("file://"):
         create_link_artifact(r["uri"].rstrip("/") + "/" + r["manifest_key"], link_text="MANIFEST.json",
                              key="archive-link")

@@ -13,12 +13,13 @@ and accuracy from the logs (with the package's own parser), the MLPerf set rule 
 Set of fewer than 5 logs (e.g. the flow's single demo run): every log still gets its official
 verdict, but the set is reported as "not an official set" (set.passed = false, with the reason).
 `ComplianceResult.logs_passed` is the per-log verdict a single-run demo gates on
-(`rn50 check LOGDIR --gate logs`).
+(`rn50 check LOGDIR --gate logs`). `gate()` is the one pass/fail policy of the stage: the flow's
+compliance task and `rn50 check LOGDIR --gate` both call it (every log passes; the runs converged;
+the MLPerf set rule for a set of 5). Result logs are found and read by tasks/mlperf_logs.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import platform
@@ -32,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from tasks import paths
+from tasks import mlperf_logs, paths
 from tasks.common import Result, StageError, Workdir, digest_of, file_digest, write_json_atomic, write_text_atomic
 
 BENCHMARK = "resnet"
@@ -170,41 +171,19 @@ def _one_line(msgs: list[str], limit: int = 400) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-def _result_files(logdir: Path) -> list[Path]:
-    def idx(p: Path) -> tuple[int, str]:
-        m = re.match(r"result_(\d+)\.txt$", p.name)
-        return (int(m.group(1)) if m else 1 << 30, p.name)
-
-    return sorted((Path(p) for p in glob.glob(str(logdir / "result_*.txt"))), key=idx)
-
-
 def _log_facts(path: Path, ruleset: str) -> dict[str, Any]:
-    """run_start/run_stop, convergence epoch, accuracy, status and submission fields, read with
-    mlperf-logging's own parser (the same one the summarizer uses)."""
-    from mlperf_logging.compliance_checker.mlp_parser import parse_file
-
+    """run_start/run_stop, convergence epoch, accuracy, status and submission fields (tasks.mlperf_logs)."""
     facts: dict[str, Any] = {"run_start": None, "run_stop": None, "status": "no run_stop", "epochs": None,
                              "accuracy": None, "values": {}}
     try:
-        loglines, _failed = parse_file(str(path), ruleset=ruleset)
+        lines = mlperf_logs.parse(path, ruleset)
     except Exception as e:  # unreadable file: the checker's verdict will say so
         facts["status"] = f"unparseable: {e}"
         return facts
-    for ll in loglines:
-        v = ll.value if isinstance(ll.value, dict) else {}
-        md = v.get("metadata") or {}
-        if ll.key == "run_start" and facts["run_start"] is None:
-            facts["run_start"] = float(ll.timestamp)
-        elif ll.key == "run_stop" and facts["run_stop"] is None:
-            facts["run_stop"] = float(ll.timestamp)
-            facts["status"] = str(md.get("status", "no status"))
-        elif ll.key == "eval_accuracy" and facts["run_stop"] is None:
-            facts["accuracy"] = v.get("value")
-            facts["epochs"] = md.get("epoch_num")
-        elif ll.key in ("submission_org", "submission_division", "submission_status", "submission_platform",
-                        "submission_benchmark", "global_batch_size", "train_samples", "eval_samples"):
-            facts["values"].setdefault(ll.key, v.get("value"))
-    return facts
+    s = mlperf_logs.summarize(lines)
+    epochs, accuracy = s.last_eval
+    return {"run_start": s.run_start, "run_stop": s.run_stop, "status": s.status, "epochs": epochs,
+            "accuracy": accuracy, "values": s.values}
 
 
 def olympic_mean(scores: list[float], n_failed: int, max_dropped: int = MAX_FAILED) -> float | None:
@@ -274,7 +253,7 @@ def detect_host() -> dict[str, str]:
     }
 
 
-def _load_system_config(system: str | os.PathLike | None, platform_name: str | None) -> tuple[str, dict]:
+def load_system_config(system: str | os.PathLike | None, platform_name: str | None) -> tuple[str, dict]:
     """Resolve the system config: a path, a name in configs/systems/, or (None) the config whose
     match_platforms lists the logs' submission_platform, else local-cpu."""
     if system is None:
@@ -352,14 +331,14 @@ def check(
         raise StageError(f"ruleset {ruleset!r} has no resnet benchmark in mlperf-logging; use one of {', '.join(known)}")
     if dataset not in ("auto", "imagenet", "synthetic"):
         raise StageError(f"dataset must be auto, imagenet or synthetic, not {dataset!r}")
-    files = _result_files(logdir)
+    files = mlperf_logs.result_files(logdir)
     if not files:
         raise StageError(f"no result_*.txt in {logdir}")
     rcp_tables = _rcp_rulesets()
     if rcp_version is not None and rcp_version not in rcp_tables:
         raise StageError(f"no resnet RCPs for version {rcp_version!r}; have {', '.join(sorted(rcp_tables, key=_version_key))}")
     # Resolve the system description before any work, so a typo fails fast and writes nothing.
-    sys_name, sys_cfg = _load_system_config(system, _log_facts(files[0], ruleset)["values"].get("submission_platform"))
+    sys_name, sys_cfg = load_system_config(system, _log_facts(files[0], ruleset)["values"].get("submission_platform"))
     out = Path(out_dir).resolve() if out_dir else default_out_dir(logdir)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -561,6 +540,39 @@ def _package(root: Path, files: list[Path], ruleset: str, sys_name: str, sys_cfg
     }
 
 
+# --- the gate -------------------------------------------------------------------------------------
+
+GATES = ("flow", "set", "logs")
+
+
+def gate(result: ComplianceResult, policy: str = "flow") -> str | None:
+    """Whether the compliance stage passes: None when it does, else the one-line reason.
+
+    "flow", what the rn50 flow's compliance stage and `rn50 check LOGDIR --gate` enforce: every log passes
+    the official checker, and the runs converged: all of them for a demo or a regression (fewer than 5
+    runs), MLPerf's set rule (5 runs, at most one failure, the RCP check when it applies) for a set.
+    "set": MLPerf's set rule alone (the default exit code of `rn50 check`). "logs": every log passes the
+    checker (a single-run demo that need not converge)."""
+    if policy not in GATES:
+        raise StageError(f"gate must be one of {', '.join(GATES)}, not {policy!r}")
+    if policy == "set":
+        return None if result.set_passed else f"the set fails: {result.set_reason}"
+    failed = [v for v in result.logs if not v.passed]
+    if failed:
+        return (f"{len(failed)} log(s) fail ruleset {result.ruleset}: "
+                + "; ".join(f"{Path(v.file).name}: {v.reason}" for v in failed))
+    if policy == "logs":
+        return None
+    if len(result.logs) >= SET_SIZE and not result.set_passed:
+        return f"the set fails: {result.set_reason}"
+    unconverged = [v for v in result.logs if v.status != "success"]
+    if len(result.logs) < SET_SIZE and unconverged:
+        return (f"{len(unconverged)} run(s) did not reach the target: "
+                + "; ".join(f"{Path(v.file).name}: {v.status} at epoch {v.epochs}, top-1 {v.accuracy}"
+                            for v in unconverged))
+    return None
+
+
 # --- reports --------------------------------------------------------------------------------------
 
 
@@ -572,12 +584,14 @@ def _fmt(x: Any, nd: int = 2) -> str:
     return str(x)
 
 
-def table_rows(result: ComplianceResult) -> list[dict[str, Any]]:
-    """One row per run, for prefect.artifacts.create_table_artifact(table=...)."""
+def table_rows(result: ComplianceResult | dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per run, for prefect.artifacts.create_table_artifact(table=...); from the result or its dict."""
+    logs = result["logs"] if isinstance(result, dict) else [dataclasses.asdict(v) for v in result.logs]
     return [
-        {"file": v.file, "passed": v.passed, "time_to_train_min": None if v.time_to_train_min is None else round(v.time_to_train_min, 2),
-         "epochs": v.epochs, "accuracy": v.accuracy, "status": v.status, "reason": v.reason}
-        for v in result.logs
+        {"file": v["file"], "passed": v["passed"],
+         "time_to_train_min": None if v["time_to_train_min"] is None else round(v["time_to_train_min"], 2),
+         "epochs": v["epochs"], "accuracy": v["accuracy"], "status": v["status"], "reason": v["reason"]}
+        for v in logs
     ]
 
 
@@ -634,8 +648,10 @@ def add_command(subparsers) -> None:
     p.add_argument("--system", default=None, help="system description: name in configs/systems/ or a .yaml path")
     p.add_argument("--out", default=None, help="report directory (default WORKDIR/compliance/<run-id>)")
     p.add_argument("--rcp-version", default=None, help="RCP table version (default: the ruleset's, if it has one)")
-    p.add_argument("--gate", choices=["set", "logs"], default="set",
-                   help="exit non-zero when the MLPerf set fails (default) or only when a log fails (single-run demo)")
+    p.add_argument("--gate", nargs="?", const="flow", choices=GATES, default="set",
+                   help="exit 1 with the one-line reason unless the runs pass: bare --gate (= flow) is the rn50 "
+                        "flow's compliance gate (every log passes and converged; the MLPerf set rule for 5 runs); "
+                        "set: the MLPerf set rule (the default); logs: every log passes the checker")
     p.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     p.set_defaults(run=_run)
 
@@ -654,5 +670,7 @@ def _run(args) -> int:
         if r.package.get("generated"):
             print(f"package checker: {'PASS' if r.package['passed'] else 'FAIL'} ({r.package['reason']})")
         print(f"report: {r.report_md}")
-    ok = r.set_passed if args.gate == "set" else r.logs_passed
-    return 0 if ok else 1
+    reason = gate(r, args.gate)
+    if reason:
+        print(f"rn50 check: gate {args.gate} failed: {reason}", file=sys.stderr)
+    return 1 if reason else 0

@@ -1,11 +1,13 @@
 """Compliance stage against the official mlperf-logging 4.1.68 tools (run for real, no mocks).
 
-Real logs: the five Inspur NF5488 MLPerf v0.7 results (shared/fixtures). Logs that must pass 4.0.0
+Real logs: the five Inspur NF5488 MLPerf v0.7 results (tests/fixtures/mlperf-v0.7-inspur, see its
+SOURCE.md). Logs that must pass 4.0.0
 are CONSTRUCTED here with mlperf_logging.mllog (a real MLLogger writing a real file), since the
 fixtures predate 4.0.0; their names say "constructed".
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -16,16 +18,16 @@ from pathlib import Path
 import pytest
 
 from tasks import compliance
+from tasks.common import StageError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/mlperf-v0.7-inspur"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mlperf-v0.7-inspur"
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def inspur_run(tmp_path):
-    """The five fixtures copied into WORKDIR/runs/inspur-v07 (the fixtures dir is read-only)."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"fixtures not found at {FIXTURES}")
+    """The five fixtures copied into WORKDIR/runs/inspur-v07 (tests never change the fixtures)."""
+    assert len(list(FIXTURES.glob("result_*.txt"))) == 5, f"the Inspur fixtures belong in {FIXTURES}"
     run = tmp_path / "wd" / "runs" / "inspur-v07"
     run.mkdir(parents=True)
     for f in sorted(FIXTURES.glob("result_*.txt")):
@@ -207,6 +209,52 @@ def test_constructed_set_one_failure_allowed_two_not(tmp_path):
     assert not r2.set_passed and "2 of 5 runs failed" in r2.set_reason and r2.set_time_to_train_min is None
 
 
+# --- the gate: one policy for the flow's compliance stage and `rn50 check --gate` ------------------
+
+
+def test_gate_flag_is_the_flows_policy_with_a_one_line_reason(tmp_path):
+    ok = tmp_path / "runs" / "ok"
+    ok.mkdir(parents=True)
+    write_constructed_log(ok / "result_0.txt", seed=1, minutes=2.0)
+    # one converged run: not an MLPerf set (the default exit code), but the flow's gate passes
+    code, out, err = run_cli("check", str(ok), "--dataset", "synthetic", "--gate")
+    assert code == 0 and err == "" and "result_0.txt: PASS" in out, err
+    code, _, err = run_cli("check", str(ok), "--dataset", "synthetic")
+    assert code == 1 and err.startswith("rn50 check: gate set failed: the set fails: not an official set")
+
+    bad = tmp_path / "runs" / "bad"
+    bad.mkdir(parents=True)
+    write_constructed_log(bad / "result_0.txt", seed=2, minutes=2.0, converged=False)
+    code, out, err = run_cli("check", str(bad), "--dataset", "synthetic", "--gate", "--json")
+    assert code == 1 and json.loads(out)["logs"][0]["status"] == "aborted"
+    assert len(err.splitlines()) == 1 and err.startswith("rn50 check: gate flow failed: 1 log(s) fail ruleset 4.0.0: "
+                                                         "result_0.txt: "), err
+    r = compliance.check(bad, ruleset="4.0.0", dataset="synthetic", out_dir=tmp_path / "rep")
+    assert err.strip().endswith(compliance.gate(r))  # the CLI prints exactly the stage's reason
+
+
+def test_gate_policy_for_runs_and_sets(tmp_path):
+    run = tmp_path / "runs" / "set5"
+    run.mkdir(parents=True)
+    for i in range(5):
+        write_constructed_log(run / f"result_{i}.txt", seed=10 + i, minutes=10.0 + i, converged=(i != 2))
+    r = compliance.check(run, ruleset="4.0.0", out_dir=tmp_path / "rep")
+    assert r.set_passed and compliance.gate(r, "set") is None  # MLPerf allows one failure in a set...
+    reason = compliance.gate(r)  # ...the flow's gate wants every log to pass the checker
+    assert reason.startswith("1 log(s) fail ruleset 4.0.0: result_2.txt: ") and "\n" not in reason
+    assert compliance.gate(r, "logs") == reason
+
+    one = dataclasses.replace(r, logs=[dataclasses.replace(r.logs[0], status="aborted", epochs=4, accuracy=0.7)])
+    assert compliance.gate(one) == "1 run(s) did not reach the target: result_0.txt: aborted at epoch 4, top-1 0.7"
+    assert compliance.gate(one, "logs") is None
+    clean = dataclasses.replace(r, logs=[v for v in r.logs if v.passed], set_passed=False, set_reason="RCP check failed: x")
+    assert len(clean.logs) == 4 and compliance.gate(clean) is None  # fewer than 5 runs: all converged is enough
+    five = dataclasses.replace(r, logs=[*clean.logs, clean.logs[0]], set_passed=False, set_reason="RCP check failed: x")
+    assert compliance.gate(five) == "the set fails: RCP check failed: x"
+    with pytest.raises(StageError, match="^gate must be one of flow, set, logs"):
+        compliance.gate(r, "strict")
+
+
 # --- system description ---------------------------------------------------------------------------
 
 
@@ -214,7 +262,7 @@ def test_local_system_description_is_detected_and_passes_official_checker(tmp_pa
     import psutil
     from mlperf_logging.system_desc_checker.system_desc_checker import check_system_desc
 
-    _, cfg = compliance._load_system_config("local-cpu", None)
+    _, cfg = compliance.load_system_config("local-cpu", None)
     desc = compliance.system_description(cfg, {"submission_org": "acme", "submission_division": "open",
                                                 "submission_status": "onprem"})
     assert desc["accelerators_per_node"] == "0"
@@ -242,7 +290,13 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, case):
             "dataset": [str(run), "--dataset", "cifar"]}[case]
     code, out, err = run_cli("check", *args)
     assert code == 2, (out, err)
-    assert len(err.strip().splitlines()) == 1 and err.startswith("rn50 check: error:") or case == "dataset"
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("rn50 check: error:"), err
+    if case == "dataset":  # argparse refuses the choice itself: its usage, then the one error line naming it
+        assert lines[0].startswith("usage: rn50 check") and "--dataset" in lines[-1] and "'cifar'" in lines[-1], err
+        assert not [ln for ln in lines[1:-1] if not ln.startswith(" ")], err
+    else:
+        assert len(lines) == 1, err
     if case == "ruleset":
         assert "4.0.0" in err
     assert not (tmp_path / "compliance").exists()
