@@ -1,8 +1,9 @@
-"""Launch stage: run `python -m rn50.train` across the hosts of an inventory with Horovod's launcher.
+"""Train stage (`rn50 train`, `tasks.train.train`): run `python -m rn50.train` across the hosts of an
+inventory with Horovod's launcher.
 
-What replaces the seeds' hand-edited scripts: a YAML inventory (hosts, slots, ssh port/user/key,
-interface, local or docker runtime), a preflight that fails with one line naming the host before any
-rank starts, `horovodrun` (Gloo on CPU; `--mpi` where Horovod was built with MPI) with every rank's
+What replaces the seeds' hand-edited scripts: a YAML inventory (tasks/inventory.py: hosts, slots, ssh
+port/user/key, interface, local or docker runtime), SSH with pinned host keys (tasks/ssh.py), a
+preflight that fails with one line naming the host before any rank starts, `horovodrun` (Gloo on CPU; `--mpi` where Horovod was built with MPI) with every rank's
 output streamed into the log and into runs/<run-id>/, a timeout for hung jobs, and `--runs N` runs
 with distinct seeds, one result_<n>.txt each.
 
@@ -19,9 +20,7 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,8 +30,12 @@ from typing import Any, Sequence
 
 from tasks import paths
 from tasks.common import Result, StageError, Workdir, file_digest, write_json_atomic, write_text_atomic
+from tasks.inventory import Host, Inventory, load_inventory, read_env_file
+from tasks.ssh import (CONNECT_TIMEOUT_S, Remote, Trust, container_wrapper_script, host_key_problem, is_local,
+                       is_local_name, prepare_known_hosts, write_wrapper)
+from tasks.ssh import setup as ssh_setup
 
-log = logging.getLogger("rn50.train")
+log = logging.getLogger(__name__)
 
 RECORDIO_FILES = ("train.rec", "train.idx", "val.rec", "val.idx")
 # The .rec files can be ~140 GB; a digest of their first and last MiB plus the exact size (and the
@@ -40,48 +43,14 @@ RECORDIO_FILES = ("train.rec", "train.idx", "val.rec", "val.idx")
 # without reading the whole file on every host before every launch.
 SAMPLE_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 6 * 3600
-DEFAULT_MIN_FREE_BYTES = 1 << 30
-SSH_CONNECT_TIMEOUT_S = 5
+PROBE_TIMEOUT_S = CONNECT_TIMEOUT_S + 60
+# Characters a run directory may hold when ranks run on other hosts: Horovod runs `cd <dir>` there
+# through the remote shell without quoting it.
+SHELL_SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+,:@=-]*")
 # Environment variables handed to horovodrun (and from it to every rank, on every host, on the
 # command line): nothing else from the caller's environment, so credentials (AWS_*, PREFECT_API_KEY,
 # tokens) held by the flow's worker never reach a remote command line or a log.
 ENV_ALLOWLIST = ("HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TMPDIR", "TZ", "PYTHONPATH")
-
-
-@dataclasses.dataclass(frozen=True)
-class Host:
-    host: str
-    slots: int
-    ssh_port: int | None = None
-    user: str | None = None
-    key: str | None = None  # path of the private key file; its content is never read
-    interface: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.host}:{self.ssh_port}" if self.ssh_port else self.host
-
-
-@dataclasses.dataclass(frozen=True)
-class Inventory:
-    hosts: tuple[Host, ...]
-    runtime: str = "local"  # local | docker
-    controller: str = "gloo"  # gloo | mpi (MPI needs a Horovod built with it: GPU clusters, NGC image)
-    interface: str | None = None  # common NIC name (Gloo iface, NCCL_SOCKET_IFNAME)
-    python: str | None = None  # interpreter on the hosts; default: this one (local) / `python` (docker)
-    data_dir: str | None = None  # recordio/ path on every host; default: WORKDIR/recordio
-    work_dir: str | None = None  # where ranks write on every host (free-disk check); default: WORKDIR
-    env_profile: str = "cpu"  # configs/env/<profile>.env, or a path
-    env: tuple[tuple[str, str], ...] = ()
-    container: str = "rn50-node"  # docker runtime: name of the per-host container running sshd
-    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
-
-    @property
-    def total_slots(self) -> int:
-        return sum(h.slots for h in self.hosts)
-
-
-LOCAL_DEFAULT = Inventory(hosts=(Host("localhost", 2),))
 
 
 @dataclasses.dataclass
@@ -101,172 +70,6 @@ class TrainResult(Result):
     logs: list[str]  # launcher log and one log per rank and run
     data_digest: str  # digest of the recordio files the ranks read (sizes + idx md5 + rec samples)
     duration_s: float
-
-
-# --- inventory --------------------------------------------------------------------------------------
-
-
-def load_inventory(path: Path | str | None) -> Inventory:
-    """Parse and validate an inventory YAML; None gives the local default (localhost, 2 slots)."""
-    if path is None:
-        return LOCAL_DEFAULT
-    import yaml
-
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise StageError(f"inventory {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise StageError(f"inventory {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_inventory(doc, source=str(path))
-
-
-def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
-    if not isinstance(doc, dict) or not isinstance(doc.get("hosts"), list) or not doc["hosts"]:
-        raise StageError(f"{source}: needs a non-empty `hosts:` list of {{host, slots, ssh_port}}")
-    known = {f.name for f in dataclasses.fields(Host)}
-    hosts = []
-    for i, h in enumerate(doc["hosts"]):
-        if not isinstance(h, dict) or "host" not in h:
-            raise StageError(f"{source}: hosts[{i}] needs at least `host:`")
-        extra = set(h) - known
-        if extra:
-            raise StageError(f"{source}: hosts[{i}] ({h['host']}): unknown key(s) {sorted(extra)}")
-        try:
-            slots = int(h.get("slots", 1))
-            port = None if h.get("ssh_port") is None else int(h["ssh_port"])
-        except (TypeError, ValueError):
-            raise StageError(f"{source}: hosts[{i}] ({h['host']}): slots and ssh_port must be integers") from None
-        if slots < 1:
-            raise StageError(f"{source}: hosts[{i}] ({h['host']}): slots must be >= 1")
-        if port is not None and not 0 < port < 65536:
-            raise StageError(f"{source}: hosts[{i}] ({h['host']}): ssh_port {port} is not a TCP port")
-        key = h.get("key")
-        hosts.append(Host(str(h["host"]), slots, port, h.get("user"),
-                          str(Path(key).expanduser()) if key else None, h.get("interface")))
-    names = [h.host for h in hosts]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise StageError(f"{source}: host(s) {dup} listed twice; give one entry with the total slots")
-    runtime = doc.get("runtime", "local")
-    if runtime not in ("local", "docker"):
-        raise StageError(f"{source}: runtime must be `local` or `docker`, not {runtime!r}")
-    controller = doc.get("controller", "gloo")
-    if controller not in ("gloo", "mpi"):
-        raise StageError(f"{source}: controller must be `gloo` or `mpi`, not {controller!r}")
-    env = doc.get("env") or {}
-    if not isinstance(env, dict):
-        raise StageError(f"{source}: `env:` must be a mapping of NAME: value")
-    ifaces = {h.interface for h in hosts if h.interface} | ({doc["interface"]} if doc.get("interface") else set())
-    if len(ifaces) > 1:
-        # Horovod's Gloo transport takes one interface name for all ranks.
-        raise StageError(f"{source}: hosts name different interfaces {sorted(ifaces)}; Horovod needs one common NIC name")
-    return Inventory(
-        hosts=tuple(hosts),
-        runtime=runtime,
-        controller=controller,
-        interface=next(iter(ifaces), None),
-        python=doc.get("python"),
-        data_dir=doc.get("data_dir"),
-        work_dir=doc.get("work_dir"),
-        env_profile=str(doc.get("env_profile", "gpu" if runtime == "docker" else "cpu")),
-        env=tuple(sorted((str(k), str(v)) for k, v in env.items())),
-        container=str(doc.get("container", "rn50-node")),
-        min_free_bytes=int(doc.get("min_free_bytes", DEFAULT_MIN_FREE_BYTES)),
-    )
-
-
-def read_env_file(profile: str) -> dict[str, str]:
-    """KEY=VALUE lines (the format the Dockerfile's entrypoint sources); `#` comments, no expansion."""
-    path = paths.resolve("env", profile)
-    out = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        k, sep, v = line.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k.strip()):
-            raise StageError(f"{path}:{n}: expected NAME=value, got {line!r}")
-        out[k.strip()] = v.strip().strip('"').strip("'")
-    return out
-
-
-# --- hosts: local or over ssh -------------------------------------------------------------------------
-
-
-def _local_addresses() -> set[str]:
-    import psutil
-
-    addrs = {"127.0.0.1"}
-    for infos in psutil.net_if_addrs().values():
-        addrs |= {i.address for i in infos if i.family == socket.AF_INET}
-    return addrs
-
-
-def is_local(host: Host) -> bool:
-    """The rule horovodrun applies: a host whose address is one of ours runs its ranks without ssh."""
-    if host.host == "localhost":
-        return True
-    try:
-        return socket.gethostbyname(host.host) in _local_addresses()
-    except OSError:
-        return False
-
-
-def write_ssh_config(path: Path, hosts: Sequence[Host], known_hosts: Path) -> Path:
-    """One `Host` block per inventory entry, so each host keeps its own port, user and key even
-    though horovodrun takes a single -p/-i for all of them."""
-    lines = []
-    for h in hosts:
-        lines.append(f"Host {h.host}")
-        if h.ssh_port:
-            lines.append(f"  Port {h.ssh_port}")
-        if h.user:
-            lines.append(f"  User {h.user}")
-        if h.key:
-            lines += [f"  IdentityFile {h.key}", "  IdentitiesOnly yes"]
-    lines += [
-        "Host *",
-        "  BatchMode yes",
-        "  PasswordAuthentication no",
-        f"  ConnectTimeout {SSH_CONNECT_TIMEOUT_S}",
-        "  StrictHostKeyChecking no",
-        f"  UserKnownHostsFile {known_hosts}",
-        "  LogLevel ERROR",
-        "  ServerAliveInterval 15",
-        "  ServerAliveCountMax 4",
-    ]
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _ssh_wrapper(bin_dir: Path, config: Path) -> Path:
-    """An `ssh` first on horovodrun's PATH that adds `-F config` to the command Horovod builds."""
-    real = shutil.which("ssh")
-    if real is None:
-        raise StageError("the `ssh` client is not installed on the launcher (Debian: openssh-client)")
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    wrapper = bin_dir / "ssh"
-    write_text_atomic(wrapper, f'#!/bin/sh\nexec {shlex.quote(real)} -F {shlex.quote(str(config))} "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
-
-
-class Remote:
-    """Runs short shell commands on one host: directly when local, over ssh otherwise."""
-
-    def __init__(self, host: Host, ssh_config: Path | None, runtime: str = "local"):
-        # With runtime docker the ssh port is the node container's sshd: always go through it.
-        self.host, self.ssh_config = host, ssh_config
-        self.local = runtime == "local" and is_local(host)
-
-    def run(self, script: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        if self.local:
-            argv = ["sh", "-c", script]
-        else:
-            argv = ["ssh", "-F", str(self.ssh_config), self.host.host, script]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 # --- preflight ----------------------------------------------------------------------------------------
@@ -320,17 +123,22 @@ def _probe_script(data_dir: str, work_dir: str, runtime: str, image: str | None)
 
 
 def _check_host(host: Host, remote: Remote, expected: dict, inv: Inventory, data_dir: str, work_dir: str,
-                image: str | None) -> list[str]:
+                image: str | None, trust: Trust) -> list[str]:
     where = f"host {host.label}" + ("" if remote.local else " (ssh)")
     try:
-        proc = remote.run(_probe_script(data_dir, work_dir, inv.runtime, image), timeout=SSH_CONNECT_TIMEOUT_S + 60)
+        # The probe is the first contact with a host: the one ssh call allowed to pin a new host's key.
+        proc = remote.run(_probe_script(data_dir, work_dir, inv.runtime, image), timeout=PROBE_TIMEOUT_S,
+                          first_contact=True)
     except subprocess.TimeoutExpired:
-        return [f"{where}: no answer within {SSH_CONNECT_TIMEOUT_S + 60} s"]
+        return [f"{where}: no answer within {PROBE_TIMEOUT_S} s"]
     facts: dict[str, str] = {}
     for line in proc.stdout.splitlines():
         k, _, v = line.partition(" ")
         facts[k] = v.strip()
     if proc.returncode != 0 or "ok" not in facts:
+        key_problem = None if remote.local else host_key_problem(proc.stderr, host, trust.known_hosts)
+        if key_problem:
+            return [f"{where}: {key_problem}"]
         msg = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         return [f"{where}: ssh unreachable: {msg}" if not remote.local else f"{where}: probe failed: {msg}"]
     errors = []
@@ -360,8 +168,21 @@ def _check_host(host: Host, remote: Remote, expected: dict, inv: Inventory, data
     return errors
 
 
-def check_inputs(inv: Inventory, recordio: Path, np: int, image: str | None) -> dict[str, Any]:
+def over_ssh(inv: Inventory) -> bool:
+    """Whether any rank or probe reaches its host over ssh."""
+    return inv.runtime == "docker" or not all(is_local(h) for h in inv.hosts)
+
+
+def known_hosts_path(inv: Inventory, wd: Workdir) -> Path:
+    """Where the inventory's first-contact host keys are pinned."""
+    return Path(inv.known_hosts) if inv.known_hosts else wd.root / ".ssh" / "known_hosts"
+
+
+def check_inputs(inv: Inventory, recordio: Path, np: int, image: str | None, wd: Workdir | None = None) -> dict[str, Any]:
     """What can be judged on the launcher alone; nothing is written when this fails."""
+    if wd is not None and over_ssh(inv) and not SHELL_SAFE_PATH.fullmatch(str(wd.runs)):
+        raise StageError(f"workdir {str(wd.root)!r}: ranks on other hosts start in {wd.runs}/<run-id>, which Horovod "
+                         "passes through their shell unquoted; use a path of letters, digits and ._+,:@=/-")
     if np > inv.total_slots:
         raise StageError(f"preflight: {np} ranks requested but the inventory has only {inv.total_slots} slots")
     if inv.runtime == "docker" and not image:
@@ -372,14 +193,14 @@ def check_inputs(inv: Inventory, recordio: Path, np: int, image: str | None) -> 
     return expected_data(recordio)
 
 
-def preflight(inv: Inventory, expected: dict[str, Any], data_dir: str, work_dir: str, ssh_config: Path,
+def preflight(inv: Inventory, expected: dict[str, Any], data_dir: str, work_dir: str, trust: Trust,
               image: str | None = None) -> None:
     """Check every host before any rank starts; raise one StageError line listing every failure."""
     errors: list[str] = []
     lock = threading.Lock()
 
     def one(h: Host) -> None:
-        errs = _check_host(h, Remote(h, ssh_config, inv.runtime), expected, inv, data_dir, work_dir, image)
+        errs = _check_host(h, Remote(h, trust.config, inv.runtime), expected, inv, data_dir, work_dir, image, trust)
         with lock:
             errors.extend(errs)
 
@@ -416,19 +237,21 @@ def horovod_command(inv: Inventory, np: int, rank_argv: Sequence[str], start_tim
     return argv + list(rank_argv)
 
 
-def _in_first_container(inv: Inventory, argv: list[str], env: dict[str, str], ssh_config: Path) -> list[str]:
+def in_first_container(inv: Inventory, argv: list[str], env: dict[str, str], trust: Trust) -> list[str]:
     """Runtime docker: run horovodrun inside the first host's container (as the seeds did by hand);
-    it reaches the other containers' sshd with the key mounted at /root/.ssh (infra/start-node.sh)."""
+    it reaches the other containers' sshd with the key mounted at /root/.ssh (infra/start-node.sh),
+    trusting only the host keys pinned on the launcher."""
     h0 = inv.hosts[0]
     inner = [inv.python or "python"] + argv[1:]  # the container's interpreter (as the ranks use), not the launcher's
     if h0.ssh_port:
         inner[inner.index("--disable-cache"):inner.index("--disable-cache")] = ["-p", str(h0.ssh_port)]
     keep = {k: v for k, v in env.items() if k not in ("PATH", "HOME", "PYTHONPATH", "USER", "LOGNAME")}
-    remote = "cd /tmp && env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in keep.items()) + " " + shlex.join(inner)
-    return ["ssh", "-F", str(ssh_config), h0.host, remote]
+    remote = (container_wrapper_script(trust.lines(inv.hosts[1:])) + " && cd /tmp && env "
+              + " ".join(f"{k}={shlex.quote(v)}" for k, v in keep.items()) + " " + shlex.join(inner))
+    return ["ssh", "-F", str(trust.config), "-o", "StrictHostKeyChecking=yes", "--", h0.host, remote]
 
 
-def _rank_env(inv: Inventory, ssh_bin: Path | None) -> dict[str, str]:
+def rank_env(inv: Inventory, ssh_bin: Path | None) -> dict[str, str]:
     env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
     path = [str(Path(sys.executable).parent), "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
     if ssh_bin:
@@ -466,11 +289,13 @@ class _Streamer:
                 f = self.rank_files.get(rank)
                 if f is None:
                     f = self.rank_files[rank] = open(self.dir / f"rank{rank}_{self.n}.log", "a", buffering=1)
+                    if rank != 0:  # rank 0's lines go to the task log; the others' only to their files
+                        self.logger.info("[run %d rank %d] output in %s", self.n, rank, f.name)
                 f.write(text + "\n")
                 if stream == "stderr" and text.strip():
                     self.tail.setdefault(rank, []).append(text.strip())
                     del self.tail[rank][:-20]
-                self.logger.info("[run %d rank %d] %s", self.n, rank, text)
+                self.logger.log(logging.INFO if rank == 0 else logging.DEBUG, "[run %d rank %d] %s", self.n, rank, text)
                 return
             e = EXIT_LINE.match(line)
             if e:
@@ -514,10 +339,6 @@ class _Streamer:
 _PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Horovod has been shut down|ranks? (has|have) (finished|shut)", re.I)
 _EXCEPTION = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b")
 _FATAL = re.compile(r"Segmentation fault|Fatal Python error|Killed|Bus error|Illegal instruction")
-
-
-def is_local_name(host: str) -> bool:
-    return is_local(Host(host, 1))
 
 
 def _last_error(lines: list[str]) -> str:
@@ -584,7 +405,7 @@ def _finish(run_dir: Path, status: dict[str, Any]) -> None:
         write_text_atomic(run_dir / "FAILED", status.get("error", "failed") + "\n")
 
 
-def launch(
+def train(
     workdir: Path | str,
     hosts: Path | str | Inventory | None = None,
     config: str = "cpu-demo",
@@ -619,14 +440,16 @@ def launch(
     base_seed = seed if seed is not None else secrets.randbelow(2**31 - runs)
     seeds = [base_seed + n for n in range(runs)]
 
-    expected = check_inputs(inv, recordio, np, image)
+    expected = check_inputs(inv, recordio, np, image, wd)
     data_digest = hashlib.sha256(repr(sorted(expected.items())).encode()).hexdigest()
 
     run_id = new_run_id()
     run_dir = wd.runs / run_id
     run_dir.mkdir(parents=True)
     launcher_dir = run_dir / ".launcher"
-    ssh_config = write_ssh_config(launcher_dir / "ssh_config", inv.hosts, launcher_dir / "known_hosts")
+    if over_ssh(inv):
+        prepare_known_hosts(known_hosts_path(inv, wd))
+    trust = ssh_setup(launcher_dir, inv.hosts, known_hosts_path(inv, wd))
     started = time.time()
     status: dict[str, Any] = {
         "run_id": run_id, "status": "running", "config": config, "np": np, "runs": runs, "seeds": seeds,
@@ -636,16 +459,16 @@ def launch(
     write_json_atomic(run_dir / "status.json", status)
     logs: list[Path] = []
     try:
-        preflight(inv, expected, data_dir, str(inv.work_dir or wd.root), ssh_config, image)
-        ssh_bin = _ssh_wrapper(launcher_dir / "bin", ssh_config).parent
-        env = _rank_env(inv, ssh_bin)
+        preflight(inv, expected, data_dir, str(inv.work_dir or wd.root), trust, image)
+        ssh_bin = write_wrapper(launcher_dir / "bin", trust.config).parent
+        env = rank_env(inv, ssh_bin)
         results = []
         for n, s in enumerate(seeds):
             rank_argv = list(entry) + ["--config", config, "--data", data_dir, "--out", str(run_dir),
                                        "--run-index", str(n), "--seed", str(s)] + list(extra_args)
             argv = horovod_command(inv, np, rank_argv)
             if inv.runtime == "docker":
-                argv = _in_first_container(inv, argv, env, ssh_config)
+                argv = in_first_container(inv, argv, env, trust)
             logger.info("run %d/%d (seed %d): %s", n + 1, runs, s, shlex.join(argv))
             streamer = _Streamer(run_dir, n, logger, _hosts_of_rank(inv, np))
             try:
@@ -690,7 +513,7 @@ def launch(
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("train", help="launch Horovod training across the inventory's hosts",
-                              description=launch.__doc__)
+                              description=train.__doc__)
     p.add_argument("workdir", type=Path)
     p.add_argument("--hosts", type=Path, default=None, help="inventory YAML (default: localhost, 2 slots)")
     p.add_argument("--config", default="cpu-demo", help="configs/training/NAME.yaml or a path")
@@ -704,7 +527,7 @@ def add_command(subparsers) -> None:
 
 def _cli(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    res = launch(args.workdir, hosts=args.hosts, config=args.config, runs=args.runs, image=args.image,
+    res = train(args.workdir, hosts=args.hosts, config=args.config, runs=args.runs, image=args.image,
                  timeout_s=args.timeout, np=args.np, seed=args.seed)
     print(res.to_json())
     return 0

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -17,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from tasks.common import StageError
-from tasks.train import Inventory, Host, launch, load_inventory, parse_inventory
+from tasks.inventory import Host, Inventory, load_inventory, parse_inventory
+from tasks.train import train as launch
 from tests.sshd_hosts import closed_loopback_port
 
 PROBE = [sys.executable, str(Path(__file__).with_name("hvd_probe.py"))]
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICI4WqqdxNOI7HMu0pgRZkAzZ4tjDwci38CLAdILqEuv"  # a throw-away key
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -78,9 +82,13 @@ def test_kill_one_rank_mid_run(wd, tmp_path):
     inv = _local(PROBE_SLEEP="60", PROBE_PIDFILE_DIR=str(pids))
     killed = {}
 
+    def running() -> bool:  # rank 1 is past hvd.init and sleeping
+        return (pids / "rank1.pid").exists() and any(
+            "PROBE rank=1" in p.read_text() for p in (wd / "runs").glob("*/rank1_0.log"))
+
     def killer():
         deadline = time.time() + 60
-        while time.time() < deadline and not (pids / "rank1.pid").exists():
+        while time.time() < deadline and not running():
             time.sleep(0.1)
         time.sleep(0.5)
         killed["pid"] = int((pids / "rank1.pid").read_text())
@@ -104,10 +112,12 @@ def test_hung_job_times_out_and_ranks_are_stopped(wd, tmp_path):
     pids = tmp_path / "pids"
     pids.mkdir()
     started = time.time()
-    with pytest.raises(StageError, match="timed out after 6 s"):
-        launch(wd, hosts=_local(PROBE_SLEEP="120", PROBE_PIDFILE_DIR=str(pids)), entry=PROBE, timeout_s=6)
-    assert time.time() - started < 40
+    with pytest.raises(StageError, match="timed out after 15 s"):
+        launch(wd, hosts=_local(PROBE_SLEEP="120", PROBE_PIDFILE_DIR=str(pids)), entry=PROBE, timeout_s=15)
+    assert time.time() - started < 15 + 30
     time.sleep(1)
+    # Both ranks started (they write their pid before sleeping); each must be gone.
+    assert sorted(f.name for f in pids.iterdir()) == ["rank0.pid", "rank1.pid"]
     for f in pids.iterdir():
         with pytest.raises(ProcessLookupError):
             os.kill(int(f.read_text()), 0)
@@ -180,7 +190,9 @@ def test_inventory_examples_parse():
 
 
 def test_no_secrets_in_logs_or_artifacts(wd, tmp_path, monkeypatch, caplog):
-    """Credentials in the caller's environment and the ssh key must not reach ranks, logs or files."""
+    """Credentials in the caller's environment and the ssh key must not reach ranks, logs or files.
+    Each rank prints its whole environment into its log, so a secret that reaches a rank shows there
+    (checked: AWS_SECRET_ACCESS_KEY added to tasks.train.ENV_ALLOWLIST fails this test)."""
     secret_values = ["AKIAEXAMPLESECRET123", "prefect-api-key-s3cr3t", "hunter2-password"]
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_values[0])
     monkeypatch.setenv("PREFECT_API_KEY", secret_values[1])
@@ -188,9 +200,16 @@ def test_no_secrets_in_logs_or_artifacts(wd, tmp_path, monkeypatch, caplog):
     key = tmp_path / "id_test"
     key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAAtestkeymaterial\n"
                    "-----END OPENSSH PRIVATE KEY-----\n")
-    inv = parse_inventory({"hosts": [{"host": "localhost", "slots": 2, "key": str(key)}]})
-    caplog.set_level("INFO", logger="rn50.train")
+    inv = parse_inventory({"env": {"PROBE_PRINT_ENV": "1"}, "hosts": [{"host": "localhost", "slots": 2, "key": str(key)}]})
+    caplog.set_level("INFO", logger="tasks.train")
     res = launch(wd, hosts=inv, entry=PROBE, timeout_s=120)
+    for rank in (0, 1):
+        dumps = [ln for ln in (Path(res.run_dir) / f"rank{rank}_0.log").read_text().splitlines()
+                 if ln.startswith("PROBE env ")]
+        assert len(dumps) == 1, f"rank {rank} printed no environment"
+        env = json.loads(dumps[0][len("PROBE env "):])
+        assert env["OMP_NUM_THREADS"] == "1" and env["PROBE_PRINT_ENV"] == "1"  # the dump is the rank's real env
+        assert not {"AWS_SECRET_ACCESS_KEY", "PREFECT_API_KEY", "RN50_DB_PASSWORD"} & set(env), sorted(env)
     blobs = [caplog.text] + [p.read_bytes().decode(errors="replace") for p in Path(res.run_dir).rglob("*") if p.is_file()]
     for needle in secret_values + ["b3BlbnNzaC1rZXktdjEAAAAAtestkeymaterial", "PRIVATE KEY"]:
         assert not any(needle in b for b in blobs), needle
@@ -199,10 +218,10 @@ def test_no_secrets_in_logs_or_artifacts(wd, tmp_path, monkeypatch, caplog):
 def test_cli_train_exit_codes(wd, tmp_path, capsys):
     import argparse
 
-    from tasks import train
+    import tasks.train
 
     parser = argparse.ArgumentParser()
-    train.add_command(parser.add_subparsers())
+    tasks.train.add_command(parser.add_subparsers())
     bad = tmp_path / "bad.yaml"
     bad.write_text("hosts: [{host: localhost, slots: 0}]\n")
     args = parser.parse_args(["train", str(wd), "--hosts", str(bad)])
@@ -217,16 +236,151 @@ def test_docker_runtime_command_runs_horovodrun_in_first_container(wd, tmp_path)
     """Runtime docker (no GPU cluster here, so checked at the command level): horovodrun runs inside
     the first host's container over its sshd port, with the container's python and the runtime profile,
     and without the launcher's PATH/HOME."""
-    from tasks.train import _in_first_container, _rank_env, check_inputs, horovod_command
+    from tasks.ssh import Trust
+    from tasks.train import check_inputs, horovod_command, in_first_container, rank_env
 
     inv = load_inventory(Path(__file__).resolve().parent.parent / "configs" / "inventory" / "nf5488-docker.yaml")
     with pytest.raises(StageError, match="runtime docker needs an image"):
         check_inputs(inv, wd / "recordio", 16, None)
-    env = _rank_env(inv, None)
-    argv = _in_first_container(inv, horovod_command(inv, 16, ["python", "-m", "rn50.train"]), env, tmp_path / "cfg")
-    assert argv[:4] == ["ssh", "-F", str(tmp_path / "cfg"), "10.0.0.11"]
-    remote = argv[4]
+    env = rank_env(inv, None)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[10.0.0.12]:12345 {HOST_KEY}\n[10.0.0.99]:12345 ssh-ed25519 AAAAother\n")
+    trust = Trust(tmp_path / "cfg", known)
+    argv = in_first_container(inv, horovod_command(inv, 16, ["python", "-m", "rn50.train"]), env, trust)
+    # Strict host keys, and `--` before the host.
+    assert argv[:7] == ["ssh", "-F", str(tmp_path / "cfg"), "-o", "StrictHostKeyChecking=yes", "--", "10.0.0.11"]
+    remote = argv[7]
+    # horovodrun's ssh in the container trusts only the second host's pinned key.
+    assert f"'[10.0.0.12]:12345 {HOST_KEY}'" in remote and "10.0.0.99" not in remote
+    assert "StrictHostKeyChecking=yes" in remote and remote.index("PATH=\"$d:$PATH\"") < remote.index("horovod")
     assert "python -m horovod.runner.launch -np 16 -H 10.0.0.11:8,10.0.0.12:8 --mpi" in remote
     assert "-p 12345 --disable-cache --network-interfaces ib0 python -m rn50.train" in remote
     assert "HOROVOD_NUM_NCCL_STREAMS=2" in remote and "NCCL_SOCKET_IFNAME=ib0" in remote
-    assert "PATH=" not in remote and sys.executable not in remote
+    # Neither the launcher's PATH nor its interpreter: the container's own (only the wrapper dir is prepended).
+    assert "PATH=/" not in remote and "PYTHONPATH" not in remote and sys.executable not in remote
+
+
+# --- hostile inventories (issue 16): validated as data, before any ssh or horovodrun -------------------
+
+MARK = "/tmp/rn50-hostile-{tag}"
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"hosts": [{"host": "node1\nHost *\n  ProxyCommand touch {mark}"}]}, "hosts[0].host"),
+    ({"hosts": [{"host": "-oProxyCommand=touch {mark}"}]}, "hosts[0].host"),
+    ({"hosts": [{"host": "a b"}]}, "hosts[0].host"),
+    ({"hosts": [{"host": "a,b"}]}, "hosts[0].host"),
+    ({"hosts": [{"host": "n*"}]}, "hosts[0].host"),
+    ({"hosts": [{"host": "a", "user": "root\n  ProxyCommand touch {mark}"}]}, "hosts[0].user"),
+    ({"hosts": [{"host": "a", "user": "-l"}]}, "hosts[0].user"),
+    ({"hosts": [{"host": "a", "key": "/k\nProxyCommand touch {mark}"}]}, "hosts[0].key"),
+    ({"hosts": [{"host": "a", "key": 'k" x'}]}, "hosts[0].key"),
+    ({"hosts": [{"host": "a", "interface": "eth0;touch {mark}"}]}, "hosts[0].interface"),
+    ({"interface": "eth0 ib0", "hosts": [{"host": "a"}]}, "interface"),
+    ({"container": "rn50;touch {mark}", "hosts": [{"host": "a"}]}, "container"),
+    ({"env": {"X;touch {mark};Y": "1"}, "hosts": [{"host": "a"}]}, "env key"),
+    ({"env": {"1X": "1"}, "hosts": [{"host": "a"}]}, "env key"),
+    ({"python": "python;touch {mark}", "hosts": [{"host": "a"}]}, "python"),
+    ({"data_dir": "relative/dir", "hosts": [{"host": "a"}]}, "data_dir"),
+    ({"work_dir": "/w\n", "hosts": [{"host": "a"}]}, "work_dir"),
+    ({"known_hosts": "/k\nx", "hosts": [{"host": "a"}]}, "known_hosts"),
+    ({"min_free_bytes": "lots", "hosts": [{"host": "a"}]}, "min_free_bytes"),
+    ({"hosts": [{"host": "a", "host_key": "ssh-ed25519 not-base64!"}]}, "hosts[0].host_key"),
+    ({"hosts": [{"host": "a", "host_key": "ssh-rsa " + HOST_KEY.split()[1]}]}, "hosts[0].host_key"),  # type lies
+    ({"launcher": "slurm", "hosts": [{"host": "a"}]}, "launcher must be one of ssh"),
+    ({"known_host": "/x", "hosts": [{"host": "a"}]}, "unknown key(s) ['known_host']"),
+])
+def test_hostile_inventory_values_are_one_line_errors_naming_the_field(doc, field):
+    doc = json.loads(json.dumps(doc).replace("{mark}", MARK.format(tag="x")))
+    with pytest.raises(StageError) as e:
+        parse_inventory(doc, source="inv.yaml")
+    msg = str(e.value)
+    assert msg.startswith(f"inv.yaml: {field}") or field in msg, msg
+    assert "\n" not in msg
+
+
+def test_good_inventory_values_parse():
+    inv = parse_inventory({"interface": "rn50v1a2b3c", "container": "rn50-node_2", "python": "/opt/py/bin/python3",
+                           "env": {"NCCL_DEBUG": "INFO", "_X1": "a b;c'd"}, "known_hosts": "/etc/rn50/known_hosts",
+                           "hosts": [{"host": "node-1.cluster", "user": "ml_user", "key": "~/.ssh/id_ed25519",
+                                      "host_key": HOST_KEY + " root@node-1"},
+                                     {"host": "10.0.0.12", "ssh_port": 12345, "host_key": [HOST_KEY]}]})
+    assert inv.hosts[0].host_key == (HOST_KEY,) and inv.hosts[0].key.endswith("/.ssh/id_ed25519")
+    assert inv.hosts[1].known_hosts_name == "[10.0.0.12]:12345" and inv.launcher == "ssh"
+    assert dict(inv.env)["_X1"] == "a b;c'd"
+
+
+@pytest.mark.parametrize("case", ["host", "env"])
+def test_hostile_inventory_runs_nothing(wd, case):
+    """Issue 16's reproductions: a host whose newline became ssh_config directives (the preflight ran the
+    ProxyCommand), an env key that Horovod ran through a shell. Both now stop before any ssh or rank."""
+    mark = Path(MARK.format(tag=f"{case}-{os.getpid()}"))
+    mark.unlink(missing_ok=True)
+    doc = {"hosts": [{"host": "localhost", "slots": 2}]}
+    if case == "host":
+        doc["hosts"].append({"host": f"127.0.0.2\nHost *\n  ProxyCommand touch {mark}", "slots": 1})
+        field = "hosts[1].host"
+    else:
+        doc["env"] = {f"X;touch {mark};Y": "1"}
+        field = "env key"
+    try:
+        with pytest.raises(StageError, match=re.escape(field)):
+            launch(wd, hosts=parse_inventory(doc), entry=PROBE, timeout_s=60)
+        assert not mark.exists(), "a hostile inventory value ran a command"
+        assert not (wd / "runs").exists()
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def test_env_values_reach_ranks_verbatim(wd):
+    """Values are quoted wherever they reach a shell: shell syntax in a value is data for the rank."""
+    value = "a b;touch /tmp/rn50-never $(id) `id` 'q' \"d\""
+    res = launch(wd, hosts=_local(PROBE_PRINT_ENV="1", RN50_ODD=value), entry=PROBE, timeout_s=120)
+    line = next(ln for ln in (Path(res.run_dir) / "rank1_0.log").read_text().splitlines() if ln.startswith("PROBE env "))
+    assert json.loads(line[len("PROBE env "):])["RN50_ODD"] == value and not Path("/tmp/rn50-never").exists()
+
+
+def test_ssh_commands_put_double_dash_before_the_host(tmp_path):
+    from tasks.ssh import Remote
+
+    argv = Remote(Host("10.0.0.12", 1, 22), tmp_path / "cfg").argv("true", first_contact=True)
+    assert argv[argv.index("--") + 1] == "10.0.0.12" and argv[-1] == "true"
+    assert "StrictHostKeyChecking=accept-new" in argv  # only the preflight's first contact may pin a key
+    pinned = Remote(Host("10.0.0.12", 1, 22, host_key=(HOST_KEY,)), tmp_path / "cfg").argv("true", first_contact=True)
+    assert "StrictHostKeyChecking=yes" in pinned  # a key the inventory gives is never replaced
+
+
+def test_ssh_config_is_strict_and_quoted(tmp_path):
+    from tasks.ssh import setup, write_wrapper
+
+    inv = parse_inventory({"hosts": [{"host": "a", "ssh_port": 2222, "user": "u", "key": "/keys/my key%h"},
+                                     {"host": "b", "host_key": HOST_KEY}]})
+    trust = setup(tmp_path, inv.hosts, tmp_path / "kh")
+    cfg = trust.config.read_text()
+    assert "StrictHostKeyChecking yes" in cfg and "StrictHostKeyChecking no" not in cfg
+    assert 'IdentityFile "/keys/my key%%h"' in cfg and f'UserKnownHostsFile "{tmp_path / "kh"}"' in cfg
+    assert trust.inventory_keys.read_text() == f"b {HOST_KEY}\n"
+    assert f'Host b\n  UserKnownHostsFile "{trust.inventory_keys}"' in cfg
+    # horovodrun's ssh: Horovod adds `-o StrictHostKeyChecking=no`; ssh keeps the first value, ours.
+    wrapper = write_wrapper(tmp_path / "bin", trust.config).read_text()
+    assert wrapper.index("StrictHostKeyChecking=yes") < wrapper.index('"$@"')
+
+
+def test_container_wrapper_script_trusts_only_the_given_keys(tmp_path):
+    from tasks.ssh import container_wrapper_script
+
+    lines = [f"[10.0.0.12]:12345 {HOST_KEY}", "odd 'quote' $(id)"]
+    out = subprocess.run(["sh", "-c", container_wrapper_script(lines) + ' && cat "$d/known_hosts" "$(command -v ssh)"'],
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("\n".join(lines) + "\n#!/bin/sh\nexec ")
+    assert "-o StrictHostKeyChecking=yes" in out.stdout and "/known_hosts" in out.stdout
+
+
+def test_workdir_unsafe_for_a_remote_shell_is_refused(tmp_path):
+    odd = tmp_path / "my work;dir"
+    (odd / "recordio").mkdir(parents=True)
+    inv = parse_inventory({"hosts": [{"host": "localhost", "slots": 1}, {"host": "127.0.0.2", "slots": 1, "ssh_port": 1}]})
+    with pytest.raises(StageError, match="passes through their shell unquoted"):
+        launch(odd, hosts=inv, entry=PROBE)
+    assert not (odd / "runs").exists()
