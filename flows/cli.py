@@ -49,7 +49,14 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 def _cli(args: argparse.Namespace) -> int:
     import os
 
+    from flows.config import check_pipeline
     from tasks.tether import TAG, Tether
+
+    # A typo in the pipeline config is a one-line error before any Prefect server or flow run starts.
+    check_pipeline(args.pipeline, args.source, args.workdir)
+    # Prefect's temporary server would try to send telemetry (and say it failed, offline): as `make` does.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
 
     # Whatever this run starts (Prefect's temporary server when PREFECT_API_URL is unset, horovodrun and
     # its ranks) inherits the tether's token and is stopped if this process is killed, even by SIGKILL.

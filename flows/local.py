@@ -1,6 +1,7 @@
 """A local Prefect installation for the demo and the tests: server (SQLite), `rn50` process pool, worker.
 
-    python -m flows.local up   [--home DIR] [--port N]   start server + worker, deploy prefect.yaml
+    python -m flows.local up   [--home DIR] [--port N]   start server + worker, deploy prefect.yaml, create the
+                                                         rn50-cluster limit and the nightly alert automation
     python -m flows.local down [--home DIR]              stop what `up` started
 
 Everything binds 127.0.0.1, analytics are off, and the processes' ids are kept in HOME/pids so `down`
@@ -74,6 +75,11 @@ class LocalPrefect:
         deploy = self._prefect("deploy", "--all", "--no-prompt")
         if deploy.returncode:
             raise RuntimeError(f"prefect deploy failed: {deploy.stdout[-3000:]}{deploy.stderr[-2000:]}")
+        # The automation that alerts when rn50/nightly fails (channel: RN50_ALERT_* or the rn50-alerts block).
+        alerts = subprocess.run([sys.executable, "-m", "flows.alerts", "setup"], env=self.env(), cwd=PROJECT,
+                                capture_output=True, text=True, timeout=120)
+        if alerts.returncode:
+            raise RuntimeError(f"alert automation setup failed: {alerts.stderr[-2000:] or alerts.stdout[-2000:]}")
         if not self._alive("worker"):
             self._spawn("worker", [PREFECT, "worker", "start", "--pool", "rn50", "--type", "process"])
         return self

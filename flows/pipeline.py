@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Literal, Optional, Union
 
 from prefect import flow, runtime
 from prefect.states import Failed
@@ -15,7 +16,8 @@ import tasks.pack
 import tasks.verify
 from flows import cache, stages
 from flows.cache import code_version as code
-from flows.config import load_pipeline
+from flows.cli import STAGES
+from flows.config import known_pipelines, load_pipeline
 from rn50.config import load_config
 from tasks import paths
 from tasks.common import Workdir, file_digest
@@ -25,12 +27,26 @@ from tasks.nightly import baseline_location
 
 RN50_PACKAGE = paths.REPO / "rn50"
 
+# Typed parameters: the UI's run form offers the known pipeline names (a path to another config, e.g. the
+# team's, is still accepted as text) and the stage names for `rerun`; a deployment run with a stage name
+# that does not exist is rejected by the server before a worker picks it up.
+PipelineName = Literal[tuple(known_pipelines())]  # type: ignore[valid-type]
+Stage = Literal[STAGES]  # type: ignore[valid-type]
+
 
 @flow(name="rn50", log_prints=True)
-def rn50(source: str | None = None, workdir: str | None = None, pipeline: str = "demo",
-         rerun: list[str] | None = None, nightly: bool = False) -> dict:
-    """`rerun`: stages to run even if cached. `nightly`: train fresh with the pipeline's fixed seeds and
-    fail if convergence regressed against the last accepted nightly (kept next to the archive)."""
+def rn50(source: Optional[str] = None, workdir: Optional[str] = None, pipeline: Union[PipelineName, str] = "demo",
+         rerun: Optional[List[Stage]] = None, nightly: bool = False) -> dict:
+    """Raw ILSVRC2012 to a verified MLPerf ResNet-50 result.
+
+    Args:
+        source: the three archives: a directory, http(s):// or s3:// (default: the pipeline config's).
+        workdir: work directory (default: the pipeline config's).
+        pipeline: a pipeline config name in configs/pipeline/, or a path to one (e.g. the team's).
+        rerun: stages to run even if cached (what depends on them follows by its keys).
+        nightly: train fresh with the pipeline's fixed seeds and fail if convergence regressed against the
+            last accepted nightly (kept next to the archive).
+    """
     cfg = load_pipeline(pipeline, source=source, workdir=workdir)
     run = stages.Runner(Workdir(cfg["workdir"]), rerun or ())
     f, p, c, t, q, a = (cfg[s] for s in ("fetch", "pack", "container", "train", "compliance", "archive"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -47,13 +48,80 @@ def retry_if_transient(task, task_run, state) -> bool:
     return False
 
 
+# --- the stage modules' log lines in the flow run's Logs tab -----------------------------------------
+
+# The stage modules log to `tasks.<stage>` (some to `rn50.<stage>`): plain loggers Prefect knows nothing
+# of, below the WARNING level Prefect gives the root logger.
+STAGE_LOGGERS = ("tasks", "rn50")
+
+
+class RunLogForwarder(logging.Handler):
+    """Re-logs the stage modules' records (INFO and above) through Prefect's run logger of the task run
+    that installed it — also from the threads a stage starts, which do not carry Prefect's run context.
+    Outside a Prefect run it does nothing."""
+
+    def __init__(self, level: int = logging.INFO):
+        super().__init__(level)
+        self.run_logger: logging.LoggerAdapter | None = None
+        try:
+            from prefect.logging import get_run_logger
+
+            self.run_logger = get_run_logger()
+        except Exception:  # noqa: BLE001 - MissingContextError: not in a flow or task run
+            self.run_logger = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.run_logger is None:
+            return
+        try:
+            self.run_logger.log(record.levelno, "%s", record.getMessage(), exc_info=record.exc_info)
+        except Exception:  # noqa: BLE001 - logging must never break a stage
+            self.handleError(record)
+
+
+_forwarding_lock = threading.Lock()
+_forwarding: dict[str, Any] = {"depth": 0, "saved": []}
+
+
+@contextlib.contextmanager
+def stage_logs():
+    """While a stage runs: its modules' INFO records go to the run logger (and not also to the root
+    logger's console handler, which would print each of them twice in `rn50 run`)."""
+    handler = RunLogForwarder()
+    if handler.run_logger is None:
+        yield
+        return
+    with _forwarding_lock:
+        if _forwarding["depth"] == 0:
+            _forwarding["saved"] = [(lg, lg.level, lg.propagate) for lg in map(logging.getLogger, STAGE_LOGGERS)]
+            for lg, level, _ in _forwarding["saved"]:
+                if level == logging.NOTSET or level > logging.INFO:
+                    lg.setLevel(logging.INFO)
+                lg.propagate = False
+        _forwarding["depth"] += 1
+        for name in STAGE_LOGGERS:
+            logging.getLogger(name).addHandler(handler)
+    try:
+        yield
+    finally:
+        with _forwarding_lock:
+            for name in STAGE_LOGGERS:
+                logging.getLogger(name).removeHandler(handler)
+            _forwarding["depth"] -= 1
+            if _forwarding["depth"] == 0:
+                for lg, level, propagate in _forwarding["saved"]:
+                    lg.setLevel(level)
+                    lg.propagate = propagate
+
+
 def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries: int = 2,
           publish: Callable[[dict], None] | None = None):
     """Wrap `fn(workdir, **kwargs) -> Result` as the Prefect task `name`, called as `task(key, workdir, **kwargs)`."""
 
     def deco(fn: Callable[..., Any]):
         def run(key: str, workdir: str, **kwargs: Any) -> dict:
-            result = fn(workdir, **kwargs).to_dict()
+            with stage_logs():
+                result = fn(workdir, **kwargs).to_dict()
             wd = Workdir(workdir)
             write_stamp(wd, f"flow-{name}", key, result, outputs(wd, result))
             if publish:
@@ -120,6 +188,33 @@ class _Progress:
             update_progress_artifact(self.id, pct)
 
 
+class _Progresses:
+    """One progress artifact per part of a stage (fetch: each archive's bytes; verify: members extracted
+    per split, then images decode-checked), created when that part starts; callback(part, done, total)."""
+
+    def __init__(self, describe: Callable[[str], str]):
+        self.describe, self.bars = describe, {}
+
+    def __call__(self, part: str, done: int, total: int | None) -> None:
+        bar = self.bars.get(part)
+        if bar is None:
+            bar = self.bars[part] = _Progress(self.describe(part))
+        bar(done, total)
+
+
+class _ObjectsProgress:
+    """archive: objects stored (uploaded or found unchanged) of `total`, from storage's per-object byte
+    callback(key, done, size); an object counts once all its bytes are stored."""
+
+    def __init__(self, total: int, description: str):
+        self.total, self.done, self.bar = total, set(), _Progress(description)
+
+    def __call__(self, key: str, done: int, size: int) -> None:
+        if done >= size and key not in self.done:
+            self.done.add(key)
+            self.bar(min(len(self.done), self.total), self.total)
+
+
 class _EpochTable(threading.Thread):
     """Publish the per-epoch eval accuracy of the runs being trained, as the MLPerf logs grow."""
 
@@ -159,7 +254,7 @@ class _EpochTable(threading.Thread):
 def fetch(workdir: str, source: str, md5_file: str | None) -> Any:
     from tasks.fetch import fetch as run
 
-    return run(source, workdir, md5_file)
+    return run(source, workdir, md5_file, progress=_Progresses(lambda name: f"fetch: {name} (bytes)"))
 
 
 @stage("verify", outputs=lambda wd, r: [wd.manifest, wd.extracted],
@@ -167,7 +262,9 @@ def fetch(workdir: str, source: str, md5_file: str | None) -> Any:
 def verify(workdir: str) -> Any:
     from tasks.verify import verify as run
 
-    return run(workdir)
+    what = {"train": "verify: train members extracted", "val": "verify: val members extracted",
+            "decode": "verify: images decode-checked"}
+    return run(workdir, progress=_Progresses(lambda part: what.get(part, f"verify: {part}")))
 
 
 @stage("pack", outputs=lambda wd, r: r["outputs"],
@@ -294,6 +391,8 @@ def _archive_artifacts(r: dict) -> None:
 
 @stage("archive", outputs=lambda wd, r: [], publish=_archive_artifacts)
 def archive(workdir: str, uri: str, include_checkpoints: bool) -> Any:
-    from tasks.archive import archive as run
+    from tasks.archive import archive as run, collect
 
-    return run(workdir, uri, include_checkpoints=include_checkpoints, create_bucket=True)
+    total = len(collect(workdir, include_checkpoints)) + 1  # + MANIFEST.json
+    return run(workdir, uri, include_checkpoints=include_checkpoints, create_bucket=True,
+               progress=_ObjectsProgress(total, f"archive: objects stored in {uri}"))

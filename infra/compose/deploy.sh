@@ -16,3 +16,6 @@ for name in $names; do
   prefect deploy --name "$name" --param "pipeline=$RN50_PIPELINE" --no-prompt
 done
 echo "deployed: $names (pipeline=$RN50_PIPELINE)"
+# The automation that alerts when rn50/nightly ends Failed or Crashed; updated in place on every deploy.
+# Channel: RN50_ALERT_SLACK_URL / RN50_ALERT_TEAMS_URL / RN50_ALERT_WEBHOOK_URL, or a block named rn50-alerts.
+python -m flows.alerts setup
