@@ -191,6 +191,8 @@ def archive(
         stored_sha, stored_size = target.stored_sha256(key)
         if stored_sha == sha and stored_size == size:
             log.info("unchanged %s", key)
+            if progress:
+                progress(key, size, size)
             return ArchivedObject(key, size, sha, "unchanged")
         multipart = target.put(key, src, size, sha)
         uploaded_bytes += size
