@@ -37,7 +37,10 @@ DEFAULTS: Dict[str, Any] = {
     "bn_eps": 1e-5,
     "bn_zero_init_last": False,
     # Data.
-    "batch_size": 32,  # per rank; global batch = batch_size * ranks
+    "batch_size": 32,  # per rank
+    # Every config states it: the launcher starts global_batch_size / batch_size ranks, and
+    # rn50.train refuses to start when batch_size x ranks differs (hyper-parameters are tuned for it).
+    "global_batch_size": None,
     "train_crop": 224,
     "val_resize": 256,
     "val_crop": 224,
@@ -63,10 +66,13 @@ DEFAULTS: Dict[str, Any] = {
     "lars_eta": 0.001,
     "lars_epsilon": 0.0,
     "label_smoothing": 0.1,
+    # Parameters per fused optimizer call (multi-tensor LARS, as NVIDIA's fit.py); 0 = the per-tensor
+    # reference path. MXNET_OPTIMIZER_AGGREGATION_SIZE, when set, overrides it (as for MXNet's optimizers).
+    "optimizer_aggregation": 54,
     # Schedule of the run.
-    "max_epochs": 37,
+    "max_epochs": 37,  # training stops after the last evaluation epoch on the grid that is <= max_epochs
     "eval_period": 4,
-    "eval_offset": 2,  # first eval after epoch eval_offset+1 (1-based), then every eval_period
+    "eval_offset": 2,  # evaluations only after epochs eval_offset + 1 + k * eval_period (1-based)
     "target_accuracy": 0.759,
     # Horovod: tensor fusion and cycle time are set in the environment before hvd.init().
     "horovod_fusion_threshold_mb": 64,
@@ -133,14 +139,30 @@ def load_config(name_or_path: str, overrides: Optional[List[str]] = None) -> Dic
 
 
 def validate(cfg: Dict[str, Any]) -> None:
+    for key, default in DEFAULTS.items():
+        value = cfg[key]
+        if isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{key} must be a number, not {value!r}")
     for key, allowed in _CHOICES.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {cfg[key]!r}")
     for key in ("batch_size", "train_crop", "val_resize", "val_crop", "max_epochs", "eval_period", "width"):
         if not isinstance(cfg[key], int) or cfg[key] <= 0:
             raise ConfigError(f"{key} must be a positive integer, not {cfg[key]!r}")
-    if not (0 <= cfg["eval_offset"] < cfg["eval_period"]):
+    if not (isinstance(cfg["eval_offset"], int) and 0 <= cfg["eval_offset"] < cfg["eval_period"]):
         raise ConfigError("eval_offset must be in [0, eval_period)")
+    if cfg["max_epochs"] < cfg["eval_offset"] + 1:
+        raise ConfigError(f"max_epochs {cfg['max_epochs']} ends before the first evaluation "
+                          f"(epoch {cfg['eval_offset'] + 1} = eval_offset + 1)")
+    gbs = cfg["global_batch_size"]
+    if gbs is None:
+        raise ConfigError("the config must state global_batch_size (batch_size x ranks it is tuned for)")
+    if not isinstance(gbs, int) or isinstance(gbs, bool) or gbs <= 0:
+        raise ConfigError(f"global_batch_size must be a positive integer, not {gbs!r}")
+    if gbs % cfg["batch_size"]:
+        raise ConfigError(f"global_batch_size {gbs} is not a multiple of batch_size {cfg['batch_size']}")
+    if not isinstance(cfg["optimizer_aggregation"], int) or cfg["optimizer_aggregation"] < 0:
+        raise ConfigError(f"optimizer_aggregation must be an integer >= 0, not {cfg['optimizer_aggregation']!r}")
     if not (isinstance(cfg["depth"], list) and len(cfg["depth"]) == 4 and all(isinstance(d, int) and d > 0 for d in cfg["depth"])):
         raise ConfigError(f"depth must be a list of 4 positive block counts, not {cfg['depth']!r}")
     if cfg["val_crop"] > cfg["val_resize"]:
@@ -155,9 +177,19 @@ def validate(cfg: Dict[str, Any]) -> None:
 
 
 def eval_epochs(max_epochs: int, eval_period: int, eval_offset: int) -> List[int]:
-    """1-based epochs after which evaluation runs: offset+1, offset+1+period, ...; the last epoch
-    is always evaluated, so an aborted run still reports its final accuracy."""
-    epochs = list(range(eval_offset + 1, max_epochs + 1, eval_period))
-    if not epochs or epochs[-1] != max_epochs:
-        epochs.append(max_epochs)
-    return epochs
+    """1-based epochs after which evaluation runs: offset+1, offset+1+period, ... up to max_epochs.
+
+    Only the MLPerf grid: an epoch off it is never evaluated (a run that "converged" there would
+    report an epoch count the RCP checker compares wrongly). A run that has not reached the target
+    at the last of these epochs stops there, aborted."""
+    return list(range(eval_offset + 1, max_epochs + 1, eval_period))
+
+
+def world_size_error(cfg: Dict[str, Any], ranks: int) -> Optional[str]:
+    """The one-line refusal when batch_size x ranks is not the config's global_batch_size, else None."""
+    if cfg["batch_size"] * ranks == cfg["global_batch_size"]:
+        return None
+    need = cfg["global_batch_size"] // cfg["batch_size"]
+    return (f"batch_size {cfg['batch_size']} x {ranks} rank(s) = global batch {cfg['batch_size'] * ranks}, "
+            f"but config {cfg['name']!r} states global_batch_size {cfg['global_batch_size']}: "
+            f"launch {need} rank(s) (or --set global_batch_size=...)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from mxnet import init
 from mxnet.gluon import nn
 from mxnet.gluon.block import HybridBlock
 
@@ -74,7 +75,9 @@ class ResNetV15(HybridBlock):
                 self.features.add(stage_blocks)
                 channels *= 2
             self.features.add(nn.GlobalAvgPool2D(layout=layout))
-            self.output = nn.Dense(classes)
+            # N(0, 0.01) weights and zero bias, as NVIDIA's MLPerf ResNet; the convolutions get the
+            # trainer's default (He/MSRA) init.
+            self.output = nn.Dense(classes, weight_initializer=init.Normal(0.01))
 
     def hybrid_forward(self, F, x):
         return self.output(self.features(x))

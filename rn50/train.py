@@ -3,14 +3,19 @@
     python -m rn50.train --config NAME_OR_PATH --data RECORDIO_DIR --out RUN_DIR \\
         [--run-index N] [--seed S] [--resume] [--set KEY=VALUE ...]
 
-Run it directly (1 rank) or under `horovodrun --gloo -np N -H host:slots ...` (N ranks).
+Run it directly (1 rank) or under `horovodrun --gloo -np N -H host:slots ...` (N ranks), with
+N = global_batch_size / batch_size of the config (any other N exits 2 before anything is logged).
 Rank 0 writes RUN_DIR/result_<N>.txt (the MLPerf log) and RUN_DIR/checkpoints/run_<N>/; the
 process exits 0 after logging run_stop, with status "success" (top-1 reached the target) or
-"aborted" (the epoch limit came first). Bad input exits 2 with a one-line message.
+"aborted" (the last evaluation on the grid came first). Bad input exits 2 with a one-line message.
 
-The loop, in order: init (model, data, optimizer, broadcast of rank 0's weights) -> run_start ->
-blocks of epochs, each ending in an evaluation over ALL validation images (each rank scores its
-shard, the counts are summed across ranks) -> run_stop.
+`train()` is the outline of a run, in the order MLPerf times it:
+  init (model, optimizer, broadcast of rank 0's weights; not timed) -> run_start -> DALI pipelines
+  (the first touch of the data is timed) -> blocks of epochs (`train_one_epoch`), each ending in an
+  evaluation over ALL validation images (`evaluate`: each rank scores its shard, the counts are summed)
+  at epochs eval_offset + 1 + k * eval_period only -> run_stop.
+Timed configs write their one checkpoint after run_stop (outside the timed region, its time
+printed); non-timed runs write one at every evaluation so that --resume can continue them.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from rn50.config import ConfigError, eval_epochs, load_config
+from rn50.config import ConfigError, eval_epochs, load_config, world_size_error
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -117,34 +122,48 @@ def main(argv: Optional[List[str]] = None) -> int:
                     raise ConfigError(f"missing {args.data / f'{split}.{ext}'} (run `rn50 pack` first)")
         if args.run_index < 0:
             raise ConfigError("--run-index must be >= 0")
+        # Under horovodrun the world size is known before Horovod starts: refuse a wrong one at once.
+        launched = os.environ.get("HOROVOD_SIZE")
+        if launched and launched.isdigit():
+            problem = world_size_error(cfg, int(launched))
+            if problem:
+                raise ConfigError(problem)
     except ConfigError as e:
-        print(f"rn50.train: error: {e}", file=sys.stderr)
+        _error(e)
         return 2
     _set_thread_env(cfg)
     try:
         return train(cfg, args.data, args.out, args.run_index, args.seed, args.resume)
     except ConfigError as e:
-        print(f"rn50.train: error: {e}", file=sys.stderr)
+        _error(e)
         return 2
+
+
+def _error(e: Exception) -> None:
+    # Every rank hits the same config error; only rank 0 says it, so the launcher shows one line.
+    if os.environ.get("HOROVOD_RANK", "0") == "0":
+        print(f"rn50.train: error: {e}", file=sys.stderr)
 
 
 def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Optional[int] = None,
           resume: bool = False) -> int:
+    """One MLPerf run on this rank; returns the exit code (0 after run_stop)."""
     import mxnet as mx
     # DALI must be loaded before Horovod: with horovod.mxnet's library loaded first, the first
     # DALI pipeline run segfaults (measured: DALI 1.35 + Horovod 0.28.1).
     import nvidia.dali.fn  # noqa: F401
     import horovod.mxnet as hvd
-    import numpy as np
-    from mxnet import autograd, gluon
+    from mxnet import gluon
 
     from rn50 import data as rdata
     from rn50.mllog import RunLogger
-    from rn50.model import resnet50_v1_5
-    from rn50.optim import PolyWarmupSchedule, build_optimizer, smoothed_labels
 
     hvd.init()
     rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+    problem = world_size_error(cfg, size)
+    if problem:
+        raise ConfigError(problem)  # before anything is logged or written
+    gpu, ctx = _device(cfg, local_rank, mx)  # likewise: a GPU config on a CPU box writes nothing
     ckpt = Checkpoints(Path(out) / "checkpoints" / f"run_{run_index}")
     resume_from = ckpt.latest() if resume else None
     log = RunLogger(Path(out) / f"result_{run_index}.txt", rank, append=resume_from is not None)
@@ -152,136 +171,73 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
         ckpt.clear()  # a fresh attempt never inherits a previous attempt's state
     if resume_from is not None:
         log.note(f"# resumed from checkpoint epoch {resume_from['epoch']} (non-timed run)")
+    say = _Say(rank)
 
-    def say(msg: str) -> None:
-        if rank == 0:
-            print(msg, flush=True)
-
-    # ---- init ------------------------------------------------------------------------------------
+    # ---- init (not timed) ------------------------------------------------------------------------
     log.event("cache_clear", _drop_page_cache([data_dir / "train.rec", data_dir / "val.rec"]))
     log.start("init_start")
     log.log_submission(cfg)
-
-    gpu = local_rank if mx.context.num_gpus() > 0 else None
-    if gpu is None and (cfg["dtype"] == "float16" or cfg["layout"] == "NHWC" or cfg["dali_decode"] == "mixed"):
-        raise ConfigError(f"config {cfg['name']!r} needs a GPU (dtype float16 / NHWC / mixed decode); none found")
-    ctx = mx.gpu(gpu) if gpu is not None else mx.cpu()
-
-    # Rank 0 picks the base seed, everyone agrees on it; ranks differ by their rank so their
-    # augmentations and shuffles differ.
-    base = seed if seed is not None else random.SystemRandom().randrange(1, 2 ** 31 - size)
-    base = int(hvd.broadcast(mx.nd.array([base], ctx=ctx, dtype="float64"), root_rank=0, name="seed").asscalar())
-    log.event("seed", base)
-    mx.random.seed(base + rank)
-    np.random.seed(base + rank)
-    random.seed(base + rank)
+    base_seed = _agree_on_seed(seed, rank, size, ctx, hvd, mx)
+    log.event("seed", base_seed)
 
     n_train = rdata.count_records(data_dir / "train.idx")
     n_val = rdata.count_records(data_dir / "val.idx")
     classes = cfg["classes"] or rdata.max_label(data_dir) + 1
     if classes < 2:
         raise ConfigError(f"cannot tell the number of classes from {data_dir} (no .lst files); set `classes`")
-    batch = cfg["batch_size"]
-    global_batch = batch * size
+    batch, global_batch = cfg["batch_size"], cfg["global_batch_size"]
     steps_per_epoch = n_train // global_batch
     if steps_per_epoch < 1:
         raise ConfigError(f"{n_train} train images is less than one global batch ({global_batch})")
 
-    net = resnet50_v1_5(classes=classes, layers=cfg["depth"], width=cfg["width"], layout=cfg["layout"],
-                        bn_momentum=cfg["bn_momentum"], bn_eps=cfg["bn_eps"],
-                        zero_init_last_bn=cfg["bn_zero_init_last"])
-    # He (MSRA) init for convs, as the reference; BN and biases keep their own initializers.
-    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx)
-    if cfg["dtype"] == "float16":
-        net.cast("float16")
-    # No dummy forward here: an inference-mode forward on CPU leaves conv weights in MKL-DNN's
-    # blocked layout, whose byte size differs from the plain one and breaks Horovod's broadcast.
-    # Shapes are deferred; Horovod broadcasts each parameter right after its deferred init.
-    if cfg["hybridize"]:
-        net.hybridize(static_alloc=True, static_shape=True)
-
-    decay_epochs = cfg["decay_epochs"] or cfg["max_epochs"]
-    schedule = PolyWarmupSchedule(cfg["base_lr"], int(round(cfg["warmup_epochs"] * steps_per_epoch)),
-                                  decay_epochs * steps_per_epoch, cfg["end_lr"], cfg["lr_power"])
-    optimizer = build_optimizer(cfg, schedule, multi_precision=cfg["dtype"] == "float16")
-    params = net.collect_params()
-    trainer = hvd.DistributedTrainer(params, optimizer, num_groups=cfg["horovod_num_groups"])
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=False)
-
+    net = build_model(cfg, classes, ctx, mx)
+    schedule, trainer = build_trainer(cfg, net, steps_per_epoch, hvd)
     start_epoch = 1
     if resume_from is not None:
         net.load_parameters(str(ckpt.root / resume_from["params"]), ctx=ctx)
         trainer.load_states(str(ckpt.root / resume_from["states"]))
         start_epoch = resume_from["epoch"] + 1
-    # Every rank starts from rank 0's weights (init or checkpoint).
-    hvd.broadcast_parameters(params, root_rank=0)
+    hvd.broadcast_parameters(net.collect_params(), root_rank=0)  # every rank starts from rank 0's weights
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=False)
 
-    train_pipe = rdata.build_pipeline(data_dir, "train", cfg, rank, size, gpu, seed=base + rank)
-    val_pipe = rdata.build_pipeline(data_dir, "val", cfg, rank, size, gpu, seed=base + rank)
-    train_loader, val_loader = rdata.Loader(train_pipe, ctx), rdata.Loader(val_pipe, ctx)
-    val_begin, val_end = rdata.shard_bounds(n_val, rank, size)
-    val_batches = rdata.val_batches_per_shard(n_val, size, batch)
-
-    log.log_hyperparameters(cfg, global_batch, batch, cfg["warmup_epochs"], schedule.decay_steps)
+    # lars_opt_learning_rate_decay_steps: steps from the first one to end_lr (the RCP table's meaning).
+    log.log_hyperparameters(cfg, global_batch, batch, cfg["warmup_epochs"], schedule.total_steps)
     log.end("init_stop")
     _barrier(hvd, mx, ctx)
 
-    # ---- run -------------------------------------------------------------------------------------
+    # ---- run (timed) -----------------------------------------------------------------------------
     log.start("run_start")
     log.event("train_samples", n_train)
     log.event("eval_samples", n_val)
-    say(f"rn50.train: {cfg['name']}: {size} rank(s) on {ctx}, {classes} classes, {n_train} train / {n_val} val, "
-        f"global batch {global_batch}, {steps_per_epoch} steps/epoch, evals after epochs "
-        f"{eval_epochs(cfg['max_epochs'], cfg['eval_period'], cfg['eval_offset'])}")
-
+    # The pipelines open and start reading the data: inside the timed region, as NVIDIA builds them.
+    train_loader = rdata.Loader(rdata.build_pipeline(data_dir, "train", cfg, rank, size, gpu, seed=base_seed + rank), ctx)
+    val_loader = rdata.Loader(rdata.build_pipeline(data_dir, "val", cfg, rank, size, gpu, seed=base_seed + rank), ctx)
     evals = [e for e in eval_epochs(cfg["max_epochs"], cfg["eval_period"], cfg["eval_offset"]) if e >= start_epoch]
-    status, accuracy, epoch = "aborted", 0.0, start_epoch - 1
-    block_first = start_epoch
+    say(f"rn50.train: {cfg['name']}: {size} rank(s) on {ctx}, {classes} classes, {n_train} train / {n_val} val, "
+        f"global batch {global_batch}, {steps_per_epoch} steps/epoch, evals after epochs {evals}")
+
+    status, accuracy, epoch, block_first = "aborted", 0.0, start_epoch - 1, start_epoch
     for block_last in evals:
         log.start("block_start", metadata={"first_epoch_num": block_first, "epoch_count": block_last - block_first + 1})
         for epoch in range(block_first, block_last + 1):
             log.start("epoch_start", metadata={"epoch_num": epoch})
-            t0 = time.time()
-            loss_sum = mx.nd.zeros((1,), ctx=ctx)
-            for step, (x, y) in enumerate(train_loader.batches(steps_per_epoch)):
-                target = smoothed_labels(y, classes, cfg["label_smoothing"], dtype="float32")
-                with autograd.record():
-                    out = net(x).astype("float32", copy=False)
-                    loss = loss_fn(out, target)
-                loss.backward()
-                trainer.step(batch)
-                loss_sum += loss.mean()
-                if cfg["log_every"] and (step + 1) % cfg["log_every"] == 0:
-                    say(f"  epoch {epoch} step {step + 1}/{steps_per_epoch} lr {trainer.learning_rate:.4g}")
-            mean_loss = float(loss_sum.asscalar()) / steps_per_epoch  # also waits for the epoch's work
-            elapsed = time.time() - t0
-            per_rank = steps_per_epoch * batch / elapsed
-            total = float(hvd.allreduce(mx.nd.array([per_rank], ctx=ctx), op=hvd.Sum, name="ips").asscalar())
-            log.end("epoch_stop", metadata={"epoch_num": epoch, "throughput_img_per_s_per_rank": round(per_rank, 2),
+            stats = train_one_epoch(net, trainer, loss_fn, train_loader, steps_per_epoch, cfg, classes, ctx,
+                                    say=say, epoch=epoch)
+            total = float(hvd.allreduce(mx.nd.array([stats["img_per_s"]], ctx=ctx), op=hvd.Sum, name="ips").asscalar())
+            log.end("epoch_stop", metadata={"epoch_num": epoch, "throughput_img_per_s_per_rank": round(stats["img_per_s"], 2),
                                             "throughput_img_per_s_total": round(total, 2)})
-            say(f"epoch {epoch}: loss {mean_loss:.4f} lr {trainer.learning_rate:.4g} {elapsed:.1f}s "
-                f"{per_rank:.1f} img/s/rank (rank 0) {total:.1f} img/s total")
+            say(f"epoch {epoch}: loss {stats['loss']:.4f} lr {trainer.learning_rate:.4g} {stats['seconds']:.1f}s "
+                f"{stats['img_per_s']:.1f} img/s/rank (rank 0) {total:.1f} img/s total")
 
         log.start("eval_start", metadata={"epoch_num": epoch})
-        correct, seen = 0, 0
-        for x, y in val_loader.batches(val_batches):
-            keep = min(batch, (val_end - val_begin) - seen)  # drop the shard's padding
-            if keep > 0:
-                pred = net(x).argmax(axis=1).astype("int32")
-                correct += int((pred[:keep] == y[:keep]).sum().asscalar())
-                seen += keep
-        counts = hvd.allreduce(mx.nd.array([correct, seen], ctx=ctx, dtype="float64"), op=hvd.Sum, name="eval")
-        correct_all, seen_all = (int(v) for v in counts.asnumpy())
-        if seen_all != n_val:
-            raise RuntimeError(f"evaluation saw {seen_all} of {n_val} validation images")
-        accuracy = correct_all / seen_all
+        correct, seen = evaluate(net, val_loader, n_val, rank, size, batch, ctx, hvd)
+        accuracy = correct / seen
         log.end("eval_stop", metadata={"epoch_num": epoch})
         log.event("eval_accuracy", accuracy, metadata={"epoch_num": epoch})
         log.end("block_stop", metadata={"first_epoch_num": block_first})
-        say(f"eval after epoch {epoch}: top-1 {accuracy:.4f} ({correct_all}/{seen_all})")
-        if rank == 0:
-            ckpt.save(net, trainer, epoch, {"accuracy": accuracy, "config": cfg["name"], "seed": base,
-                                            "ranks": size, "global_batch": global_batch})
+        say(f"eval after epoch {epoch}: top-1 {accuracy:.4f} ({correct}/{seen})")
+        if rank == 0 and not cfg["timed"]:
+            ckpt.save(net, trainer, epoch, _ckpt_meta(cfg, accuracy, base_seed, size))
         block_first = epoch + 1
         if accuracy >= cfg["target_accuracy"]:
             status = "success"
@@ -290,8 +246,129 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
     log.end("run_stop", metadata={"status": status})
     say(f"run_stop: {status} at epoch {epoch}, top-1 {accuracy:.4f} (target {cfg['target_accuracy']})")
     log.close()
+
+    # ---- after the timed region ------------------------------------------------------------------
+    if rank == 0 and cfg["timed"] and epoch >= start_epoch:
+        t0 = time.time()
+        ckpt.save(net, trainer, epoch, _ckpt_meta(cfg, accuracy, base_seed, size))
+        say(f"checkpoint of epoch {epoch} written after run_stop in {time.time() - t0:.2f}s (outside the timed region)")
     _barrier(hvd, mx, ctx)
     return 0
+
+
+def train_one_epoch(net, trainer, loss_fn, loader, steps: int, cfg: Dict, classes: int, ctx,
+                    say=None, epoch: int = 0) -> Dict[str, float]:
+    """`steps` optimizer steps over batches from `loader` (every rank takes the same number, or the
+    allreduce would hang). Returns this rank's mean loss, seconds and images/s."""
+    import mxnet as mx
+    from mxnet import autograd
+
+    from rn50.optim import smoothed_labels
+
+    batch = cfg["batch_size"]
+    t0 = time.time()
+    loss_sum = mx.nd.zeros((1,), ctx=ctx)
+    for step, (x, y) in enumerate(loader.batches(steps)):
+        target = smoothed_labels(y, classes, cfg["label_smoothing"], dtype="float32")
+        with autograd.record():
+            out = net(x).astype("float32", copy=False)
+            loss = loss_fn(out, target)
+        loss.backward()
+        trainer.step(batch)
+        loss_sum += loss.mean()
+        if say is not None and cfg["log_every"] and (step + 1) % cfg["log_every"] == 0:
+            say(f"  epoch {epoch} step {step + 1}/{steps} lr {trainer.learning_rate:.4g}")
+    mean_loss = float(loss_sum.asscalar()) / steps  # also waits for the epoch's work
+    seconds = time.time() - t0
+    return {"loss": mean_loss, "seconds": seconds, "img_per_s": steps * batch / seconds}
+
+
+def evaluate(net, loader, n_val: int, rank: int, size: int, batch: int, ctx, hvd):
+    """Top-1 over ALL validation images: each rank scores its own shard (DALI pads it to whole
+    batches; the padding is dropped), the counts are summed across ranks. Returns (correct, seen)."""
+    import mxnet as mx
+
+    from rn50 import data as rdata
+
+    begin, end = rdata.shard_bounds(n_val, rank, size)
+    correct, seen = 0, 0
+    for x, y in loader.batches(rdata.val_batches_per_shard(n_val, size, batch)):
+        keep = min(batch, (end - begin) - seen)
+        if keep > 0:
+            pred = net(x).argmax(axis=1).astype("int32")
+            correct += int((pred[:keep] == y[:keep]).sum().asscalar())
+            seen += keep
+    counts = hvd.allreduce(mx.nd.array([correct, seen], ctx=ctx, dtype="float64"), op=hvd.Sum, name="eval")
+    correct_all, seen_all = (int(v) for v in counts.asnumpy())
+    if seen_all != n_val:
+        raise RuntimeError(f"evaluation saw {seen_all} of {n_val} validation images")
+    return correct_all, seen_all
+
+
+def build_model(cfg: Dict, classes: int, ctx, mx):
+    from rn50.model import resnet50_v1_5
+
+    net = resnet50_v1_5(classes=classes, layers=cfg["depth"], width=cfg["width"], layout=cfg["layout"],
+                        bn_momentum=cfg["bn_momentum"], bn_eps=cfg["bn_eps"],
+                        zero_init_last_bn=cfg["bn_zero_init_last"])
+    # He (MSRA) init for convs, as the reference; BN, biases and the classifier keep their own initializers.
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx)
+    if cfg["dtype"] == "float16":
+        net.cast("float16")
+    # No dummy forward here: an inference-mode forward on CPU leaves conv weights in MKL-DNN's
+    # blocked layout, whose byte size differs from the plain one and breaks Horovod's broadcast.
+    # Shapes are deferred; Horovod broadcasts each parameter right after its deferred init.
+    if cfg["hybridize"]:
+        net.hybridize(static_alloc=True, static_shape=True)
+    return net
+
+
+def build_trainer(cfg: Dict, net, steps_per_epoch: int, hvd):
+    """The poly-warm-up schedule and Horovod's trainer around the (multi-tensor) LARS optimizer."""
+    from rn50.optim import PolyWarmupSchedule, build_optimizer
+
+    decay_epochs = cfg["decay_epochs"] or cfg["max_epochs"]
+    schedule = PolyWarmupSchedule(cfg["base_lr"], int(round(cfg["warmup_epochs"] * steps_per_epoch)),
+                                  decay_epochs * steps_per_epoch, cfg["end_lr"], cfg["lr_power"])
+    optimizer = build_optimizer(cfg, schedule, multi_precision=cfg["dtype"] == "float16")
+    trainer = hvd.DistributedTrainer(net.collect_params(), optimizer, num_groups=cfg["horovod_num_groups"])
+    return schedule, trainer
+
+
+def _device(cfg: Dict, local_rank: int, mx):
+    gpu = local_rank if mx.context.num_gpus() > 0 else None
+    if gpu is None and (cfg["dtype"] == "float16" or cfg["layout"] == "NHWC" or cfg["dali_decode"] == "mixed"):
+        raise ConfigError(f"config {cfg['name']!r} needs a GPU (dtype float16 / NHWC / mixed decode); none found")
+    return gpu, (mx.gpu(gpu) if gpu is not None else mx.cpu())
+
+
+def _agree_on_seed(seed: Optional[int], rank: int, size: int, ctx, hvd, mx) -> int:
+    """Rank 0 picks the base seed, everyone agrees on it; ranks seed with base + rank so their
+    augmentations and shuffles differ."""
+    import numpy as np
+
+    base = seed if seed is not None else random.SystemRandom().randrange(1, 2 ** 31 - size)
+    base = int(hvd.broadcast(mx.nd.array([base], ctx=ctx, dtype="float64"), root_rank=0, name="seed").asscalar())
+    mx.random.seed(base + rank)
+    np.random.seed(base + rank)
+    random.seed(base + rank)
+    return base
+
+
+def _ckpt_meta(cfg: Dict, accuracy: float, seed: int, size: int) -> Dict:
+    return {"accuracy": accuracy, "config": cfg["name"], "seed": seed, "ranks": size,
+            "global_batch": cfg["global_batch_size"]}
+
+
+class _Say:
+    """print() on rank 0 only."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
 
 
 def _barrier(hvd, mx, ctx) -> None:

@@ -59,3 +59,17 @@ def test_small_variant_is_an_explicit_option():
     assert net(mx.nd.zeros((2, 3, 32, 32))).shape == (2, 4)
     assert count_trainable(net) < 200_000
     assert isinstance(net.features[4][0], Bottleneck)
+
+
+def test_final_dense_layer_is_normal_0_01_under_the_trainers_default_init():
+    """NVIDIA's MLPerf ResNet initialises the classifier N(0, 0.01) (bias 0); rn50.train initialises
+    the net with He/MSRA as the default, which must not override the dense layer's own init."""
+    net = resnet50_v1_5(classes=1000)
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2))
+    net(mx.nd.zeros((1, 3, 64, 64)))
+    w = net.output.weight.data().asnumpy()
+    assert abs(w.mean()) < 1e-3 and w.std() == pytest.approx(0.01, rel=0.02)
+    assert not net.output.bias.data().asnumpy().any()
+    # The convolutions keep He init: std sqrt(2 / fan_in) for the 7x7 stem (fan_in 147).
+    stem = net.features[0].weight.data().asnumpy()
+    assert stem.std() == pytest.approx((2 / 147) ** 0.5, rel=0.1)
