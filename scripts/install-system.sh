@@ -4,7 +4,7 @@
 # slurm-wlm + munge for the Slurm launcher tests (tests/slurm_cluster.py starts private daemons; no service is enabled).
 # Installs only what is missing; needs root (it is, on CI and the dev machines).
 set -euo pipefail
-pkgs=(docker.io docker-compose openssh-server openssh-client debootstrap iproute2 util-linux chromium chromium-driver procps psmisc slurm-wlm munge)
+pkgs=(docker.io docker-compose openssh-server openssh-client debootstrap iproute2 util-linux chromium chromium-driver procps psmisc slurm-wlm munge postgresql)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
 if ((${#missing[@]})); then
