@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -49,7 +50,14 @@ class NetnsHost:
     addr: str  # the host's address (sshd listens here)
     ssh_port: int
     key: Path  # throw-away client private key authorised on this host
+    host_key: Path  # the sshd's private host key (its public half: host_key_pub)
+    subnet: int  # k in 10.213.<k>.0/30: pass it to a new netns_host to get the same address
     user: str = "root"
+
+    @property
+    def host_key_pub(self) -> str:
+        """`TYPE BASE64` of the sshd's host key, as an inventory's `host_key:` or a known_hosts line holds it."""
+        return " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
 
     def inventory_entry(self, slots: int = 1, port: int | None = None) -> dict:
         return {"host": self.addr, "slots": slots, "ssh_port": port or self.ssh_port, "user": self.user,
@@ -81,16 +89,24 @@ def _wait_port(addr: str, port: int, netns: str, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def netns_host(workdir: Path, hostname: str = "rn50-node-b", ssh_port: int = 2222,
-               hide: Sequence[Path] = (), key: Path | None = None) -> Iterator[NetnsHost]:
-    """Start the host; `hide` lists directories that appear empty on it (tmpfs mounted over them)."""
+               hide: Sequence[Path] = (), key: Path | None = None, subnet: int | None = None,
+               node_etc: Path | None = None, node_env: dict[str, str] | None = None) -> Iterator[NetnsHost]:
+    """Start the host; `hide` lists directories that appear empty on it (tmpfs mounted over them).
+    Every start gets a fresh sshd host key; `subnet` reuses an earlier host's address (a reinstalled node).
+
+    `node_etc`: start sshd the way the rn50 image does instead, with infra/entrypoint.sh (RN50_ETC=node_etc,
+    which holds sshd_config and runtime.env; RN50_SSH_LISTEN = the host's address; `node_env` added to
+    its environment). root's home then gets (in the host's mount namespace only) the authorized key and a ~/.ssh/environment
+    that sets RN50_FROM_USER_ENVIRONMENT=1 (which sshd must ignore)."""
     workdir.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(3)
     netns, iface, peer = f"rn50t{tag}", f"rn50v{tag}", f"rn50p{tag}"
-    k = secrets.randbelow(250) + 2
+    k = subnet if subnet is not None else secrets.randbelow(250) + 2
     local_addr, addr = f"10.213.{k}.1", f"10.213.{k}.2"
     key = key or make_key(workdir)
     host_key = workdir / f"host_{tag}"
-    _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
+    if node_etc is None:
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
     (workdir / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
     cfg = workdir / f"sshd_config_{tag}"
     cfg.write_text(
@@ -115,13 +131,29 @@ def netns_host(workdir: Path, hostname: str = "rn50-node-b", ssh_port: int = 222
         hosts_file.write_text(f"127.0.0.1 localhost\n{addr} {hostname}\n")
         mounts = f"mount --bind {hosts_file} /etc/hosts && "
         mounts += "".join(f"mount -t tmpfs rn50hide '{p}' && " for p in hide)
+        start = f"exec {SSHD} -D -e -f {cfg}"
+        if node_etc is not None:
+            host_key = node_etc / "hostkeys" / "ssh_host_ed25519_key"
+            entry = Path(__file__).resolve().parent.parent / "infra" / "entrypoint.sh"
+            env = " ".join(shlex.quote(f"{k}={v}") for k, v in {
+                **(node_env or {}), "RN50_ETC": str(node_etc), "RN50_STATE_DIR": str(workdir / f"state_{tag}"),
+                "RN50_SSH_LISTEN": addr}.items())
+            # root's home gets a private overlay (the real /root below it, unchanged: the venv's
+            # interpreter may live there), so the authorized key exists only in this namespace.
+            ovl = workdir / f"root_{tag}"
+            mounts += (f"mkdir -p {ovl} && mount -t tmpfs rn50root {ovl} && mkdir {ovl}/u {ovl}/w && "
+                       f"mount -t overlay rn50root -o lowerdir=/root,upperdir={ovl}/u,workdir={ovl}/w /root && "
+                       "mkdir -m 700 /root/.ssh && "
+                       f"cp {workdir / 'authorized_keys'} /root/.ssh/authorized_keys && "
+                       "echo RN50_FROM_USER_ENVIRONMENT=1 > /root/.ssh/environment && ")
+            start = f"exec env {env} sh {entry} sshd {ssh_port}"
         proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, "unshare", "--uts", "--mount", "--propagation", "private",
-             "sh", "-c", f"hostname {hostname} && {mounts}exec {SSHD} -D -e -f {cfg}"],
+             "sh", "-c", f"hostname {hostname} && {mounts}{start}"],
             stdout=subprocess.DEVNULL, stderr=open(workdir / f"sshd_{tag}.log", "w"),
         )
         _wait_port(addr, ssh_port, netns)
-        yield NetnsHost(netns, hostname, iface, local_addr, addr, ssh_port, key)
+        yield NetnsHost(netns, hostname, iface, local_addr, addr, ssh_port, key, host_key, k)
     finally:
         # Everything left in the namespace was started by this host (sshd and its sessions' ranks).
         pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
