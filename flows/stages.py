@@ -346,11 +346,20 @@ def _nightly_artifacts(r: dict) -> None:
 @stage("nightly", outputs=lambda wd, r: [r["plot_png"], r["report_json"], r["report_md"]], retries=0,
        publish=_nightly_artifacts)
 def nightly(workdir: str, logs: list[str], baseline: str, tolerance_epochs: float, tolerance_accuracy: float,
-            target: float, context: dict) -> Any:
-    """Compare this night's convergence with the last accepted night; accept it unless it regressed."""
+            target: float, context: dict, force_accept: bool = False, reason: str | None = None) -> Any:
+    """Compare this night's convergence with the last accepted night; it becomes the baseline when it passed,
+    when it is the first nightly of an empty history, or when a person forces it (`force_accept` with a
+    `reason`, recorded in the history with who/when/why). Without a comparable baseline the stage fails
+    (after publishing the plot); a regression is returned for the flow to fail on (`failed` in the result)."""
+    from tasks.common import StageError
     from tasks.nightly import run_nightly
 
-    return run_nightly(logs, baseline, tolerance_epochs, tolerance_accuracy, target, context=context)
+    result = run_nightly(logs, baseline, tolerance_epochs, tolerance_accuracy, target, force_accept=force_accept,
+                         reason=reason, context=context)
+    if result.failed and not result.regressed:
+        _nightly_artifacts(result.to_dict())
+        raise StageError(result.reason)
+    return result
 
 
 def _compliance_artifacts(r: dict) -> None:

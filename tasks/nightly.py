@@ -22,16 +22,26 @@ The median curve: at each evaluated epoch, the median over runs; a run that has 
 contributes its final accuracy (it stopped because it was done).
 
 Runs are comparable only on the same setup: global batch size, train/eval sample counts and optimizer,
-as logged, plus an optional caller `context` (e.g. training config name, data digest). A baseline of
-another setup is not compared against: the verdict is "no-baseline", with the differences named.
+as logged, plus an optional caller `context` (e.g. training config name, data digest).
+
+Nothing passes for lack of a baseline (a regression must not pass by deleting a file). Verdicts:
+  pass / regressed        compared with the stored baseline by the rules above;
+  no-baseline             the very first nightly of an EMPTY history (no baseline.json, nothing in
+                          history/): accepted as the baseline by itself;
+  no-comparable-baseline  baseline.json is missing while history/ holds accepted baselines, or the
+                          baseline is of another setup (the differences are named): the nightly FAILS
+                          until a person accepts a new baseline explicitly (`rn50 nightly ... --force-accept
+                          --reason "..."`, or run_nightly(force_accept=True, reason=...) from the flow).
+Every accepted baseline records who (user@host), when, why and whether it was forced.
 
 Baseline storage, "next to the archive": a directory (local path, `file:///dir`, or `s3://bucket/prefix`,
 for an archive URI A use `baseline_location(A)` = A/nightly) holding
-  baseline.json                      per-run curves, epochs-to-target, run ids, setup, accepted-at
+  baseline.json                      per-run curves, epochs-to-target, run ids, setup, accepted at/by, why
   history/<accepted-at>_<run-id>.json  every baseline ever accepted (the same document)
-Both are written whole: a rename beside the target on a file system, a single PUT on S3 (an S3 object
-appears complete or not at all). Epochs-to-target are recomputed from the stored curves at compare
-time, so a different target compares correctly against an old baseline.
+Both are written whole (tasks/storage.py): a rename beside the target on a file system, a single PUT on
+S3 (an S3 object appears complete or not at all). Epochs-to-target are recomputed from the stored curves
+at compare time, so a different target compares correctly against an old baseline. Logs are read by
+tasks/mlperf_logs.py.
 """
 from __future__ import annotations
 
@@ -39,20 +49,28 @@ import argparse
 import base64
 import dataclasses
 import datetime as _dt
+import getpass
 import hashlib
 import json
 import math
 import os
+import socket
 import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tasks import mlperf_logs, storage
 from tasks.common import Result, StageError, atomic_path, digest_of, file_digest, write_json_atomic, write_text_atomic
 
 TARGET = 0.759
 BASELINE_FILE = "baseline.json"
 FORMAT_VERSION = 1
-PARSE_RULESET = "4.0.0"  # every training ruleset's parser reads the same `:::MLLOG {json}` lines
+PARSE_RULESET = mlperf_logs.PARSE_RULESET
+HISTORY_DIR = "history/"
+# Verdicts: the first nightly of an empty history starts the baseline by itself; every other way of having
+# nothing to compare with fails until a person accepts a new baseline explicitly (force_accept + reason).
+PASSING = ("pass", "no-baseline")
+FAILING = ("regressed", "no-comparable-baseline")
 # Logged facts that must agree for two sets of runs to be comparable.
 SETUP_KEYS = ("global_batch_size", "train_samples", "eval_samples", "opt_name")
 
@@ -72,7 +90,7 @@ class RunCurve(Result):
 
 @dataclasses.dataclass
 class NightlyResult(Result):
-    verdict: str  # "pass" | "regressed" | "no-baseline"
+    verdict: str  # "pass" | "regressed" | "no-baseline" (first ever) | "no-comparable-baseline"
     reason: str  # one line; on regression the flow's failure message
     target: float
     tolerance_epochs: float
@@ -95,27 +113,22 @@ class NightlyResult(Result):
     report_md: str
     accepted: str | None  # where the baseline was written, when this result was accepted
     key: str  # digest of the log digests, the baseline document, target and tolerances
+    acceptance: dict[str, Any] | None = None  # {"by": user@host, "at", "forced", "why", "location"} once accepted
 
     @property
     def regressed(self) -> bool:
         return self.verdict == "regressed"
 
+    @property
+    def failed(self) -> bool:
+        """The nightly fails: it regressed or had nothing comparable, and no person accepted it."""
+        return self.verdict in FAILING and not (self.acceptance and self.acceptance.get("forced"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "failed": self.failed}
+
 
 # --- reading logs ---------------------------------------------------------------------------------
-
-
-def _loglines(path: Path) -> list[Any]:
-    from mlperf_logging.compliance_checker.mlp_parser import parse_file
-
-    if not path.is_file():
-        raise StageError(f"result log {path} does not exist")
-    try:
-        lines, _failed = parse_file(str(path), ruleset=PARSE_RULESET)
-    except Exception as e:  # the parser raises json errors etc. on a mangled line
-        raise StageError(f"result log {path} is not an MLPerf log: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if not lines:
-        raise StageError(f"result log {path} has no :::MLLOG lines")
-    return lines
 
 
 def _num(x: Any) -> float | int:
@@ -126,26 +139,18 @@ def _num(x: Any) -> float | int:
 def read_run(result_log: str | os.PathLike) -> RunCurve:
     """One run's curve and facts from its MLPerf log (eval_accuracy lines up to the first run_stop)."""
     path = Path(result_log).resolve()
+    log = mlperf_logs.summarize(mlperf_logs.load(path, PARSE_RULESET))
     by_epoch: dict[float, float] = {}
-    seed, status, stopped, setup = None, None, False, {}
-    for ll in _loglines(path):
-        v = ll.value if isinstance(ll.value, dict) else {}
-        md = v.get("metadata") or {}
-        if ll.key == "run_stop":
-            status, stopped = str(md.get("status", "no status")), True
-            break
-        if ll.key == "eval_accuracy":
-            if md.get("epoch_num") is None or not isinstance(v.get("value"), (int, float)):
-                raise StageError(f"result log {path}: an eval_accuracy line has no epoch_num or no numeric value")
-            by_epoch[_num(md["epoch_num"])] = float(v["value"])  # a resumed run re-evaluating an epoch: last wins
-        elif ll.key == "seed" and seed is None and isinstance(v.get("value"), (int, float)):
-            seed = int(v["value"])
-        elif ll.key in SETUP_KEYS:
-            setup.setdefault(ll.key, v.get("value"))
+    for epoch, value in log.evals:
+        if epoch is None or not isinstance(value, (int, float)):
+            raise StageError(f"result log {path}: an eval_accuracy line has no epoch_num or no numeric value")
+        by_epoch[_num(epoch)] = float(value)  # a resumed run re-evaluating an epoch: last wins
     if not by_epoch:
         raise StageError(f"result log {path} has no eval_accuracy: nothing to compare")
-    if not stopped:
+    if not log.stopped:
         raise StageError(f"result log {path} has no run_stop: the run did not finish")
+    seed, status = log.seed, log.status
+    setup = {k: log.values[k] for k in SETUP_KEYS if k in log.values}
     pts = [[e, a] for e, a in sorted(by_epoch.items())]
     return RunCurve(log=str(path), run_id=path.parent.name, seed=seed, curve=pts,
                     epochs_to_target=None, final_accuracy=pts[-1][1], status=status,
@@ -164,12 +169,10 @@ def epochs_to_target(points: Iterable[Sequence[float]], target: float = TARGET) 
 
 def expand_logs(run_logs: Iterable[str | os.PathLike]) -> list[Path]:
     """Result logs from files and directories (a directory gives its result_*.txt, in run order)."""
-    from tasks.compliance import _result_files
-
     out: list[Path] = []
     for p in map(Path, run_logs):
         if p.is_dir():
-            found = _result_files(p)
+            found = mlperf_logs.result_files(p)
             if not found:
                 raise StageError(f"no result_*.txt in {p}")
             out += found
@@ -240,89 +243,49 @@ def baseline_location(archive_uri: str) -> str:
     return archive_uri.rstrip("/") + "/nightly"
 
 
-class _Store:
-    """baseline.json and history/ under a directory, a file:// URI or an s3:// URI."""
+class BaselineStore:
+    """baseline.json and history/ under a directory, a file:// URI or an s3:// URI (tasks.storage)."""
 
     def __init__(self, location: str | os.PathLike, s3_options: dict[str, Any] | None = None):
         loc = str(location)
         self.location = loc if "://" in loc else str(Path(loc).resolve())
-        if "://" in loc:
-            from tasks.archive import parse_uri
-
-            try:
-                scheme, bucket, prefix = parse_uri(loc)
-            except StageError as e:
-                raise StageError(str(e).replace("archive URI", "baseline location")) from None
-        else:
-            scheme, bucket, prefix = "file", "", str(Path(loc).resolve())
-        self.scheme, self.bucket, self.prefix = scheme, bucket, prefix
-        self.s3_options = s3_options
-        self._client = None
+        self.target = storage.open_target(self.location, what="baseline location", s3_options=s3_options)
 
     def where(self, name: str) -> str:
-        if self.scheme == "s3":
-            return f"s3://{self.bucket}/{self._key(name)}"
-        return str(Path(self.prefix) / name)
+        t = self.target
+        return str(t.path(name)) if isinstance(t, storage.FileTarget) else t.where(name)
 
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    def client(self):
-        if self._client is None:
-            from tasks.common import s3_client
-
-            self._client = s3_client(self.s3_options)
-        return self._client
+    def _fail(self, verb: str, name: str, e: Exception) -> StageError:
+        if isinstance(e, IsADirectoryError):
+            return StageError(f"baseline {self.where(name)} is a directory")
+        why = e.strerror if isinstance(e, OSError) and e.strerror else storage.describe_error(e)
+        return StageError(f"cannot {verb} baseline {self.where(name)}: {why}")
 
     def read(self, name: str) -> bytes | None:
-        if self.scheme == "file":
-            p = Path(self.prefix) / name
-            if p.is_dir():
-                raise StageError(f"baseline {p} is a directory")
-            try:
-                return p.read_bytes()
-            except FileNotFoundError:
-                return None
-            except OSError as e:
-                raise StageError(f"cannot read baseline {p}: {e.strerror}") from None
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        from tasks.archive import _describe
-
         try:
-            return self.client().get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise StageError(f"cannot read baseline {self.where(name)}: {_describe(e)}") from None
-        except BotoCoreError as e:
-            raise StageError(f"cannot read baseline {self.where(name)}: {_describe(e)}") from None
+            return self.target.read(name)
+        except Exception as e:  # OS and S3 errors: one line, no credentials
+            raise self._fail("read", name, e) from None
 
     def write(self, name: str, data: bytes) -> str:
-        if self.scheme == "file":
-            try:
-                with atomic_path(Path(self.prefix) / name) as tmp:
-                    tmp.write_bytes(data)
-            except OSError as e:
-                raise StageError(f"cannot write baseline {self.where(name)}: {e.strerror}") from None
-            return self.where(name)
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        from tasks.archive import _describe
-
+        """Written whole: a rename beside the target on a file system, one checksummed PUT on S3."""
         try:
-            # One PUT: S3 never shows a partial object. The checksum makes the server refuse a corrupted body.
-            self.client().put_object(Bucket=self.bucket, Key=self._key(name), Body=data,
-                                     ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode(),
-                                     ContentType="application/json")
-        except (ClientError, BotoCoreError) as e:
-            raise StageError(f"cannot write baseline {self.where(name)}: {_describe(e)}") from None
+            self.target.write(name, data, content_type="application/json")
+        except Exception as e:
+            raise self._fail("write", name, e) from None
         return self.where(name)
+
+    def has_history(self) -> bool:
+        """True when any baseline was ever accepted here (history/ holds at least one document)."""
+        try:
+            return self.target.has_any(HISTORY_DIR)
+        except Exception as e:
+            raise self._fail("read", HISTORY_DIR, e) from None
 
 
 def load_baseline(baseline_dir: str | os.PathLike, s3_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The stored baseline document, or None when there is none yet."""
-    store = _Store(baseline_dir, s3_options)
+    store = BaselineStore(baseline_dir, s3_options)
     raw = store.read(BASELINE_FILE)
     if raw is None:
         return None
@@ -362,6 +325,9 @@ def default_out_dir(first_log: Path) -> Path:
     return run_dir / "nightly"
 
 
+_FORCE_HINT = "a person must accept a new baseline explicitly (rn50 nightly ... --force-accept --reason WHY)"
+
+
 def compare(
     run_logs: Sequence[str | os.PathLike],
     baseline_dir: str | os.PathLike,
@@ -384,8 +350,9 @@ def compare(
         raise StageError("tolerances must be >= 0")
     logs = expand_logs(run_logs)
     runs = [read_run(p) for p in logs]
-    store = _Store(baseline_dir, s3_options)
+    store = BaselineStore(baseline_dir, s3_options)
     base_doc = load_baseline(baseline_dir, s3_options)
+    first_ever = base_doc is None and not store.has_history()
     for r in runs:
         r.epochs_to_target = epochs_to_target(r.curve, target)
     run_dicts = [dataclasses.asdict(r) for r in runs]
@@ -396,11 +363,16 @@ def compare(
     failures: list[str] = []
     baseline: dict[str, Any] | None = None
     gap = None
-    if base_doc is None:
+    this_night = (f"{cur['converged_runs']} of {cur['n_runs']} runs reach {target:g}, epochs to {target:g} = "
+                  f"{_g(cur['epochs_to_target'])}, final accuracy {_g(cur['final_accuracy'])}")
+    if first_ever:
         verdict = "no-baseline"
-        reason = (f"nightly has no baseline at {store.where(BASELINE_FILE)}: {cur['converged_runs']} of "
-                  f"{cur['n_runs']} runs reach {target:g}, epochs to {target:g} = {_g(cur['epochs_to_target'])}, "
-                  f"final accuracy {_g(cur['final_accuracy'])}; accept() makes this the baseline")
+        reason = (f"nightly has no baseline at {store.where(BASELINE_FILE)}: {this_night}; "
+                  "accept() makes this the baseline")
+    elif base_doc is None:  # deleted, or never written after a history: never a free pass
+        verdict = "no-comparable-baseline"
+        reason = (f"nightly has no comparable baseline: {store.where(BASELINE_FILE)} is missing although "
+                  f"{store.where(HISTORY_DIR.rstrip('/'))}/ holds accepted baselines ({this_night}); {_FORCE_HINT}")
     else:
         base = _summarise(base_doc["runs"], target)
         baseline = {"location": store.where(BASELINE_FILE), "accepted_at": base_doc.get("accepted_at"),
@@ -409,10 +381,10 @@ def compare(
         differs = sorted(k for k in set(setup) | set(baseline["setup"])
                          if k in setup and k in baseline["setup"] and setup[k] != baseline["setup"][k])
         if differs:
-            verdict = "no-baseline"
-            reason = (f"nightly baseline at {baseline['location']} is for another setup ("
+            verdict = "no-comparable-baseline"
+            reason = (f"nightly has no comparable baseline: the one at {baseline['location']} is for another setup ("
                       + ", ".join(f"{k} {baseline['setup'][k]} -> {setup[k]}" for k in differs)
-                      + "); not comparable, accept() starts a new baseline (the old one stays in history/)")
+                      + f"); {_FORCE_HINT} (the old one stays in history/)")
         else:
             failures = _judge(runs, cur, base, target, tolerance_epochs, tolerance_accuracy, tolerance_curve)
             gap = _largest_gap(cur["curve"], base["curve"])
@@ -489,21 +461,41 @@ def _as_dict(result: NightlyResult | dict[str, Any]) -> dict[str, Any]:
     return result.to_dict() if isinstance(result, NightlyResult) else result
 
 
-def accept(result: NightlyResult | dict[str, Any], baseline_dir: str | os.PathLike | None = None,
-           force: bool = False, s3_options: dict[str, Any] | None = None) -> str:
-    """Make `result`'s runs the baseline (when it passed or there was none; `force` to re-baseline after a
-    deliberate change). Writes history/<accepted-at>_<run-id>.json, then baseline.json; returns the latter."""
-    r = _as_dict(result)
-    if r["verdict"] == "regressed" and not force:
-        raise StageError(f"refusing to accept a regressed nightly as the baseline ({r['reason']}); "
-                         "use force=True (--force-accept) to re-baseline deliberately")
-    location = baseline_dir if baseline_dir is not None else r["baseline_location"]
-    store = _Store(location, s3_options)
+def who() -> str:
+    """user@host of whoever runs this process (recorded with every accepted baseline)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry and no LOGNAME/USER (some containers)
+        user = f"uid-{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _accept(r: dict[str, Any], location: str | os.PathLike, force: bool, why: str | None,
+            s3_options: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    why = (why or "").strip()
+    if force and not why:
+        raise StageError("a forced acceptance needs a reason (--reason \"...\"): it is recorded in the history")
+    if "\n" in why:
+        raise StageError("the acceptance reason must be one line")
+    if r["verdict"] in FAILING and not force:
+        what = "a regressed nightly" if r["verdict"] == "regressed" else "a nightly without a comparable baseline"
+        raise StageError(f"refusing to accept {what} as the baseline ({r['reason']}); a person re-baselines "
+                         "deliberately with force=True and a reason (--force-accept --reason WHY)")
+    store = BaselineStore(location, s3_options)
+    if r["verdict"] == "no-baseline" and not force and (store.read(BASELINE_FILE) is not None or store.has_history()):
+        raise StageError(f"refusing to start a baseline by itself at {store.where(BASELINE_FILE)}: a baseline was "
+                         "accepted there since this comparison; compare again")
     now = _dt.datetime.now(_dt.timezone.utc)
+    record = {"by": who(), "at": now.isoformat(timespec="seconds"), "forced": bool(force),
+              "why": why if force else ("first nightly of an empty history" if r["verdict"] == "no-baseline"
+                                        else "passed against the previous baseline")}
     run_ids = sorted({x["run_id"] for x in r["runs"]})
     doc = {
         "format": FORMAT_VERSION,
-        "accepted_at": now.isoformat(timespec="seconds"),
+        "accepted_at": record["at"],
+        "accepted_by": record["by"],
+        "forced": record["forced"],
+        "why": record["why"],
         "verdict": r["verdict"],
         "reason": r["reason"],
         "target": r["target"],
@@ -517,18 +509,39 @@ def accept(result: NightlyResult | dict[str, Any], baseline_dir: str | os.PathLi
         "replaces": (r.get("baseline") or {}).get("accepted_at"),
     }
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-    store.write(f"history/{now.strftime('%Y%m%dT%H%M%SZ')}_{run_ids[0]}.json", data)
-    return store.write(BASELINE_FILE, data)
+    store.write(f"{HISTORY_DIR}{now.strftime('%Y%m%dT%H%M%SZ')}_{run_ids[0]}.json", data)
+    where = store.write(BASELINE_FILE, data)
+    return where, {**record, "location": where}
+
+
+def accept(result: NightlyResult | dict[str, Any], baseline_dir: str | os.PathLike | None = None,
+           force: bool = False, s3_options: dict[str, Any] | None = None, reason: str | None = None) -> str:
+    """Make `result`'s runs the baseline. By itself only when it passed, or when it is the first nightly of
+    an empty history; anything else ("regressed", "no-comparable-baseline") needs a person: `force=True`
+    with a one-line `reason`. Writes history/<accepted-at>_<run-id>.json, then baseline.json, each recording
+    who (user@host), when and why; returns where baseline.json was written."""
+    r = _as_dict(result)
+    location = baseline_dir if baseline_dir is not None else r["baseline_location"]
+    where, record = _accept(r, location, force, reason, s3_options)
+    if isinstance(result, NightlyResult):
+        result.accepted, result.acceptance = where, record
+    return where
 
 
 def run_nightly(run_logs: Sequence[str | os.PathLike], baseline_dir: str | os.PathLike, tolerance_epochs: float = 2,
                 tolerance_accuracy: float = 0.02, target: float = TARGET, accept_on_pass: bool = True,
-                **kwargs: Any) -> NightlyResult:
-    """compare(), then accept() unless it regressed: what the nightly flow calls. Never raises on a
-    regression (so the plot can be published first); the caller fails with `result.reason`."""
+                force_accept: bool = False, reason: str | None = None, **kwargs: Any) -> NightlyResult:
+    """compare(), then accept() when it passed or is the first nightly of an empty history: what the nightly
+    flow calls. `force_accept` with a one-line `reason`: a person makes this night the baseline whatever
+    the verdict (recorded with who/when/why). Never raises on a failing verdict (so the plot can be
+    published first); the caller fails with `result.reason` when `result.failed`."""
+    if force_accept and not (reason or "").strip():
+        raise StageError("--force-accept needs --reason \"...\" (who, when and why are recorded in the history)")
+    if (reason or "").strip() and not force_accept:
+        raise StageError("--reason is recorded only with --force-accept")
     result = compare(run_logs, baseline_dir, tolerance_epochs, tolerance_accuracy, target, **kwargs)
-    if accept_on_pass and result.verdict != "regressed":
-        result.accepted = accept(result, baseline_dir, s3_options=kwargs.get("s3_options"))
+    if force_accept or (accept_on_pass and result.verdict in PASSING):
+        accept(result, baseline_dir, force=force_accept, s3_options=kwargs.get("s3_options"), reason=reason)
         write_report(result)
     return result
 
@@ -547,7 +560,8 @@ def plot(current: NightlyResult | dict[str, Any] | Sequence[RunCurve], baseline:
         r = _as_dict(current)
         runs, med, baseline = r["runs"], r["curve"], baseline if baseline is not None else r["baseline"]
         target, verdict = r["target"], r["verdict"]
-        title = {"pass": "PASS", "regressed": "REGRESSED", "no-baseline": "no baseline"}[verdict]
+        title = {"pass": "PASS", "regressed": "REGRESSED", "no-baseline": "no baseline",
+                 "no-comparable-baseline": "NO COMPARABLE BASELINE"}[verdict]
         title += f" — epochs to {target:g}: {_g(r['epochs_to_target'])}"
         if baseline:
             title += f" vs baseline {_g(_summarise(baseline['runs'], target)['epochs_to_target'])}"
@@ -557,7 +571,7 @@ def plot(current: NightlyResult | dict[str, Any] | Sequence[RunCurve], baseline:
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    colour = "#c0392b" if verdict == "regressed" else "#1f77b4"
+    colour = "#c0392b" if verdict in FAILING else "#1f77b4"
     if baseline:
         b_runs = baseline["runs"]
         for i, x in enumerate(b_runs):
@@ -618,6 +632,9 @@ def _markdown(r: dict[str, Any], image: str) -> str:
             L.append(f"- largest per-epoch shortfall against the baseline: {g['gap']:+.3f} at epoch {_g(g['epoch'])}")
     L.append(f"- baseline location: `{r['baseline_location']}`" + (f"; accepted as the new baseline: `{r['accepted']}`"
                                                                     if r.get("accepted") else ""))
+    acc = r.get("acceptance")
+    if acc:
+        L.append(f"- accepted by {acc['by']} at {acc['at']}" + (f", forced: {acc['why']}" if acc["forced"] else f" ({acc['why']})"))
     L += ["", *_run_rows(r), ""]
     return "\n".join(L)
 
@@ -652,20 +669,23 @@ def add_command(subparsers) -> None:
     p.add_argument("--tolerance-curve", type=float, default=None, help="also fail on a per-epoch accuracy shortfall")
     p.add_argument("--out", default=None, help="report directory (default WORKDIR/reports/nightly/<run-id>)")
     p.add_argument("--no-accept", action="store_true", help="do not store a passing result as the new baseline")
-    p.add_argument("--force-accept", action="store_true", help="store the result as the baseline even if it regressed")
+    p.add_argument("--force-accept", action="store_true",
+                   help="a person makes this night the baseline whatever the verdict (needs --reason)")
+    p.add_argument("--reason", default=None,
+                   help="why this night is force-accepted; recorded in the history with user@host and the time")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     r = run_nightly(args.logs, args.baseline, args.tolerance_epochs, args.tolerance_accuracy, args.target,
-                    accept_on_pass=not args.no_accept, tolerance_curve=args.tolerance_curve, out_dir=args.out)
-    if args.force_accept and r.accepted is None:
-        r.accepted = accept(r, args.baseline, force=True)
-        write_report(r)
+                    accept_on_pass=not args.no_accept, force_accept=args.force_accept, reason=args.reason,
+                    tolerance_curve=args.tolerance_curve, out_dir=args.out)
     if args.json:
         print(json.dumps(r.to_dict()))
     else:
         print(r.reason)
         print(f"plot: {r.plot_png}\nreport: {r.report_md}" + (f"\nbaseline written: {r.accepted}" if r.accepted else ""))
-    return 1 if r.regressed else 0
+        if r.acceptance and r.acceptance["forced"]:
+            print(f"accepted by {r.acceptance['by']} at {r.acceptance['at']}: {r.acceptance['why']}")
+    return 1 if r.failed else 0

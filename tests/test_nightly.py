@@ -2,7 +2,7 @@
 
 Logs are written with the project's own MLPerf logger (rn50.mllog.RunLogger over mlperf_logging.mllog,
 what rn50.train uses), so they are read back by mlperf-logging's real parser; one test uses the five
-real Inspur v0.7 result logs. The S3 baseline test runs against a real SeaweedFS server on loopback.
+real Inspur v0.7 result logs (tests/fixtures/mlperf-v0.7-inspur). The S3 baseline test runs against a real SeaweedFS server on loopback.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from tasks import nightly as N
 from tasks.common import StageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import rn50  # noqa: E402
 from s3_server import seaweed_s3  # noqa: E402,F401  (pytest fixture)
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/mlperf-v0.7-inspur"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mlperf-v0.7-inspur"  # see its SOURCE.md
 FAST = {2: 0.31, 4: 0.62, 6: 0.81}  # reaches 0.759 at epoch 6
 
 
@@ -121,9 +122,13 @@ def test_slower_convergence_beyond_tolerance_regresses_with_a_clear_message(tmp_
     with pytest.raises(StageError, match="refusing to accept a regressed nightly") as e:
         N.accept(r, base)
     assert "\n" not in str(e.value)
-    # a deliberate re-baseline still works, from the JSON the flow passes around
-    N.accept(r.to_dict(), base, force=True)
-    assert json.loads((base / "baseline.json").read_text())["epochs_to_target"] == 9
+    # a deliberate re-baseline still works, from the JSON the flow passes around, but only with a reason
+    _one_line_error(lambda: N.accept(r.to_dict(), base, force=True), r"^a forced acceptance needs a reason")
+    assert (base / "baseline.json").read_bytes() == before
+    N.accept(r.to_dict(), base, force=True, reason="slower schedule on purpose")
+    doc = json.loads((base / "baseline.json").read_text())
+    assert doc["epochs_to_target"] == 9 and doc["forced"] is True and doc["why"] == "slower schedule on purpose"
+    assert doc["accepted_by"] == N.who() and "@" in doc["accepted_by"]
 
 
 def test_never_converging_run_regresses_when_the_baseline_converged(tmp_path):
@@ -178,20 +183,67 @@ def test_other_setup_is_not_compared_and_target_is_recomputed_from_stored_curves
     base = tmp_path / "nightly"
     N.run_nightly(run_set(tmp_path / "b", [FAST]), base, context={"config": "cpu-demo"})
     other = N.compare(run_set(tmp_path / "c", [shifted(FAST, 6)], gbs=128), base, context={"config": "cpu-demo"})
-    assert other.verdict == "no-baseline" and "global_batch_size 64 -> 128" in other.reason
+    assert other.verdict == "no-comparable-baseline" and other.failed
+    assert other.reason.startswith("nightly has no comparable baseline: the one at ")
+    assert "global_batch_size 64 -> 128" in other.reason and "--force-accept --reason" in other.reason
     cfg = N.compare(run_set(tmp_path / "d", [FAST]), base, context={"config": "other"})
-    assert cfg.verdict == "no-baseline" and "config cpu-demo -> other" in cfg.reason
+    assert cfg.verdict == "no-comparable-baseline" and "config cpu-demo -> other" in cfg.reason
     # baseline stored at 0.759, compared at 0.6: both reach 0.6 at epoch 4
     lower = N.compare(run_set(tmp_path / "e", [FAST]), base, target=0.6, context={"config": "cpu-demo"})
     assert lower.verdict == "pass" and lower.reason.startswith("nightly passed: epochs to 0.6 = 4 vs baseline 4")
 
 
+def test_no_free_pass_without_a_baseline_until_a_person_accepts(tmp_path):
+    """Issue 16, item 7: only the first nightly of an empty history starts the baseline by itself. Deleting
+    baseline.json, or changing a setting, must not let a regression through."""
+    base = tmp_path / "nightly"
+    first = N.run_nightly(run_set(tmp_path / "b", [FAST], run_id="night-1"), base, context={"config": "cpu-demo"})
+    assert first.verdict == "no-baseline" and not first.failed and first.accepted == str(base / "baseline.json")
+    doc = json.loads((base / "baseline.json").read_text())
+    assert (doc["accepted_by"], doc["forced"], doc["why"]) == (N.who(), False, "first nightly of an empty history")
+    assert first.acceptance["by"] == N.who() and first.acceptance["at"] == doc["accepted_at"]
+
+    # the baseline disappears while the history exists: a much slower night is not accepted by itself
+    (base / "baseline.json").unlink()
+    slow = run_set(tmp_path / "s", [shifted(FAST, 8)], run_id="night-2")
+    r = N.run_nightly(slow, base, context={"config": "cpu-demo"})
+    assert r.verdict == "no-comparable-baseline" and r.failed and r.accepted is None
+    assert r.reason.startswith(f"nightly has no comparable baseline: {base / 'baseline.json'} is missing although "
+                               f"{base / 'history'}/ holds accepted baselines (1 of 1 runs reach 0.759, epochs to "
+                               "0.759 = 14")
+    assert not (base / "baseline.json").exists() and len(list((base / "history").iterdir())) == 1
+    assert N.compare(slow, base, context={"config": "cpu-demo"}).verdict == "no-comparable-baseline"  # still
+    _one_line_error(lambda: N.accept(r, base), r"^refusing to accept a nightly without a comparable baseline")
+
+    # a person accepts: only with a reason, recorded with who and when in baseline.json and history/
+    _one_line_error(lambda: N.run_nightly(slow, base, force_accept=True, context={"config": "cpu-demo"}),
+                    r"^--force-accept needs --reason")
+    _one_line_error(lambda: N.run_nightly(slow, base, reason="x", context={"config": "cpu-demo"}),
+                    r"^--reason is recorded only with --force-accept$")
+    assert not (base / "baseline.json").exists()
+    forced = N.run_nightly(slow, base, force_accept=True, reason="new data pipeline, slower by design",
+                           context={"config": "cpu-demo"})
+    assert forced.verdict == "no-comparable-baseline" and not forced.failed
+    assert forced.acceptance == {"by": N.who(), "at": forced.acceptance["at"], "forced": True,
+                                 "why": "new data pipeline, slower by design", "location": str(base / "baseline.json")}
+    history = sorted((base / "history").iterdir())
+    assert len(history) == 2 and history[-1].read_text() == (base / "baseline.json").read_text()
+    doc = json.loads(history[-1].read_text())
+    assert (doc["forced"], doc["why"], doc["accepted_by"]) == (True, "new data pipeline, slower by design", N.who())
+    assert "forced: new data pipeline" in Path(forced.report_md).read_text()
+    assert N.run_nightly(slow, base, context={"config": "cpu-demo"}).verdict == "pass"
+
+    # a changed setting: not compared, not accepted, fails
+    other = N.run_nightly(run_set(tmp_path / "o", [FAST]), base, context={"config": "nf5488-8xa100"})
+    assert other.verdict == "no-comparable-baseline" and other.failed and other.accepted is None
+    assert json.loads((base / "baseline.json").read_text())["run_ids"] == ["night-2"]
+
+
 def test_real_inspur_logs_against_themselves_and_with_the_last_eval_lost(tmp_path):
     """The five real MLPerf v0.7 result logs (converged at epoch 35) as baseline; a copy where one run's
     converging evaluation is cut off (run_stop aborted) is a regression."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"fixtures not found at {FIXTURES}")
     logs = sorted(FIXTURES.glob("result_*.txt"))
+    assert len(logs) == 5, f"the Inspur fixtures belong in {FIXTURES}"
     base = tmp_path / "nightly"
     first = N.run_nightly(logs, base, out_dir=tmp_path / "out1")
     assert first.verdict == "no-baseline" and first.epochs_to_target == 35 and first.converged_runs == 5
@@ -290,6 +342,11 @@ def test_baseline_next_to_an_s3_archive(tmp_path, seaweed_s3, monkeypatch):
 
     r2 = N.run_nightly(run_set(tmp_path / "c", [shifted(FAST, 4)]), loc)
     assert r2.verdict == "regressed" and r2.reason == "nightly regressed: epochs to 0.759 = 10 vs baseline 6 (tolerance 2)"
+    # the baseline object deleted while history/ holds documents: no free pass on S3 either
+    client.delete_object(Bucket="rn50-archive", Key="team/nightly/baseline.json")
+    r3 = N.run_nightly(run_set(tmp_path / "e", [shifted(FAST, 4)]), loc)
+    assert r3.verdict == "no-comparable-baseline" and r3.failed and r3.accepted is None
+    assert "s3://rn50-archive/team/nightly/history/ holds accepted baselines" in r3.reason
     with pytest.raises(StageError, match=r"^cannot read baseline s3://no-such-bucket/nightly/baseline.json: NoSuchBucket"):
         N.compare(run_set(tmp_path / "d", [FAST]), "s3://no-such-bucket/nightly")
 
@@ -337,19 +394,28 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path):
     assert not out.exists()  # nothing half-written for any of them
 
 
-def test_cli_exit_codes_through_the_rn50_dispatcher(tmp_path, monkeypatch, capsys):
-    from tasks import cli
-
-    if "tasks.nightly" not in cli.COMMAND_MODULES:  # until the lead registers it
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "tasks.nightly"])
+def test_cli_exit_codes_through_the_rn50_console_script(tmp_path):
+    """The real `rn50 nightly` (the installed console script, so tasks/cli.py must register it)."""
     base = tmp_path / "nightly"
     run_set(tmp_path / "b", [FAST])
-    assert cli.main(["nightly", str(tmp_path / "b/runs/run-a"), "--baseline", str(base)]) == 0
-    assert capsys.readouterr().out.startswith("nightly has no baseline at ")
+    p = rn50("nightly", tmp_path / "b/runs/run-a", "--baseline", base)
+    assert p.returncode == 0 and p.stdout.startswith("nightly has no baseline at "), p.stderr
     run_set(tmp_path / "c", [shifted(FAST, 4)])
-    assert cli.main(["nightly", str(tmp_path / "c/runs/run-a"), "--baseline", f"file://{base}", "--json"]) == 1
-    doc = json.loads(capsys.readouterr().out)
+    p = rn50("nightly", tmp_path / "c/runs/run-a", "--baseline", f"file://{base}", "--json")
+    assert p.returncode == 1, p.stderr
+    doc = json.loads(p.stdout)
     assert doc["verdict"] == "regressed" and doc["reason"].startswith("nightly regressed: epochs to 0.759 = 10")
-    assert cli.main(["nightly", str(tmp_path / "nope"), "--baseline", str(base)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("rn50 nightly: error: result log ") and err.count("\n") == 1
+    p = rn50("nightly", tmp_path / "nope", "--baseline", base)
+    assert p.returncode == 2 and p.stderr.startswith("rn50 nightly: error: result log ") and p.stderr.count("\n") == 1
+
+    (base / "baseline.json").unlink()
+    p = rn50("nightly", tmp_path / "c/runs/run-a", "--baseline", base)
+    assert p.returncode == 1 and p.stdout.startswith("nightly has no comparable baseline: "), p.stderr
+    p = rn50("nightly", tmp_path / "c/runs/run-a", "--baseline", base, "--force-accept")
+    assert p.returncode == 2 and p.stderr.startswith("rn50 nightly: error: --force-accept needs --reason")
+    assert not (base / "baseline.json").exists()
+    p = rn50("nightly", tmp_path / "c/runs/run-a", "--baseline", base, "--force-accept", "--reason", "slower on purpose")
+    assert p.returncode == 0, p.stderr
+    assert f"accepted by {N.who()} at " in p.stdout and p.stdout.rstrip().endswith(": slower on purpose")
+    doc = json.loads((base / "baseline.json").read_text())
+    assert (doc["forced"], doc["why"], doc["accepted_by"]) == (True, "slower on purpose", N.who())
