@@ -126,6 +126,16 @@ def is_slurm(doc: Any) -> bool:
     return isinstance(doc, dict) and doc.get("launcher") == "slurm"
 
 
+def is_slurm_file(path: Path | str) -> bool:
+    """True when the hosts file says `launcher: slurm` (errors are left to the loader that owns the file)."""
+    import yaml
+
+    try:
+        return is_slurm(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError):
+        return False
+
+
 def load(path: Path | str) -> SlurmSpec:
     import yaml
 
@@ -507,7 +517,7 @@ def _submit(argv: list[str]) -> str:
 
 
 def rank_env(spec: SlurmSpec, python: str, containerized: bool) -> dict[str, str]:
-    from tasks.train import read_env_file
+    from tasks.inventory import read_env_file
 
     env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
     # sbatch --export=NONE: the job starts with no PATH at all.
@@ -653,6 +663,7 @@ def launch(
     logger: logging.Logger | None = None,
     on_job: Callable[[str, str], None] | None = None,
     np: int | None = None,
+    probe_timeout_s: float = PROBE_TIMEOUT_S,
 ):
     """Preflight through Slurm, then one batch job whose srun steps run the `runs` runs of `rank program
     --config C --data D --out RUN_DIR --run-index N --seed S` on nodes x ntasks_per_node ranks."""
@@ -696,7 +707,7 @@ def launch(
     job_id: str | None = None
     job_log = run_dir / "slurm-job.log"
     try:
-        errors = probe_data(spec, data_dir, expected, job_dir, image)
+        errors = probe_data(spec, data_dir, expected, job_dir, image, probe_timeout_s)
         if errors:
             raise StageError("preflight failed: " + "; ".join(errors))
         container = _container_args(spec, image, data_dir, str(wd.root))

@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,9 @@ def slurm_cluster(tmp: Path, second_node: bool = False, cpus: int = 2, hide: Seq
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o755)  # munged refuses group/world-writable directories on the key/socket path
     procs: list[subprocess.Popen] = []
+    # slurmstepd's and munged's unix sockets live in the spool dir; their paths must stay under 108 bytes.
+    short = Path(tempfile.mkdtemp(prefix="rn50sl-", dir="/tmp"))
+    os.chmod(short, 0o755)
     env = dict(os.environ)
     tag = secrets.token_hex(3)
     netns = iface = None
@@ -150,7 +154,7 @@ def slurm_cluster(tmp: Path, second_node: bool = False, cpus: int = 2, hide: Seq
             nodes = [Node(here, addr_a)]
 
         # --- munge: own key, socket, pid, log, seed ----------------------------------------------
-        key, sock = d / "munge.key", d / "munge.socket"
+        key, sock = d / "munge.key", short / "munge.socket"
         _run("/usr/sbin/mungekey", "--create", "--keyfile", str(key), "--force")
         os.chmod(key, 0o400)
         procs.append(subprocess.Popen(
@@ -177,7 +181,7 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={sock}
 StateSaveLocation={d / 'state'}
-SlurmdSpoolDir={d / 'spool-%n'}
+SlurmdSpoolDir={short / 'spool-%n'}
 SlurmctldPidFile={d / 'slurmctld.pid'}
 SlurmdPidFile={d / 'slurmd-%n.pid'}
 SlurmctldLogFile={d / 'slurmctld.log'}
@@ -228,7 +232,7 @@ PartitionName=maint Nodes=ALL MaxTime=INFINITE State=DOWN
                                       stdout=open(d / "slurmctld.out", "w"), stderr=subprocess.STDOUT,
                                       start_new_session=True))
         for n in nodes:
-            (d / f"spool-{n.name}").mkdir(exist_ok=True)
+            (short / f"spool-{n.name}").mkdir(exist_ok=True)
             argv = on_host(n, [SLURMD, "-D", "-f", str(conf), "-N", n.name])
             procs.append(subprocess.Popen(argv, env=env, stdout=open(d / f"slurmd-{n.name}.out", "w"),
                                           stderr=subprocess.STDOUT, start_new_session=True))
@@ -271,6 +275,7 @@ PartitionName=maint Nodes=ALL MaxTime=INFINITE State=DOWN
             subprocess.run(["ip", "link", "del", iface], capture_output=True)
         if netns:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def _pids_with_env(name: str, value: str) -> list[int]:

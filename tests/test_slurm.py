@@ -1,0 +1,296 @@
+"""Slurm launcher against a real Slurm (Debian slurm-wlm 22.05 + munge; tests/slurm_cluster.py).
+
+The cluster has two nodes: this machine (hostname rn50-slurm-a in its own UTS namespace) and a network
+namespace with its own hostname and slurmd (rn50-slurm-b), joined by a veth pair; the file system is
+shared, as NFS/Lustre would be. Rank 1 really runs on the second node. Ranks are tests/hvd_probe.py
+(a real Horovod allreduce, same CLI as rn50.train) except in the real-training test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import slurm
+from tasks.common import StageError
+from tests.slurm_cluster import missing_requirements, slurm_cluster
+
+PROBE = [sys.executable, str(Path(__file__).with_name("hvd_probe.py"))]
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.timeout(600)]
+_why = missing_requirements(two_nodes=True)
+needs_cluster = pytest.mark.skipif(_why is not None, reason=f"no Slurm cluster here: {_why}")
+
+
+def _doc(**slurm_keys) -> dict:
+    return {"launcher": "slurm", "slurm": {"partition": "debug", "nodes": 2, "ntasks_per_node": 1, "time": "30",
+                                           "poll_s": 0.5, **slurm_keys}}
+
+
+@pytest.fixture
+def wd(tmp_path):
+    rec = tmp_path / "wd" / "recordio"
+    rec.mkdir(parents=True)
+    for split in ("train", "val"):
+        (rec / f"{split}.rec").write_bytes(os.urandom(1 << 20))
+        (rec / f"{split}.idx").write_text("".join(f"{i}\t{i * 100}\n" for i in range(20)))
+    return tmp_path / "wd"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if _why:
+        pytest.skip(_why)
+    with slurm_cluster(tmp_path_factory.mktemp("slurm"), second_node=True) as c:
+        yield c
+
+
+@pytest.fixture
+def on_cluster(cluster, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    yield cluster
+    assert cluster.squeue() == [], "a job was left in the queue"
+
+
+def _status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def _job_names(cluster) -> list[str]:
+    """Jobs slurmctld accepted, from its log (accounting is off, so no sacct)."""
+    return re.findall(r"_slurm_rpc_submit_batch_job: JobId=\d+ InitPrio=\d+", cluster.ctld_log.read_text())
+
+
+# --- the inventory, as data -------------------------------------------------------------------------------
+
+
+def test_slurm_inventory_parses_and_rejects_bad_values_in_one_line(tmp_path):
+    spec = slurm.parse({**_doc(account="ml", extra_args=["--gpus-per-node=8"], container_image="reg.example:5000/rn50:abc"),
+                        "data_dir": "/lustre/rec", "env": {"NCCL_DEBUG": "INFO"}})
+    assert (spec.partition, spec.nodes, spec.ntasks, spec.time_s, spec.exclusive) == ("debug", 2, 2, 1800, True)
+    assert slurm.enroot_image(spec.container_image) == "reg.example:5000#rn50:abc"
+    assert slurm.enroot_image("nvcr.io/nvidia/mxnet:23.09-py3") == "nvcr.io#nvidia/mxnet:23.09-py3"
+    assert [slurm.parse_time(t) for t in ("90", "01:30", "1:00:00", "1-00", "2-03:04:05")] == [5400, 90, 3600, 86400, 183845]
+    bad = [
+        ({"launcher": "slurm"}, "needs a `slurm:` mapping"),
+        ({"launcher": "slurm", "slurm": {"nodes": 1}}, "slurm.partition is required"),
+        (_doc(partition="debug; rm -rf /"), "slurm.partition"),
+        (_doc(nodes=0), "slurm.nodes must be an integer >= 1"),
+        (_doc(time="an hour"), "slurm.time 'an hour' is not a Slurm time"),
+        (_doc(extra_args="--exclusive"), "slurm.extra_args must be a list"),
+        (_doc(extra_args=["-w node1"]), "each starting with `--`"),
+        (_doc(mpi="openmpi"), "slurm.mpi must be none, pmix or pmi2"),
+        (_doc(colour="red"), "unknown slurm key(s) ['colour']"),
+        ({**_doc(), "hosts": [{"host": "a"}]}, "unknown key(s) ['hosts']"),
+        ({**_doc(), "data_dir": "relative/path"}, "data_dir must be an absolute path"),
+    ]
+    for doc, want in bad:
+        with pytest.raises(StageError) as e:
+            slurm.parse(doc, source="inv.yaml")
+        assert want in str(e.value) and "\n" not in str(e.value), (doc, str(e.value))
+
+
+def test_slurm_batch_script_quotes_every_value(tmp_path):
+    """A hostile value (quotes, $(), ;) ends up as one literal argv element of srun, never shell syntax."""
+    evil = "/data/it's $(touch /tmp/pwned); `id`"
+    spec = slurm.parse({**_doc(), "env": {"EVIL": evil}})
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (tmp_path / "run" / ".slurm").mkdir(parents=True)
+    script = slurm.batch_script(spec, tmp_path / "run", tmp_path / "run" / ".slurm",
+                                {"EVIL": evil, "PATH": f"{fake}:/usr/bin:/bin"},
+                                "/usr/bin/python3", [["python", "-m", "rn50.train", "--data", evil]], [])
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    # Run the script with `srun` replaced by a printer of its argv: the value arrives intact.
+    (fake / "srun").write_text('#!/bin/bash\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGV_OUT"\n')
+    (fake / "srun").chmod(0o755)
+    out = tmp_path / "argv"
+    r = subprocess.run(["bash", str(path)], env={"ARGV_OUT": str(out),
+                                                 "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n1"},
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    argv = out.read_text().splitlines()
+    assert argv[argv.index("--data") + 1] == evil and not Path("/tmp/pwned").exists()
+    assert "export EVIL=" in script
+
+
+# --- a real cluster --------------------------------------------------------------------------------------
+
+
+@needs_cluster
+def test_slurm_two_nodes_probe_ranks_one_job_for_two_runs(wd, on_cluster, caplog):
+    caplog.set_level("INFO", logger="rn50.train")
+    states = []
+    res = slurm.launch(wd, slurm.parse(_doc()), entry=PROBE, runs=2, seed=11, timeout_s=300,
+                       on_job=lambda j, s: states.append((j, s)))
+    run_dir = Path(res.run_dir)
+    assert res.status == "succeeded" and res.np == 2 and res.hosts == ["rn50-slurm-a", "rn50-slurm-b"]
+    job_id = _status(run_dir)["job_id"]
+    assert [s for j, s in states if j == job_id][-1] == "COMPLETED" and ("RUNNING" in [s for _, s in states])
+    for n in (0, 1):
+        assert '"value": %d' % (11 + n) in (run_dir / f"result_{n}.txt").read_text()
+        r0, r1 = (run_dir / f"rank0_{n}.log").read_text(), (run_dir / f"rank1_{n}.log").read_text()
+        assert "host=rn50-slurm-a" in r0 and "host=rn50-slurm-b" in r1  # rank 1 really ran on node B
+        netns = re.search(r"netns=(\S+)", r1).group(1)
+        assert netns != os.readlink("/proc/self/ns/net")  # ... in its own network namespace
+        assert "PROBE rank=1 allreduce=3" in r1  # a real cross-node allreduce over the Gloo rendezvous
+    # One allocation for both runs, with --exclusive; the controller's log shows it.
+    ctld = on_cluster.ctld_log.read_text()
+    # 2 tasks but #CPUs=4: --exclusive took both nodes whole.
+    assert f"sched: Allocate JobId={job_id} NodeList=rn50-slurm-a,rn50-slurm-b #CPUs=4 Partition=debug" in ctld, ctld[-2000:]
+    assert "--exclusive" in caplog.text and f"slurm job {job_id}: RUNNING" in caplog.text
+    assert "[run 1 rank 1] PROBE rank=1" in caplog.text  # rank output streamed into the stage log
+
+
+@needs_cluster
+def test_slurm_failing_rank_fails_the_stage_with_state_and_rank(wd, on_cluster):
+    with pytest.raises(StageError) as e:
+        slurm.launch(wd, slurm.parse({**_doc(), "env": {"PROBE_FAIL_RANK": "1"}}), entry=PROBE, timeout_s=300)
+    msg = str(e.value)
+    assert re.match(r"slurm job \d+ FAILED: run 0: rank 1 on rn50-slurm-b failed first \(exited with exit code 1\): "
+                    r"RuntimeError: probe rank 1 failed on purpose$", msg), msg
+    (run_dir,) = (wd / "runs").iterdir()
+    assert (run_dir / "FAILED").exists() and _status(run_dir)["status"] == "failed"
+
+
+@needs_cluster
+@pytest.mark.parametrize("doc, want", [
+    (_doc(partition="nosuch"), "preflight failed: partition 'nosuch' does not exist"),
+    (_doc(partition="maint"), "preflight failed: partition maint is DOWN, not UP"),
+    (_doc(nodes=3), "preflight failed: partition debug has 2 node(s); slurm.nodes is 3"),
+    (_doc(ntasks_per_node=3), "only 0 of 2 node(s) are up with 3 CPUs (ntasks_per_node=3); slurm.nodes is 2"),
+    (_doc(time="5"), "slurm.time 5 is shorter than 1 run(s) x the 00:10:00 timeout (00:10:00)"),
+])
+def test_slurm_preflight_scheduler_errors_one_line_no_job(wd, on_cluster, doc, want):
+    before = len(_job_names(on_cluster))
+    with pytest.raises(StageError) as e:
+        slurm.launch(wd, slurm.parse(doc), entry=PROBE, timeout_s=600)
+    assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert len(_job_names(on_cluster)) == before and not (wd / "runs").exists()
+
+
+@needs_cluster
+def test_slurm_preflight_data_missing_on_the_second_node(wd, tmp_path, monkeypatch):
+    # On node B the recordio directory is an empty tmpfs: the probe job's task there cannot read it.
+    with slurm_cluster(tmp_path / "cl", second_node=True, hide=[wd / "recordio"]) as c:
+        monkeypatch.setenv("SLURM_CONF", str(c.conf))
+        with pytest.raises(StageError) as e:
+            slurm.launch(wd, slurm.parse(_doc()), entry=PROBE, timeout_s=300, probe_timeout_s=60)
+        msg = str(e.value)
+        assert msg.startswith("preflight failed: node rn50-slurm-b: ") and "\n" not in msg
+        assert f"{wd / 'recordio'}/train.rec is missing or unreadable" in msg and "rn50-slurm-a" not in msg
+        (run_dir,) = (wd / "runs").iterdir()
+        assert not (run_dir / ".slurm" / "job.sh").exists() and "job_id" not in _status(run_dir)
+        assert len(_job_names(c)) == 1  # only the probe job was ever submitted
+        assert c.squeue() == []
+
+
+_LAUNCHER = r"""
+import json, logging, sys
+sys.path.insert(0, sys.argv[1])
+from tasks import slurm
+logging.basicConfig(level=logging.INFO)
+spec = slurm.parse(json.loads(sys.argv[3]))
+slurm.launch(sys.argv[2], spec, entry=json.loads(sys.argv[4]), timeout_s=300)
+"""
+
+
+def _wait_for(pred, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not within {timeout} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@needs_cluster
+def test_slurm_sigterm_to_the_launcher_cancels_the_job(wd, on_cluster, tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    doc = {**_doc(), "env": {"PROBE_SLEEP": "300", "PROBE_PIDFILE_DIR": str(pids)}}
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(ROOT), str(wd), json.dumps(doc), json.dumps(PROBE)],
+                            env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        rank_pids = _wait_for(lambda: len(list(pids.glob("rank*.pid"))) == 2 and
+                              [int(p.read_text()) for p in sorted(pids.glob("rank*.pid"))], 120, "two ranks running")
+        (run_dir,) = (wd / "runs").iterdir()
+        job_id = _status(run_dir)["job_id"]
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=45)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    info = slurm.job_info(job_id)
+    assert info is not None and info["JobState"] == "CANCELLED" and time.time() - t0 < 30, info
+    _wait_for(lambda: not any(_alive(p) for p in rank_pids), 10, "ranks gone")
+    assert f"cancelling slurm job {job_id} (SystemExit)" in out
+    st = _status(run_dir)
+    assert st["status"] == "failed" and st["job_state"] == "CANCELLED"
+
+
+class _FlowCancelled(BaseException):
+    """Stands in for Prefect's TerminationSignal / a cancelled flow run."""
+
+
+@needs_cluster
+def test_slurm_exception_in_on_job_cancels_and_is_reraised_unchanged(wd, on_cluster, tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    doc = {**_doc(), "env": {"PROBE_SLEEP": "300", "PROBE_PIDFILE_DIR": str(pids)}}
+    seen = []
+
+    def on_job(job_id, state):
+        seen.append(state)
+        if state == "RUNNING":
+            _wait_for(lambda: len(list(pids.glob("rank*.pid"))) == 2, 120, "two ranks running")
+            raise _FlowCancelled("flow run cancelled")
+
+    t0 = time.time()
+    with pytest.raises(_FlowCancelled):
+        slurm.launch(wd, slurm.parse(doc), entry=PROBE, timeout_s=300, on_job=on_job)
+    (run_dir,) = (wd / "runs").iterdir()
+    info = slurm.job_info(_status(run_dir)["job_id"])
+    assert info["JobState"] == "CANCELLED" and time.time() - t0 < 150
+    rank_pids = [int(p.read_text()) for p in pids.glob("rank*.pid")]
+    _wait_for(lambda: not any(_alive(p) for p in rank_pids), 10, "ranks gone")
+    assert seen[-1] == "CANCELLED"
+
+
+@needs_cluster
+def test_slurm_real_training_two_nodes_passes_the_4_0_0_checker(tmp_path, on_cluster):
+    """python -m rn50.train (cpu-demo, cut down to converge in a minute) on rank 0 at node A and rank 1 at
+    node B; the official checker accepts result_0.txt."""
+    pytest.importorskip("rn50.train")
+    from rn50.tinydata import make_recordio
+    from tasks import compliance
+
+    wd = tmp_path / "wd"
+    make_recordio(wd / "recordio", classes=4, train_per_class=24, val_per_class=8, seed=0, work=tmp_path / "img")
+    res = slurm.launch(wd, slurm.parse(_doc(time="60")), config="cpu-demo", runs=1, seed=7, timeout_s=1800,
+                       extra_args=["--set", "depth=[1,1,1,1]", "--set", "batch_size=8",
+                                   "--set", "global_batch_size=16", "--set", "max_epochs=16"])
+    run_dir = Path(res.run_dir)
+    assert res.hosts == ["rn50-slurm-a", "rn50-slurm-b"] and (run_dir / "rank1_0.log").exists()
+    r = compliance.check(run_dir, ruleset="4.0.0", dataset="synthetic", out_dir=tmp_path / "rep")
+    assert r.logs_passed, r.logs[0].reason
