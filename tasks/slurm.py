@@ -75,7 +75,7 @@ from typing import Any, Callable, Sequence
 from tasks import paths
 from tasks.common import StageError, Workdir, file_digest, write_json_atomic, write_text_atomic
 
-log = logging.getLogger("rn50.train")
+log = logging.getLogger("tasks.train")  # the train stage's logger
 
 RECORDIO_FILES = ("train.rec", "train.idx", "val.rec", "val.idx")
 ENV_ALLOWLIST = ("HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TMPDIR", "TZ", "PYTHONPATH")

@@ -26,10 +26,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tasks import paths
-from tasks.common import Result, StageError, Workdir, file_digest, write_json_atomic, write_text_atomic
+from tasks.common import Result, StageError, TransientError, Workdir, file_digest, write_json_atomic, write_text_atomic
+from tasks.tether import Tether, die_with_parent
 from tasks.inventory import Host, Inventory, load_inventory, read_env_file
 from tasks.ssh import (CONNECT_TIMEOUT_S, Remote, Trust, container_wrapper_script, host_key_problem, is_local,
                        is_local_name, prepare_known_hosts, write_wrapper)
@@ -43,6 +44,7 @@ RECORDIO_FILES = ("train.rec", "train.idx", "val.rec", "val.idx")
 # without reading the whole file on every host before every launch.
 SAMPLE_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 6 * 3600
+STOP_GRACE_S = 10  # after SIGTERM, before SIGKILL: horovodrun's own teardown of ranks and ssh sessions
 PROBE_TIMEOUT_S = CONNECT_TIMEOUT_S + 60
 # Characters a run directory may hold when ranks run on other hosts: Horovod runs `cd <dir>` there
 # through the remote shell without quoting it.
@@ -302,7 +304,7 @@ class _Streamer:
                 self.exits.append((int(e.group(1)), int(e.group(2))))
             self.logger.info("[run %d launcher] %s", self.n, line)
 
-    def first_failure(self) -> str | None:
+    def _blame(self) -> tuple[int, int | None, str] | None:
         """The rank to blame: the first to exit non-zero that did not merely lose a peer (a Gloo
         "connection closed/reset by peer" is the echo of another rank's death), else the first to exit."""
         failed = [(r, c) for r, c in self.exits if c != 0]
@@ -317,15 +319,30 @@ class _Streamer:
         rank, code = (primary or failed)[0]
         host = self.hosts_of_rank.get(rank, "?")
         if code is None:
-            reason = "raised, then stopped by horovodrun"
-        elif code < 0 or code in (128 + 9, 128 + 15):
-            reason = f"killed by signal {-code if code < 0 else code - 128}"
-        elif code == 255 and not is_local_name(host):
-            reason = "exit 255: the ssh session died with the rank"
-        else:
-            reason = f"exit {code}"
+            return rank, code, "raised, then stopped by horovodrun"
+        if code < 0 or code in (128 + 9, 128 + 15):
+            return rank, code, f"killed by signal {-code if code < 0 else code - 128}"
+        if code == 255 and not is_local_name(host):
+            return rank, code, "exit 255: the ssh session died with the rank"
+        return rank, code, f"exit {code}"
+
+    def first_failure(self) -> str | None:
+        blamed = self._blame()
+        if blamed is None:
+            return None
+        rank, _, reason = blamed
         err = _last_error(self.tail.get(rank, []))
-        return f"rank {rank} on {host} failed first ({reason})" + (f": {err}" if err else "")
+        return f"rank {rank} on {self.hosts_of_rank.get(rank, '?')} failed first ({reason})" + (f": {err}" if err else "")
+
+    def lost_to_signal_or_ssh(self) -> bool:
+        """The blamed rank was killed or lost with its ssh session without raising an exception of its own:
+        an OOM kill or a node hiccup, which a retry may not meet again."""
+        blamed = self._blame()
+        if blamed is None or blamed[1] is None:
+            return False
+        rank, _, reason = blamed
+        return (reason.startswith(("killed by signal", "exit 255"))
+                and not any(_EXCEPTION.match(t) for t in self.tail.get(rank, [])))
 
     def _lost_peer(self, rank: int) -> bool:
         return any(_PEER_LOST.search(t) for t in self.tail.get(rank, []))
@@ -363,18 +380,16 @@ def _hosts_of_rank(inv: Inventory, np: int) -> dict[int, str]:
 
 
 def _run_one(argv: list[str], env: dict[str, str], cwd: Path, streamer: _Streamer, timeout_s: float) -> tuple[int, bool]:
+    # horovodrun gets SIGTERM if this thread dies (kill -9 of the flow or `rn50 run`); on SIGTERM it stops its
+    # local ranks (through Horovod's middleman processes) and its ssh sessions.
     proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True)
+                            stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True,
+                            preexec_fn=die_with_parent(signal.SIGTERM))
     timed_out = threading.Event()
 
     def kill_on_timeout() -> None:
         timed_out.set()
-        # SIGTERM lets horovodrun tear down its ranks and ssh sessions; SIGKILL the group if it hangs.
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
+        _stop(proc)
 
     timer = threading.Timer(timeout_s, kill_on_timeout)
     timer.daemon = True
@@ -384,12 +399,36 @@ def _run_one(argv: list[str], env: dict[str, str], cwd: Path, streamer: _Streame
         for line in proc.stdout:
             streamer.feed(line)
         code = proc.wait()
-    except BaseException:
-        _signal_group(proc, signal.SIGKILL)
+    except BaseException:  # a cancel (Prefect's TerminationSignal), Ctrl-C, or an error of ours
+        _stop(proc)
         raise
     finally:
         timer.cancel()
     return code, timed_out.is_set()
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM lets horovodrun tear down its ranks and ssh sessions; SIGKILL the group if it hangs."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def reap_remote(inv: Inventory, trust: Trust, run_dir: Path, logger: logging.Logger) -> None:
+    """After a cancel: stop whatever of this run still runs on the other hosts (ranks, or horovodrun itself
+    inside the first node's container). Every process of the run names its run directory on its command line."""
+    pattern = shlex.quote("--out " + re.escape(str(run_dir)))
+    for host in inv.hosts:
+        remote = Remote(host, trust.config, inv.runtime)
+        if remote.local:
+            continue
+        try:
+            remote.run(f"pkill -TERM -f -- {pattern}; sleep 2; pkill -KILL -f -- {pattern}; true", timeout=20)
+        except subprocess.TimeoutExpired:
+            logger.warning("cancel: %s did not answer; its ranks end when their ssh session is gone", host.label)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -401,8 +440,8 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 def _finish(run_dir: Path, status: dict[str, Any]) -> None:
     write_json_atomic(run_dir / "status.json", status)
-    if status["status"] == "failed":
-        write_text_atomic(run_dir / "FAILED", status.get("error", "failed") + "\n")
+    if status["status"] in ("failed", "cancelled"):
+        write_text_atomic(run_dir / status["status"].upper(), status.get("error", status["status"]) + "\n")
 
 
 def train(
@@ -417,8 +456,12 @@ def train(
     entry: Sequence[str] | None = None,
     extra_args: Sequence[str] = (),
     logger: logging.Logger | None = None,
+    on_job: Callable[[str, str], None] | None = None,
 ) -> TrainResult:
     """Preflight, then `runs` Horovod jobs of `python -m rn50.train` writing runs/<run-id>/result_<n>.txt.
+
+    A hosts file saying `launcher: slurm` goes to tasks.slurm.launch (one sbatch job, srun ranks);
+    `on_job(job_id, state)` is then called on every Slurm job state change.
 
     `hosts`: inventory YAML path (or a parsed Inventory); None = localhost with 2 slots.
     `seed`: run n gets seed + n (default: a fresh random base, recorded in status.json).
@@ -426,6 +469,12 @@ def train(
     `--config C --data D --out RUN_DIR --run-index N --seed S` and must write RUN_DIR/result_<N>.txt.
     """
     logger = logger or log
+    from tasks import slurm
+
+    if isinstance(hosts, slurm.SlurmSpec) or (isinstance(hosts, (str, Path)) and slurm.is_slurm_file(hosts)):
+        spec = hosts if isinstance(hosts, slurm.SlurmSpec) else slurm.load(hosts)
+        return slurm.launch(workdir, spec, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed,
+                            entry=entry, extra_args=extra_args, logger=logger, on_job=on_job, np=np)
     wd = Workdir(workdir)
     inv = hosts if isinstance(hosts, Inventory) else load_inventory(hosts)
     if runs < 1:
@@ -458,10 +507,12 @@ def train(
     }
     write_json_atomic(run_dir / "status.json", status)
     logs: list[Path] = []
+    # Should this process die (kill -9), the tether stops horovodrun and the local ranks it leaves behind.
+    tether = Tether()
     try:
         preflight(inv, expected, data_dir, str(inv.work_dir or wd.root), trust, image)
         ssh_bin = write_wrapper(launcher_dir / "bin", trust.config).parent
-        env = rank_env(inv, ssh_bin)
+        env = tether.env(rank_env(inv, ssh_bin))
         results = []
         for n, s in enumerate(seeds):
             rank_argv = list(entry) + ["--config", config, "--data", data_dir, "--out", str(run_dir),
@@ -482,7 +533,10 @@ def train(
             if code != 0:
                 why = streamer.first_failure() or _last_error(
                     [ln.strip() for ln in Path(streamer.launcher.name).read_text().splitlines() if ln.strip()])
-                raise StageError(f"run {n}: horovodrun exit {code}: {why}")
+                # A rank killed by a signal, or an ssh session lost with its rank, may be a node hiccup: worth a
+                # retry. A rank that raised fails the same way again.
+                lost = streamer.lost_to_signal_or_ssh()
+                raise (TransientError if lost else StageError)(f"run {n}: horovodrun exit {code}: {why}")
             result = run_dir / f"result_{n}.txt"
             if not result.is_file():
                 raise StageError(f"run {n}: ranks exited 0 but {result.name} was not written")
@@ -491,12 +545,20 @@ def train(
             results.append(result)
     except BaseException as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        status.update(status="failed", error=msg, duration_s=round(time.time() - started, 3))
+        cancelled = not isinstance(e, Exception)  # Prefect's TerminationSignal (a cancel), Ctrl-C, SystemExit
+        status.update(status="cancelled" if cancelled else "failed", error=msg,
+                      duration_s=round(time.time() - started, 3))
         _finish(run_dir, status)
+        if cancelled:
+            logger.warning("train attempt %s cancelled (%s); its logs are kept in %s", run_id, type(e).__name__, run_dir)
+            reap_remote(inv, trust, run_dir, logger)
+            raise  # as it came: a cancellation is never turned into a retryable failure
         logger.error("train attempt %s failed (kept in %s): %s", run_id, run_dir, msg)
-        if isinstance(e, (StageError, KeyboardInterrupt)):
+        if isinstance(e, StageError):
             raise
         raise StageError(f"train attempt {run_id} failed: {msg}") from e
+    finally:
+        tether.close()
     status.update(status="succeeded", duration_s=round(time.time() - started, 3),
                   results=[p.name for p in results])
     _finish(run_dir, status)

@@ -128,7 +128,7 @@ def test_slurm_batch_script_quotes_every_value(tmp_path):
 
 @needs_cluster
 def test_slurm_two_nodes_probe_ranks_one_job_for_two_runs(wd, on_cluster, caplog):
-    caplog.set_level("INFO", logger="rn50.train")
+    caplog.set_level("INFO", logger="tasks.train")
     states = []
     res = slurm.launch(wd, slurm.parse(_doc()), entry=PROBE, runs=2, seed=11, timeout_s=300,
                        on_job=lambda j, s: states.append((j, s)))
@@ -294,3 +294,25 @@ def test_slurm_real_training_two_nodes_passes_the_4_0_0_checker(tmp_path, on_clu
     assert res.hosts == ["rn50-slurm-a", "rn50-slurm-b"] and (run_dir / "rank1_0.log").exists()
     r = compliance.check(run_dir, ruleset="4.0.0", dataset="synthetic", out_dir=tmp_path / "rep")
     assert r.logs_passed, r.logs[0].reason
+
+
+def test_slurm_inventory_examples_parse():
+    examples = sorted((ROOT / "configs" / "inventory").glob("slurm-*.yaml"))
+    specs = {p.name: slurm.load(p) for p in examples}
+    assert specs["slurm-cpu.yaml"].ntasks == 4 and specs["slurm-cpu.yaml"].exclusive
+    gpu = specs["slurm-nf5488-pyxis.yaml"]
+    assert gpu.ntasks == 16 and gpu.gpus_per_node == 8 and gpu.interface == "ib0"
+
+
+@needs_cluster
+def test_slurm_train_stage_dispatches_on_launcher_slurm(wd, on_cluster, tmp_path):
+    """tasks.train.train() with a hosts file saying `launcher: slurm` runs through Slurm, on_job included."""
+    import yaml
+    from tasks.train import train
+
+    inv = tmp_path / "cluster.yaml"
+    inv.write_text(yaml.safe_dump(_doc()))
+    states = []
+    res = train(wd, hosts=inv, entry=PROBE, timeout_s=300, on_job=lambda j, s: states.append(s))
+    assert res.runtime == "slurm" and res.hosts == ["rn50-slurm-a", "rn50-slurm-b"] and states[-1] == "COMPLETED"
+    assert "PROBE rank=1 allreduce=3" in (Path(res.run_dir) / "rank1_0.log").read_text()
