@@ -58,15 +58,7 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-@pytest.fixture(autouse=True)
-def isolated_aws_env(monkeypatch, tmp_path):
-    """No user AWS config or credentials leak into these tests."""
-    for k in list(os.environ):
-        if k.startswith("AWS_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+pytestmark = pytest.mark.usefixtures("isolated_aws_env")  # conftest: no user AWS settings reach these tests
 
 
 def read_all(client, bucket: str, prefix: str) -> dict[str, bytes]:

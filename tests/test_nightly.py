@@ -320,12 +320,7 @@ def test_baseline_is_replaced_atomically_or_not_at_all(tmp_path, monkeypatch):
 # --- S3 -------------------------------------------------------------------------------------------
 
 
-def test_baseline_next_to_an_s3_archive(tmp_path, seaweed_s3, monkeypatch):
-    for k in list(os.environ):
-        if k.startswith("AWS_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+def test_baseline_next_to_an_s3_archive(tmp_path, seaweed_s3, monkeypatch, isolated_aws_env):
     for k, v in seaweed_s3.env().items():
         monkeypatch.setenv(k, v)
     client = seaweed_s3.client()
