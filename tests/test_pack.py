@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from helpers import missing
 from tasks.common import StageError, Workdir, read_stamp, stamp_valid
 from tasks.ilsvrc import manifest_digest
 from tasks.pack import pack, pack_key, verify_split
@@ -382,7 +383,7 @@ def test_unreadable_file(tmp_path):
     """root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (setpriv) is refused a mode-000 file like any user."""
     drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
     if not shutil.which("setpriv") or subprocess.run([*drop, "true"], capture_output=True).returncode:
-        pytest.skip("cannot drop capabilities with setpriv (util-linux) here")
+        missing("cannot drop capabilities with setpriv (util-linux) here")
     wd = make_workdir(tmp_path, classes=2, train=3, val=2)
     victim = wd.root / manifest(wd).path.iloc[4]
     victim.chmod(0)
@@ -411,7 +412,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(wd.recordio)],
                              capture_output=True)
     if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        missing(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         assert_one_line_error(cli(str(wd.root)), "no space left on device", "train.rec")
         assert_nothing_written(wd)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import missing
 from tasks import slurm
 from tasks.common import StageError
 from tests.slurm_cluster import missing_requirements, slurm_cluster
@@ -47,7 +48,7 @@ def wd(tmp_path):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if _why:
-        pytest.skip(_why)
+        missing(_why)
     with slurm_cluster(tmp_path_factory.mktemp("slurm"), second_node=True) as c:
         yield c
 

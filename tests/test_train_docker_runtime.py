@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import missing
 from tasks.common import StageError
 from tasks.inventory import Inventory, parse_inventory
 from tasks.train import train as launch
@@ -53,12 +54,12 @@ def docker_url():
     from tests.docker_engine import NoEngine, engine
 
     if shutil.which("docker") is None:
-        pytest.skip("the `docker` CLI (used by infra/start-node.sh) is not installed (Debian: docker.io)")
+        missing("the `docker` CLI (used by infra/start-node.sh) is not installed (Debian: docker.io)")
     try:
         with engine() as url:
             yield url
     except NoEngine as e:
-        pytest.skip(f"no Docker engine can be started here: {e}")
+        missing(f"no Docker engine can be started here: {e}")
 
 
 def _node_base(client) -> str:
@@ -82,7 +83,7 @@ def node_image(docker_url, tmp_path_factory):
     try:
         base = _node_base(client)
     except NoEngine as e:
-        pytest.skip(str(e))
+        missing(f"no node base image: {e}")
     shim = base64.b64encode(SHIM.encode()).decode()
     dockerfile = f"FROM {base}\nRUN echo {shim} | base64 -d > /usr/local/bin/python && chmod 755 /usr/local/bin/python\n"
     shim_tag = f"rn50-test/bookworm-sshd-venv:{hashlib.sha256(SHIM.encode()).hexdigest()[:12]}"
