@@ -4,6 +4,10 @@ SOURCE is a local directory, an http(s):// base URL, or s3://bucket/prefix. Each
 raw/.partial/<name>.part while its MD5 is computed; an interrupted download resumes from the bytes
 already there (HTTP Range / S3 ranged GET). Only an archive whose digest matches the expected one is
 renamed to raw/<name>; a mismatching one is moved to raw/rejected/ and never used.
+
+Bounded: an archive announced larger than its cap (tasks.ilsvrc.ARCHIVE_CAP) is refused before any byte
+moves, and a download never writes more than the size its source announced (without an announcement,
+than that cap): a source that sends more is a one-line error and its partial file is removed.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from tasks.common import CHUNK, Result, StageError, Workdir, s3_client
-from tasks.ilsvrc import ARCHIVES, OFFICIAL_MD5, read_fetch_record, read_md5sums, write_fetch_record
+from tasks.common import CHUNK, Result, StageError, TransientError, Workdir, human_bytes, s3_client
+from tasks.ilsvrc import ARCHIVE_CAP, ARCHIVES, OFFICIAL_MD5, read_fetch_record, read_md5sums, write_fetch_record
 
 Progress = Callable[[str, int, Optional[int]], None]
 
@@ -64,23 +68,25 @@ class HttpSource:
     def _url(self, name: str) -> str:
         return urllib.parse.urljoin(self.base, urllib.parse.quote(name))
 
-    def size(self, name: str) -> int:
+    def size(self, name: str) -> int | None:
+        """The size the server announces (HEAD Content-Length), None when it announces none."""
         try:
             with urllib.request.urlopen(urllib.request.Request(self._url(name), method="HEAD"), timeout=60) as r:
-                return int(r.headers["Content-Length"])
+                length = r.headers["Content-Length"]
+                return int(length) if length is not None and length.strip().isdigit() else None
         except urllib.error.HTTPError as e:
             raise StageError(f"source has no {name}: HTTP {e.code} for {self._url(name)}") from None
         except (urllib.error.URLError, OSError) as e:
-            raise StageError(f"cannot reach {self._url(name)}: {getattr(e, 'reason', e)}") from None
+            raise TransientError(f"cannot reach {self._url(name)}: {getattr(e, 'reason', e)}") from None
 
     def open(self, name: str, offset: int) -> BinaryIO:
         req = urllib.request.Request(self._url(name), headers={"Range": f"bytes={offset}-"} if offset else {})
         try:
             r = urllib.request.urlopen(req, timeout=60)
         except urllib.error.HTTPError as e:
-            raise StageError(f"download of {name} failed: HTTP {e.code}") from None
+            raise (TransientError if e.code >= 500 else StageError)(f"download of {name} failed: HTTP {e.code}") from None
         except (urllib.error.URLError, OSError) as e:
-            raise StageError(f"cannot reach {self._url(name)}: {getattr(e, 'reason', e)}") from None
+            raise TransientError(f"cannot reach {self._url(name)}: {getattr(e, 'reason', e)}") from None
         if offset and r.status != 206:
             r.close()
             raise _RangeIgnored()
@@ -109,9 +115,10 @@ class S3Source:
         except ClientError as e:
             if storage.is_not_found(e):
                 raise StageError(f"source has no {what} (s3://{self.bucket}/{self._key(what)})") from None
-            raise StageError(f"S3 error for {what}: {storage.error_code(e) or '?'}") from None
+            raise (TransientError if storage.is_retryable(e) else StageError)(
+                f"S3 error for {what}: {storage.error_code(e) or '?'}") from None
         except BotoCoreError as e:
-            raise StageError(f"S3 error for {what}: {e}") from None
+            raise (TransientError if storage.is_retryable(e) else StageError)(f"S3 error for {what}: {e}") from None
 
     def size(self, name: str) -> int:
         return int(self._call(name, self.s3.head_object, Key=self._key(name))["ContentLength"])
@@ -151,12 +158,23 @@ def _verified_copy(raw: Path, name: str, expected: str) -> bool:
     return record == {"md5": expected, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _download(src, name: str, raw: Path, total: int, progress: Progress | None) -> tuple[str, Path]:
+def _check_announced(name: str, size: int | None) -> None:
+    if size is not None and size > ARCHIVE_CAP[name]:
+        raise StageError(f"the source announces {size:,} bytes for {name}, over the {human_bytes(ARCHIVE_CAP[name])} "
+                         f"cap for this ILSVRC2012 archive")
+
+
+def _download(src, name: str, raw: Path, total: int | None, progress: Progress | None) -> tuple[str, Path]:
+    """Stream `name` into raw/.partial/<name>.part, MD5 on the way. Never writes more than `total` (the
+    size the source announced) or, without an announcement, than the archive's cap: a source that
+    sends more is an error and the partial file is removed."""
     partial = raw / ".partial" / f"{name}.part"
     partial.parent.mkdir(parents=True, exist_ok=True)
     md5 = hashlib.md5()
-    offset = partial.stat().st_size if partial.exists() else 0
-    if offset > total:
+    limit = total if total is not None else ARCHIVE_CAP[name]
+    # Without an announced size there is no telling a complete partial file from a cut one: start over.
+    offset = partial.stat().st_size if partial.exists() and total is not None else 0
+    if offset > limit or (offset and total is None):
         partial.unlink()
         offset = 0
     if offset:  # resuming: the bytes already here are hashed once, the rest as they arrive
@@ -164,7 +182,7 @@ def _download(src, name: str, raw: Path, total: int, progress: Progress | None) 
             while chunk := f.read(CHUNK):
                 md5.update(chunk)
     try:
-        stream = src.open(name, offset) if offset < total else None
+        stream = src.open(name, offset) if total is None or offset < total else None
     except _RangeIgnored:
         offset, md5 = 0, hashlib.md5()
         stream = src.open(name, 0)
@@ -174,7 +192,16 @@ def _download(src, name: str, raw: Path, total: int, progress: Progress | None) 
         out.truncate()
         if stream is not None:
             with stream:
-                while chunk := stream.read(CHUNK):
+                # Ask for at most one byte past the limit: that byte, if it comes, is never written.
+                while chunk := stream.read(min(CHUNK, limit + 1 - done)):
+                    if done + len(chunk) > limit:
+                        out.close()
+                        partial.unlink(missing_ok=True)
+                        raise StageError(
+                            f"{name}: the source sent more than the {total:,} bytes it announced; nothing kept"
+                            if total is not None else
+                            f"{name}: the source sent more than {human_bytes(limit)} (the cap for this ILSVRC2012 "
+                            f"archive) without announcing a size; nothing kept")
                     out.write(chunk)
                     md5.update(chunk)
                     done += len(chunk)
@@ -182,8 +209,8 @@ def _download(src, name: str, raw: Path, total: int, progress: Progress | None) 
                         progress(name, done, total)
         out.flush()
         os.fsync(out.fileno())
-    if done != total:
-        raise StageError(f"{name}: download truncated at {done} of {total} bytes; run again to resume")
+    if total is not None and done != total:
+        raise TransientError(f"{name}: download truncated at {done} of {total} bytes; run again to resume")
     return md5.hexdigest(), partial
 
 
@@ -194,14 +221,18 @@ def fetch(source: str, workdir: Path | str, md5_file: Path | str | None = None,
     wd = Workdir(workdir)
     src = open_source(source)
     sizes = {name: src.size(name) for name in ARCHIVES}  # every archive must exist before any byte moves
+    for name in ARCHIVES:
+        _check_announced(name, sizes[name])
     wd.raw.mkdir(parents=True, exist_ok=True)
     downloaded, reused = [], []
     for name in ARCHIVES:
         final = wd.raw / name
-        if _verified_copy(wd.raw, name, expected[name]) and final.stat().st_size == sizes[name]:
+        if _verified_copy(wd.raw, name, expected[name]) and sizes[name] in (None, final.stat().st_size):
             reused.append(name)
+            sizes[name] = final.stat().st_size
             continue
         digest, partial = _download(src, name, wd.raw, sizes[name], progress)
+        sizes[name] = partial.stat().st_size
         if digest != expected[name]:
             rejected = wd.raw / "rejected" / f"{name}.{digest}"
             rejected.parent.mkdir(exist_ok=True)
@@ -230,8 +261,9 @@ def _cli(args: argparse.Namespace) -> int:
     bars: dict[str, tqdm] = {}
 
     def progress(name: str, done: int, total: int | None) -> None:
-        bar = bars.get(name) or bars.setdefault(
-            name, tqdm(desc=name, total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None))
+        bar = bars.get(name)  # not `or`: a tqdm without a total refuses bool()
+        if bar is None:
+            bar = bars[name] = tqdm(desc=name, total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None)
         bar.update(done - bar.n)
 
     try:

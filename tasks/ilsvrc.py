@@ -66,6 +66,8 @@ DEVKIT_UNPACKED_CAP = 64 * MiB
 META_MAT_CAP = 16 * MiB
 # The ground truth: 50,000 lines, each an ILSVRC2012_ID of at most 4 digits: at most 250,000 bytes.
 GROUND_TRUTH_CAP = 1 * MiB
+# A pax or GNU long-name header's data (tarfile reads it whole): ILSVRC2012 member names are under 40 bytes.
+TAR_HEADER_CAP = 1 * MiB
 
 
 # --- checksum side-files --------------------------------------------------------------------------

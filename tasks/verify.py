@@ -10,26 +10,36 @@ reported, not failed on: training decoders must cope with them as they do for th
 
 Extraction goes to extracted.partial/ and is renamed to extracted/ only after the manifest passed,
 so a kill or a failure never leaves a tree that a later run would take as verified.
+
+Extraction is bounded (caps and their reasons in tasks.ilsvrc): each archive's size; the two .tar files
+read as plain tar streams (compressed data under a .tar name is refused, never decompressed); per
+member, a class tar or an image; inner class tars streamed, never held in memory; the devkit's
+decompressed stream, its meta.mat (also inflated) and ground truth. Members are checked before any of
+their bytes are read; a violation is a one-line error and extracted.partial/ is removed.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import hashlib
 import io
 import os
 import posixpath
 import shutil
+import struct
 import tarfile
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
-from tasks.common import (Result, StageError, Workdir, atomic_path, digest_of, read_stamp, stamp_valid,
+from tasks.common import (Result, StageError, Workdir, atomic_path, digest_of, human_bytes, read_stamp, stamp_valid,
                           write_json_atomic, write_stamp, write_text_atomic)
-from tasks.ilsvrc import (ARCHIVES, DEVKIT_GROUND_TRUTH, DEVKIT_META, DEVKIT_TGZ, MANIFEST_COLUMNS, TRAIN_TAR, VAL_NAME,
-                          VAL_TAR, manifest_digest, read_fetch_record)
+from tasks.ilsvrc import (ARCHIVE_CAP, ARCHIVES, CLASS_TAR_CAP, DEVKIT_GROUND_TRUTH, DEVKIT_META, DEVKIT_TGZ,
+                          DEVKIT_UNPACKED_CAP, GROUND_TRUTH_CAP, IMAGE_CAP, MANIFEST_COLUMNS, META_MAT_CAP, TAR_HEADER_CAP,
+                          TRAIN_TAR, VAL_NAME, VAL_TAR, manifest_digest, read_fetch_record)
 
 Progress = Callable[[str, int, Optional[int]], None]
 
@@ -68,18 +78,104 @@ def _check_member(archive: str, m: tarfile.TarInfo) -> None:
         raise StageError(f"{archive}: refusing member {name!r}: links are not expected in ILSVRC2012 archives")
     if not (m.isfile() or m.isdir()):
         raise StageError(f"{archive}: refusing member {name!r}: not a regular file")
+    if m.issparse():  # its data would expand beyond what the archive holds
+        raise StageError(f"{archive}: refusing member {name!r}: sparse files are not expected in ILSVRC2012 archives")
 
 
-def _members(archive: Path, fileobj=None):
-    """Yield (TarInfo, bytes) for regular files of a tar read as a stream, each member checked first."""
+# Leading bytes of the compressed formats tarfile's "r|*" would have decompressed transparently.
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+               (b"\x04\x22\x4d\x18", "lz4"))
+_DAMAGED = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+def _open_archive(path: Path) -> BinaryIO:
+    """raw/<name>, opened for reading once its size is within the archive's cap (tasks.ilsvrc.ARCHIVE_CAP)."""
     try:
-        with tarfile.open(archive if fileobj is None else None, mode="r|*", fileobj=fileobj) as tar:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise StageError(f"{path} does not exist: run `rn50 fetch` first") from None
+    size, cap = os.fstat(f.fileno()).st_size, ARCHIVE_CAP[path.name]
+    if size > cap:
+        f.close()
+        raise StageError(f"{path.name} is {size:,} bytes, over the {human_bytes(cap)} cap for this ILSVRC2012 archive")
+    return f
+
+
+class _Capped:
+    """A read-only stream over `f` that raises StageError(message) once more than `cap` bytes came out."""
+
+    def __init__(self, f, cap: int, message: str):
+        self.f, self.cap, self.message, self.count = f, cap, message, 0
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.cap + 1 - self.count
+        data = self.f.read(left if n is None or n < 0 else min(n, left))
+        self.count += len(data)
+        if self.count > self.cap:
+            raise StageError(self.message)
+        return data
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A header whose own data (pax extended header, GNU long name/link), which tarfile reads into memory
+    in one piece, is refused over TAR_HEADER_CAP."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _META_TYPES and info.size > TAR_HEADER_CAP:
+            raise _HeaderTooBig(f"a tar header of {info.size:,} bytes, over the {human_bytes(TAR_HEADER_CAP)} cap "
+                                f"for one")
+        return info
+
+
+class _HeaderTooBig(Exception):
+    pass
+
+
+_META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+               tarfile.GNUTYPE_LONGLINK)
+
+
+def _members(label: str, fileobj, member_cap: int, what: str, total_cap: int):
+    """Yield (TarInfo, TarFile) for each regular file of a PLAIN tar read as a stream; read a member's
+    bytes with `_read`. Each member is checked (path, type, size against `member_cap` and the running
+    total against `total_cap`) before any of its bytes are read. Compressed data is refused, never
+    decompressed: ILSVRC2012's .tar files are plain tars."""
+    head = fileobj.peek(8)[:8] if hasattr(fileobj, "peek") else b""
+    kind = next((k for magic, k in _COMPRESSED if head.startswith(magic)), None)
+    if kind:
+        raise StageError(f"{label} is {kind}-compressed data, not the plain tar ILSVRC2012 ships: refusing to "
+                         f"decompress it")
+    total = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_BoundedTarInfo) as tar:
             for m in tar:
-                _check_member(archive.name, m)
-                if m.isfile():
-                    yield m, tar.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise StageError(f"{archive.name}: damaged archive ({e})") from None
+                _check_member(label, m)
+                if not m.isfile():
+                    continue
+                if m.size > member_cap:
+                    raise StageError(f"{label}: member {m.name!r} is {m.size:,} bytes, over the "
+                                     f"{human_bytes(member_cap)} cap for {what}")
+                total += m.size
+                if total > total_cap:
+                    raise StageError(f"{label}: members add up to more than {human_bytes(total_cap)}, the cap for "
+                                     f"the whole archive")
+                yield m, tar
+    except _DAMAGED as e:
+        raise StageError(f"{label}: damaged archive ({e})") from None
+    except _HeaderTooBig as e:
+        raise StageError(f"{label}: {e}") from None
+
+
+def _read(label: str, tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    try:
+        data = tar.extractfile(m).read()
+    except _DAMAGED as e:
+        raise StageError(f"{label}: damaged archive ({e})") from None
+    if len(data) != m.size:
+        raise StageError(f"{label}: damaged archive ({m.name} is truncated)")
+    return data
 
 
 def _store(root: Path, rel: str, data: bytes, rows: list[dict], split: str, wnid: str, workdir: Path) -> None:
@@ -104,15 +200,59 @@ class Devkit:
     val_wnids: list[str]                # per val image (1-based index - 1): its class
 
 
+def _mat_inflated_size(data: bytes, cap: int) -> int:
+    """Bytes a v5 MAT file's top-level elements take once inflated (compressed ones are inflated here in
+    bounded steps, the output dropped), stopping as soon as `cap` is passed: loadmat would inflate a
+    compressed element in one piece, whatever its size."""
+    if len(data) < 136:
+        return len(data)  # too short to hold an element: loadmat says what is wrong
+    endian = "<" if data[126:128] == b"IM" else ">"
+    pos, total = 128, 0
+    while pos + 8 <= len(data) and total <= cap:
+        mtype, nbytes = struct.unpack(endian + "II", data[pos:pos + 8])
+        if mtype >> 16:  # small data element: type and size share the first word, data in the second
+            total, pos = total + 8, pos + 8
+            continue
+        if mtype == 15:  # miCOMPRESSED: zlib data of one element
+            inflate, left = zlib.decompressobj(), data[pos + 8:pos + 8 + nbytes]
+            try:
+                while left and total <= cap:
+                    total += len(inflate.decompress(left, 1 << 20))
+                    left = inflate.unconsumed_tail
+            except zlib.error:
+                return total  # loadmat reports the damage
+            pos += 8 + nbytes
+        else:
+            total, pos = total + nbytes, pos + 8 + ((nbytes + 7) & ~7)
+    return total
+
+
 def read_devkit(path: Path) -> Devkit:
+    """The devkit's classes, per-class train counts and per-val-image class, read from its .tar.gz with the
+    decompressed stream, meta.mat and the ground truth each held to a cap (tasks.ilsvrc)."""
     import scipy.io
 
     meta = gt = None
-    for m, data in _members(path):
-        if m.name.endswith(DEVKIT_META):
-            meta = data
-        elif m.name.endswith(DEVKIT_GROUND_TRUTH):
-            gt = data
+    with _open_archive(path) as f:
+        if f.peek(2)[:2] != b"\x1f\x8b":
+            raise StageError(f"{path.name} is not gzip-compressed: not an ILSVRC2012 devkit")
+        stream = _Capped(gzip.GzipFile(fileobj=f, mode="rb"), DEVKIT_UNPACKED_CAP,
+                         f"{path.name} decompresses to more than {human_bytes(DEVKIT_UNPACKED_CAP)}, far more than "
+                         f"the ILSVRC2012 devkit holds: refusing it")
+        for m, tar in _members(path.name, stream, DEVKIT_UNPACKED_CAP, "a devkit file", DEVKIT_UNPACKED_CAP):
+            for suffix, cap in ((DEVKIT_META, META_MAT_CAP), (DEVKIT_GROUND_TRUTH, GROUND_TRUTH_CAP)):
+                if m.name.endswith(suffix):
+                    if m.size > cap:
+                        raise StageError(f"{path.name}: {m.name} is {m.size:,} bytes, over the {human_bytes(cap)} cap "
+                                         f"for {suffix}")
+                    data = _read(path.name, tar, m)
+                    if suffix == DEVKIT_META:
+                        meta = data
+                    else:
+                        gt = data
+    if meta is not None and _mat_inflated_size(meta, META_MAT_CAP) > META_MAT_CAP:
+        raise StageError(f"{path.name}: {DEVKIT_META} inflates to more than {human_bytes(META_MAT_CAP)}, the cap "
+                         f"for it: refusing to load it")
     if meta is None:
         raise StageError(f"{path.name}: devkit has no data/meta.mat")
     if gt is None:
@@ -264,26 +404,31 @@ def verify(workdir: Path | str, workers: int | None = None, progress: Progress |
     shutil.rmtree(partial, ignore_errors=True)
     rows: list[dict] = []
     try:
-        for inner, data in _members(wd.raw / TRAIN_TAR):
-            wnid = inner.name.rsplit("/", 1)[-1].removesuffix(".tar")
-            if not inner.name.endswith(".tar"):
-                raise StageError(f"{TRAIN_TAR}: unexpected member {inner.name!r} (expected <wnid>.tar)")
-            for m, img in _members(Path(inner.name), io.BytesIO(data)):
-                _store(partial, posixpath.basename(m.name), img, rows, "train", wnid, wd.root)
-            if progress:
-                progress("train", len(rows), sum(devkit.num_train_images.values()))
+        # Caps (tasks.ilsvrc): each archive's size; per member, a class tar or an image; inner class tars
+        # are streamed from the outer one, never held in memory.
+        with _open_archive(wd.raw / TRAIN_TAR) as f:
+            for inner, tar in _members(TRAIN_TAR, f, CLASS_TAR_CAP, "one class tar", ARCHIVE_CAP[TRAIN_TAR]):
+                wnid = inner.name.rsplit("/", 1)[-1].removesuffix(".tar")
+                if not inner.name.endswith(".tar"):
+                    raise StageError(f"{TRAIN_TAR}: unexpected member {inner.name!r} (expected <wnid>.tar)")
+                label = f"{TRAIN_TAR}/{inner.name}"
+                for m, itar in _members(label, tar.extractfile(inner), IMAGE_CAP, "one image", inner.size):
+                    _store(partial, posixpath.basename(m.name), _read(label, itar, m), rows, "train", wnid, wd.root)
+                if progress:
+                    progress("train", len(rows), sum(devkit.num_train_images.values()))
         n_train = len(rows)
-        for m, img in _members(wd.raw / VAL_TAR):
-            match = VAL_NAME.search(m.name)
-            if not match or "/" in m.name:
-                raise StageError(f"{VAL_TAR}: unexpected member {m.name!r} (expected ILSVRC2012_val_NNNNNNNN.JPEG)")
-            index = int(match.group(1))
-            if not 1 <= index <= len(devkit.val_wnids):
-                raise StageError(f"{VAL_TAR}: {m.name} has no line in the devkit's ground truth "
-                                 f"({len(devkit.val_wnids)} lines)")
-            _store(partial, m.name, img, rows, "val", devkit.val_wnids[index - 1], wd.root)
-            if progress and (len(rows) - n_train) % 1000 == 0:
-                progress("val", len(rows) - n_train, len(devkit.val_wnids))
+        with _open_archive(wd.raw / VAL_TAR) as f:
+            for m, tar in _members(VAL_TAR, f, IMAGE_CAP, "one image", ARCHIVE_CAP[VAL_TAR]):
+                match = VAL_NAME.search(m.name)
+                if not match or "/" in m.name:
+                    raise StageError(f"{VAL_TAR}: unexpected member {m.name!r} (expected ILSVRC2012_val_NNNNNNNN.JPEG)")
+                index = int(match.group(1))
+                if not 1 <= index <= len(devkit.val_wnids):
+                    raise StageError(f"{VAL_TAR}: {m.name} has no line in the devkit's ground truth "
+                                     f"({len(devkit.val_wnids)} lines)")
+                _store(partial, m.name, _read(VAL_TAR, tar, m), rows, "val", devkit.val_wnids[index - 1], wd.root)
+                if progress and (len(rows) - n_train) % 1000 == 0:
+                    progress("val", len(rows) - n_train, len(devkit.val_wnids))
 
         df = pd.DataFrame(rows)
         if df.empty:

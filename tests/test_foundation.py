@@ -1,10 +1,13 @@
 """synth -> fetch -> verify, through the real CLI, from a directory, a real HTTP server and a real S3 server."""
 from __future__ import annotations
 
+import gzip
 import http.server
 import io
 import json
 import os
+import resource
+import subprocess
 import tarfile
 import threading
 from pathlib import Path
@@ -13,7 +16,7 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from conftest import SMALL, rn50
+from conftest import RN50, SMALL, rn50
 from tasks.ilsvrc import DEVKIT_TGZ, OFFICIAL_MD5, TRAIN_TAR, VAL_TAR, read_md5sums, write_fetch_record
 
 
@@ -134,10 +137,31 @@ def test_fetch_verify_from_real_s3(synth_source, tmp_path):
         _fetch_verify("s3://imagenet/ilsvrc2012", synth_source, tmp_path / "wd", env=srv.env())
 
 
+def _devkit_truth(devkit: Path) -> dict[str, str]:
+    """Val file name -> WNID, read straight from the devkit the way its readme says: line i of the ground
+    truth is image i's ILSVRC2012_ID, and meta.mat's synsets map ILSVRC2012_ID -> WNID."""
+    with tarfile.open(devkit) as dk:
+        meta = scipy.io.loadmat(io.BytesIO(dk.extractfile("ILSVRC2012_devkit_t12/data/meta.mat").read()),
+                                squeeze_me=True)["synsets"]
+        ids = dk.extractfile("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt").read().split()
+    wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in meta}
+    return {f"ILSVRC2012_val_{i:08d}.JPEG": wnid_of[int(x)] for i, x in enumerate(ids, 1)}
+
+
 def test_verify_sorts_val_by_devkit_ids_not_by_order(verified_workdir):
+    """Every val image sits in the class the devkit's ground truth names, and carries that class's label.
+    Mutation that must fail here (the known trap): reading ILSVRC2012_IDs as sorted-WNID indices in
+    verify.read_devkit (`by_id = {i + 1: w for i, w in enumerate(sorted(leaf WNIDs))}`)."""
     df = pd.read_parquet(verified_workdir / "manifest.parquet")
     wnids = sorted(df.wnid.unique())
     assert (df.label == df.wnid.map({w: i for i, w in enumerate(wnids)})).all()
+    truth = _devkit_truth(verified_workdir / "raw" / DEVKIT_TGZ)
+    val = df[df.split == "val"]
+    assert sorted(val.path.str.rsplit("/", n=1).str[-1]) == sorted(truth), "val images missing or extra"
+    wrong = [(p, w, truth[p.rsplit("/", 1)[-1]]) for p, w in zip(val.path, val.wnid) if truth[p.rsplit("/", 1)[-1]] != w]
+    assert not wrong, f"{len(wrong)} of {len(val)} val images in the wrong class, e.g. {wrong[0]}"
+    assert all(p == f"extracted/val/{w}/{p.rsplit('/', 1)[-1]}" for p, w in zip(val.path, val.wnid))
+    assert all((verified_workdir / p).is_file() for p in val.path)
     # Same label for the same class in train and val.
     assert df.groupby("wnid").label.nunique().eq(1).all()
     report = json.loads((verified_workdir / "reports" / "verify.json").read_text())
@@ -276,3 +300,227 @@ def test_verify_refuses_a_duplicate_member(workdir_copy):
     _record_as_fetched(raw, VAL_TAR)
     _one_line_error(rn50("verify", workdir_copy), "twice", first.name)
     assert not (workdir_copy / "extracted.partial").exists()
+
+
+# --- bounded extraction and fetch (hostile archives and sources) ----------------------------------
+
+
+def _gzip_bomb(member: str, size: int) -> bytes:
+    """A one-member gzip of a tar holding `member` of `size` zero bytes (1 GiB -> 4.7 MB), built from one
+    deflated 1 MiB block repeated (full flushes make the blocks independent) in well under a second."""
+    import struct
+    import zlib
+
+    info = tarfile.TarInfo(member)
+    info.size = size
+    header, chunk, end = info.tobuf(tarfile.GNU_FORMAT), b"\0" * (1 << 20), b"\0" * 1024
+
+    def deflate(data: bytes, mode: int) -> bytes:
+        c = zlib.compressobj(1, zlib.DEFLATED, -15)
+        return c.compress(data) + c.flush(mode)
+
+    crc = zlib.crc32(header)
+    for _ in range(size // len(chunk)):
+        crc = zlib.crc32(chunk, crc)
+    crc = zlib.crc32(end, crc)
+    body = (deflate(header, zlib.Z_FULL_FLUSH) + deflate(chunk, zlib.Z_FULL_FLUSH) * (size // len(chunk))
+            + deflate(end, zlib.Z_FINISH))
+    return (b"\x1f\x8b\x08\x00\0\0\0\0\x00\xff" + body
+            + struct.pack("<II", crc, (len(header) + size + len(end)) & 0xFFFFFFFF))
+
+
+def _verify_capped(wd: Path) -> subprocess.CompletedProcess:
+    """`rn50 verify` with a 256 MiB file-size limit, so code that extracts a bomb fails fast, not the disk."""
+    limit = 256 << 20
+    return subprocess.run([RN50, "verify", str(wd)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+
+def _nothing_extracted(wd: Path) -> None:
+    assert not (wd / "extracted.partial").exists()
+    assert not any(p.stat().st_size > (1 << 20) for p in (wd / "extracted").rglob("*") if p.is_file())
+
+
+def test_verify_refuses_a_gzip_bomb_named_tar(workdir_copy):
+    """The 4.7 MB gzip named ILSVRC2012_img_val.tar holding a 1 GiB member: refused on its first bytes,
+    never decompressed (transparent decompression read the member into memory)."""
+    raw = workdir_copy / "raw"
+    (raw / VAL_TAR).write_bytes(_gzip_bomb("ILSVRC2012_val_00000001.JPEG", 1 << 30))
+    _record_as_fetched(raw, VAL_TAR)
+    proc = _verify_capped(workdir_copy)
+    _one_line_error(proc, VAL_TAR, "gzip-compressed", "refusing")
+    _nothing_extracted(workdir_copy)
+
+
+def test_verify_refuses_an_oversized_member(workdir_copy):
+    """A val image over the per-image cap (tasks.ilsvrc.IMAGE_CAP) is refused before its bytes are read."""
+    from tasks.ilsvrc import IMAGE_CAP
+
+    raw = workdir_copy / "raw"
+    with tarfile.open(raw / VAL_TAR) as old:
+        members = [(m, old.extractfile(m).read()) for m in old]
+    m0, d0 = members[0]
+    big = d0 + b"\0" * (IMAGE_CAP + 1 - len(d0))  # still a decodable JPEG: trailing bytes are ignored
+    m0.size = len(big)
+    members[0] = (m0, big)
+    with tarfile.open(raw / VAL_TAR, "w") as new:
+        for m, d in members:
+            new.addfile(m, io.BytesIO(d))
+    _record_as_fetched(raw, VAL_TAR)
+    proc = _verify_capped(workdir_copy)
+    _one_line_error(proc, VAL_TAR, m0.name, f"{IMAGE_CAP + 1:,} bytes", "cap for one image")
+    _nothing_extracted(workdir_copy)
+
+
+def _devkit_with(raw: Path, name: str, data: bytes) -> None:
+    """Rewrite the devkit with member `name` replaced (or added) by `data`."""
+    with tarfile.open(raw / DEVKIT_TGZ) as old:
+        keep = [(m, old.extractfile(m).read()) for m in old if m.isfile() and m.name != name]
+    with tarfile.open(raw / DEVKIT_TGZ, "w:gz") as new:
+        for m, d in keep:
+            new.addfile(m, io.BytesIO(d))
+        m = tarfile.TarInfo(name)
+        m.size = len(data)
+        new.addfile(m, io.BytesIO(data))
+    _record_as_fetched(raw, DEVKIT_TGZ)
+
+
+def _inflating_mat(nbytes: int) -> bytes:
+    """A small compressed MAT file whose `synsets` inflates to `nbytes` (a zip bomb inside meta.mat)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"synsets": np.zeros(nbytes, np.uint8)}, do_compression=True)
+    return buf.getvalue()
+
+
+def _many_headers(n: int) -> bytes:
+    """n empty members in a tar: n x 512 bytes of headers that no member size accounts for."""
+    return b"".join(tarfile.TarInfo(f"ILSVRC2012_devkit_t12/x/{i}").tobuf(tarfile.GNU_FORMAT) for i in range(n))
+
+
+@pytest.mark.parametrize("member,data,needle", [
+    ("ILSVRC2012_devkit_t12/readme.txt", b"\0" * (100 << 20), "over the 64.0 MiB cap for a devkit file"),
+    ("ILSVRC2012_devkit_t12/empty.tar", "headers", "decompresses to more than 64.0 MiB"),
+    ("ILSVRC2012_devkit_t12/data/meta.mat", b"\0" * ((16 << 20) + 1), "over the 16.0 MiB cap"),
+    ("ILSVRC2012_devkit_t12/data/meta.mat", "mat", "inflates to more than 16.0 MiB"),
+    ("././@PaxHeader", "pax", "over the 1.0 MiB cap"),
+], ids=["devkit-member", "devkit-unpacked", "meta.mat-size", "meta.mat-inflated", "pax-header"])
+def test_verify_refuses_an_oversized_devkit(workdir_copy, member, data, needle):
+    raw = workdir_copy / "raw"
+    if data == "headers":  # 140,000 empty members spliced in as raw headers: 68 MiB decompressed
+        with tarfile.open(raw / DEVKIT_TGZ) as old:
+            keep = [(m, old.extractfile(m).read()) for m in old if m.isfile()]
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as new:
+            for m, d in keep:
+                new.addfile(m, io.BytesIO(d))
+        body = buf.getvalue().rstrip(b"\0")
+        body += b"\0" * (-len(body) % 512) + _many_headers(140_000) + b"\0" * 1024
+        (raw / DEVKIT_TGZ).write_bytes(gzip.compress(body, 1))
+        _record_as_fetched(raw, DEVKIT_TGZ)
+    elif data == "pax":  # a pax extended header of 100 MiB (tarfile reads one whole into memory)
+        with tarfile.open(raw / DEVKIT_TGZ) as old:
+            keep = [(m, old.extractfile(m).read()) for m in old if m.isfile()]
+        pax = tarfile.TarInfo(member)
+        pax.type, pax.size = tarfile.XHDTYPE, 100 << 20
+        body = pax.tobuf(tarfile.USTAR_FORMAT) + b"\0" * (100 << 20)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as new:
+            for m, d in keep:
+                new.addfile(m, io.BytesIO(d))
+        (raw / DEVKIT_TGZ).write_bytes(gzip.compress(body + buf.getvalue(), 1))
+        _record_as_fetched(raw, DEVKIT_TGZ)
+    else:
+        _devkit_with(raw, member, _inflating_mat(100 << 20) if data == "mat" else data)
+    proc = _verify_capped(workdir_copy)
+    _one_line_error(proc, DEVKIT_TGZ, needle)
+    _nothing_extracted(workdir_copy)
+
+
+class HostileHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the synthetic archives, except that `announce` overrides a file's HEAD Content-Length (None:
+    no Content-Length at all) and `stream` makes GET send that many zero bytes instead of the file."""
+
+    root: Path
+    announce: dict[str, int | None] = {}
+    stream: dict[str, int] = {}
+
+    def log_message(self, *args):
+        pass
+
+    def _name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def do_HEAD(self):
+        name = self._name()
+        self.send_response(200)
+        length = self.announce.get(name, (self.root / name).stat().st_size)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def do_GET(self):
+        name = self._name()
+        self.send_response(200)
+        if name not in self.announce:
+            self.send_header("Content-Length", str((self.root / name).stat().st_size))
+        self.end_headers()  # HTTP/1.0: without a length the body ends when the connection closes
+        try:
+            if name in self.stream:
+                for _ in range(self.stream[name] >> 20):
+                    self.wfile.write(b"\0" * (1 << 20))
+            else:
+                self.wfile.write((self.root / name).read_bytes())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading, as it should
+
+
+@pytest.fixture
+def hostile_http(synth_source):
+    handlers = []
+
+    def start(announce: dict, stream: dict) -> str:
+        handler = type("Handler", (HostileHandler,), {"root": synth_source, "announce": announce, "stream": stream})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        handlers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield start
+    for server in handlers:
+        server.shutdown()
+        server.server_close()
+
+
+def _raw_files(wd: Path) -> dict[str, int]:
+    raw = wd / "raw"
+    return {str(p.relative_to(raw)): p.stat().st_size for p in raw.rglob("*") if p.is_file()} if raw.exists() else {}
+
+
+def test_fetch_never_writes_more_than_announced(synth_source, hostile_http, tmp_path):
+    """HEAD says 10 bytes, GET streams 64 MiB: at most the 10 bytes are ever written, and none are kept."""
+    url = hostile_http({TRAIN_TAR: 10}, {TRAIN_TAR: 64 << 20})
+    wd = tmp_path / "wd"
+    proc = rn50("fetch", url, wd, "--md5", synth_source / "MD5SUMS")
+    _one_line_error(proc, TRAIN_TAR, "more than the 10 bytes it announced", "nothing kept")
+    assert _raw_files(wd) == {}, _raw_files(wd)
+
+
+def test_fetch_without_announced_size(synth_source, hostile_http, tmp_path):
+    """No Content-Length at all: a download is held to the archive's cap (16 MiB for the devkit), and one
+    within it is fetched and checked as usual."""
+    quiet = {name: None for name in (TRAIN_TAR, VAL_TAR, DEVKIT_TGZ)}
+    out = rn50("fetch", hostile_http(quiet, {}), tmp_path / "ok", "--md5", synth_source / "MD5SUMS", check=True)
+    assert out.stdout.count("ok, downloaded") == 3
+    wd = tmp_path / "wd"
+    proc = rn50("fetch", hostile_http(quiet, {DEVKIT_TGZ: 17 << 20}), wd, "--md5", synth_source / "MD5SUMS")
+    _one_line_error(proc, DEVKIT_TGZ, "more than 16.0 MiB", "without announcing a size", "nothing kept")
+    assert DEVKIT_TGZ not in _raw_files(wd) and f".partial/{DEVKIT_TGZ}.part" not in _raw_files(wd)
+
+
+def test_fetch_refuses_an_announced_size_over_the_cap(synth_source, hostile_http, tmp_path):
+    wd = tmp_path / "wd"
+    proc = rn50("fetch", hostile_http({DEVKIT_TGZ: (16 << 20) + 1}, {}), wd, "--md5", synth_source / "MD5SUMS")
+    _one_line_error(proc, DEVKIT_TGZ, f"{(16 << 20) + 1:,} bytes", "over the 16.0 MiB cap")
+    assert _raw_files(wd) == {}  # nothing moved
