@@ -100,7 +100,8 @@ def test_slurm_inventory_parses_and_rejects_bad_values_in_one_line(tmp_path):
 
 def test_slurm_batch_script_quotes_every_value(tmp_path):
     """A hostile value (quotes, $(), ;) ends up as one literal argv element of srun, never shell syntax."""
-    evil = "/data/it's $(touch /tmp/pwned); `id`"
+    pwned = tmp_path / "pwned"
+    evil = f"/data/it's $(touch {pwned}); `touch {pwned}`"
     spec = slurm.parse({**_doc(), "env": {"EVIL": evil}})
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -120,7 +121,7 @@ def test_slurm_batch_script_quotes_every_value(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     argv = out.read_text().splitlines()
-    assert argv[argv.index("--data") + 1] == evil and not Path("/tmp/pwned").exists()
+    assert argv[argv.index("--data") + 1] == evil and not pwned.exists()
     assert "export EVIL=" in script
 
 
