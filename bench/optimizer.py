@@ -13,7 +13,7 @@
                  (decode + augmentation share the same cores).
    Goal: loop (mem) / bare >= 0.9.
 
-    .venv/bin/python bench/optimizer.py [--steps 10] [--aggregate 54] [--loop-steps 30] [--json]
+    .venv/bin/python bench/optimizer.py [--steps 10] [--aggregate 54] [--loop-steps 30] [--rounds 3] [--json]
 """
 from __future__ import annotations
 
@@ -58,24 +58,25 @@ def bench_update(steps: int, aggregate: int) -> dict:
     grads = [mx.nd.array(rng.normal(0, 1e-2, p.shape).astype(np.float32)) for p in params]
     cfg = {"momentum": 0.9, "weight_decay": 5e-5, "lars_eta": 0.001, "lars_epsilon": 0.0, "optimizer": "lars"}
     result = {"tensors": len(params), "parameters": n_params}
-    finals = {}
+    runs = {}
     for label, agg in (("per_tensor", 0), ("multi_tensor", aggregate)):
         opt = build_optimizer(cfg, PolyWarmupSchedule(10.5, 100, 1000), multi_precision=False, aggregate_num=agg)
         opt.idx2name = {i: p.name for i, p in enumerate(params)}
         opt.rescale_grad = 1.0 / 408
-        updater = mx.optimizer.get_updater(opt)
-        weights = [p.data().copy() for p in params]
-        idx = list(range(len(weights)))
-        times = []
-        for step in range(steps + 2):
+        runs[label] = (mx.optimizer.get_updater(opt), [p.data().copy() for p in params], [])
+    idx = list(range(len(params)))
+    # The two paths alternate step by step (same load on both); two warm-up steps each are not timed.
+    for step in range(steps + 2):
+        for label, (updater, weights, times) in runs.items():
             mx.nd.waitall()
             t0 = time.perf_counter()
             updater(idx, grads, weights)
             mx.nd.waitall()
             if step >= 2:
                 times.append(time.perf_counter() - t0)
+    for label, (_, _, times) in runs.items():
         result[f"{label}_ms"] = round(1000 * statistics.median(times), 2)
-        finals[label] = weights
+    finals = {label: weights for label, (_, weights, _) in runs.items()}
     result["ratio"] = round(result["per_tensor_ms"] / result["multi_tensor_ms"], 2)
     worst = max(float((a - b).abs().max().asscalar()) for a, b in zip(finals["per_tensor"], finals["multi_tensor"]))
     result["max_abs_weight_difference"] = worst
@@ -93,7 +94,7 @@ class _MemLoader:
             yield self._batches[i % len(self._batches)]
 
 
-def bench_loop(loop_steps: int) -> dict:
+def bench_loop(loop_steps: int, rec: Path, rounds: int = 3) -> dict:
     import mxnet as mx
     import nvidia.dali.fn  # noqa: F401  (before horovod, see rn50/train.py)
     import horovod.mxnet as hvd
@@ -103,7 +104,6 @@ def bench_loop(loop_steps: int) -> dict:
     from rn50 import data as rdata
     from rn50.config import load_config
     from rn50.optim import smoothed_labels
-    from rn50.tinydata import make_recordio
     from rn50.train import build_model, build_trainer, train_one_epoch
 
     hvd.init()
@@ -134,23 +134,25 @@ def bench_loop(loop_steps: int) -> dict:
         mx.nd.waitall()
         return steps * batch / (time.perf_counter() - t0)
 
-    out = {"config": "cpu-demo", "batch": batch, "crop": crop, "width": cfg["width"], "steps": loop_steps}
-    net, trainer = fresh()
-    bare(net, trainer, 5)  # warm-up: hybridization, memory pools
-    out["bare_img_s"] = round(bare(net, trainer, loop_steps), 1)
-
-    net, trainer = fresh()
-    train_one_epoch(net, trainer, loss_fn, _MemLoader(mem), 5, cfg, classes, ctx)
-    out["loop_mem_img_s"] = round(train_one_epoch(net, trainer, loss_fn, _MemLoader(mem), loop_steps, cfg,
-                                                  classes, ctx)["img_per_s"], 1)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        rec = make_recordio(Path(tmp) / "rec", classes=classes, train_per_class=64, val_per_class=2, seed=0)
-        loader = rdata.Loader(rdata.build_pipeline(rec, "train", cfg, 0, 1, None, seed=1), ctx)
-        net, trainer = fresh()
-        train_one_epoch(net, trainer, loss_fn, loader, 5, cfg, classes, ctx)
-        out["loop_dali_img_s"] = round(train_one_epoch(net, trainer, loss_fn, loader, loop_steps, cfg,
-                                                       classes, ctx)["img_per_s"], 1)
+    out = {"config": "cpu-demo", "batch": batch, "crop": crop, "width": cfg["width"], "steps": loop_steps,
+           "rounds": rounds}
+    dali = rdata.Loader(rdata.build_pipeline(rec, "train", cfg, 0, 1, None, seed=1), ctx)
+    variants = {
+        "bare_img_s": lambda net, tr, n: bare(net, tr, n),
+        "loop_mem_img_s": lambda net, tr, n: train_one_epoch(net, tr, loss_fn, _MemLoader(mem), n, cfg, classes, ctx)["img_per_s"],
+        "loop_dali_img_s": lambda net, tr, n: train_one_epoch(net, tr, loss_fn, dali, n, cfg, classes, ctx)["img_per_s"],
+    }
+    models = {}
+    for key, run in variants.items():
+        models[key] = fresh()
+        run(*models[key], 5)  # warm-up: hybridization, memory pools, DALI's first batches
+    # Interleaved rounds, median per variant: the machine's load drifts, a single pass would blame one variant.
+    samples = {key: [] for key in variants}
+    for _ in range(rounds):
+        for key, run in variants.items():
+            samples[key].append(run(*models[key], loop_steps))
+    for key, values in samples.items():
+        out[key] = round(statistics.median(values), 1)
     out["loop_mem_over_bare"] = round(out["loop_mem_img_s"] / out["bare_img_s"], 3)
     out["loop_dali_over_bare"] = round(out["loop_dali_img_s"] / out["bare_img_s"], 3)
     return out
@@ -161,21 +163,27 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per path (median reported)")
     ap.add_argument("--aggregate", type=int, default=54, help="tensors per multi-tensor call (NVIDIA: 54)")
     ap.add_argument("--loop-steps", type=int, default=30, help="timed training steps per loop variant")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the loop variants (median reported)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    res = {"machine": _machine(), "update": bench_update(a.steps, a.aggregate), "loop": bench_loop(a.loop_steps)}
+    from rn50.tinydata import make_recordio
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Packed first: PIL's JPEG encoder fails (CMYK) once DALI's libraries are loaded in the process.
+        rec = make_recordio(Path(tmp) / "rec", classes=10, train_per_class=64, val_per_class=2, seed=0)
+        res = {"machine": _machine(), "update": bench_update(a.steps, a.aggregate), "loop": bench_loop(a.loop_steps, rec, a.rounds)}
     if a.json:
         print(json.dumps(res, indent=2))
         return 0
     u, lp = res["update"], res["loop"]
-    print(f"machine: {res['machine']}")
+    print(f"machine: {res['machine']}, load average at the end {os.getloadavg()[0]:.1f}")
     print(f"optimizer update, ResNet-50 v1.5 full width ({u['parameters']:,} params, {u['tensors']} tensors), "
           f"median of {a.steps} steps:")
     print(f"  per-tensor   {u['per_tensor_ms']:8.1f} ms/step")
     print(f"  multi-tensor {u['multi_tensor_ms']:8.1f} ms/step  (aggregate {a.aggregate})")
     print(f"  ratio        {u['ratio']:8.2f}x  (goal >= 3); max |w_multi - w_per_tensor| = {u['max_abs_weight_difference']:.2e}")
     print(f"training loop, cpu-demo config (width {lp['width']}, {lp['crop']} px, batch {lp['batch']}), 1 rank, "
-          f"{lp['steps']} steps:")
+          f"{lp['steps']} steps x {lp['rounds']} interleaved rounds (median):")
     print(f"  bare fwd+bwd+update, in-memory  {lp['bare_img_s']:8.1f} img/s")
     print(f"  train_one_epoch, in-memory      {lp['loop_mem_img_s']:8.1f} img/s  ratio {lp['loop_mem_over_bare']:.3f} (goal >= 0.9)")
     print(f"  train_one_epoch, DALI CPU input {lp['loop_dali_img_s']:8.1f} img/s  ratio {lp['loop_dali_over_bare']:.3f}")
