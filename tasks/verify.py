@@ -20,6 +20,7 @@ their bytes are read; a violation is a one-line error and extracted.partial/ is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -291,13 +292,20 @@ def _inspect(paths: list[str]) -> list[tuple[int, int, str, str, bool]]:
     return out
 
 
-def _inspect_all(paths: list[str], workers: int) -> list[tuple]:
+def _inspect_all(paths: list[str], workers: int, progress: Progress | None = None) -> list[tuple]:
     chunk = 512
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    if workers <= 1 or len(chunks) <= 1:
-        return [r for c in chunks for r in _inspect(c)]
-    with ProcessPoolExecutor(workers) as ex:
-        return [r for rs in ex.map(_inspect, chunks) for r in rs]
+    out: list[tuple] = []
+    with contextlib.ExitStack() as stack:
+        if workers <= 1 or len(chunks) <= 1:
+            results = map(_inspect, chunks)
+        else:
+            results = stack.enter_context(ProcessPoolExecutor(workers)).map(_inspect, chunks)
+        for rs in results:
+            out.extend(rs)
+            if progress:
+                progress("decode", len(out), len(paths))
+    return out
 
 
 # --- expectations ---------------------------------------------------------------------------------
@@ -429,11 +437,13 @@ def verify(workdir: Path | str, workers: int | None = None, progress: Progress |
                 _store(partial, m.name, _read(VAL_TAR, tar, m), rows, "val", devkit.val_wnids[index - 1], wd.root)
                 if progress and (len(rows) - n_train) % 1000 == 0:
                     progress("val", len(rows) - n_train, len(devkit.val_wnids))
+        if progress:
+            progress("val", len(rows) - n_train, len(devkit.val_wnids))
 
         df = pd.DataFrame(rows)
         if df.empty:
             raise StageError("the archives hold no images")
-        facts = _inspect_all(df["abs"].tolist(), workers or os.cpu_count() or 1)
+        facts = _inspect_all(df["abs"].tolist(), workers or os.cpu_count() or 1, progress)
         df[["width", "height", "mode", "format", "decodable"]] = pd.DataFrame(facts, index=df.index)
         label = {w: i for i, w in enumerate(devkit.wnids)}
         df["label"] = df.wnid.map(label).fillna(-1).astype(int)
