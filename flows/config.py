@@ -12,7 +12,7 @@ and the flow checks it again for a deployment run (`load_pipeline`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Dict, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,6 +42,9 @@ class ContainerConfig(_Section):
     from_image: str = "nvcr.io/nvidia/mxnet:23.09-py3"
     registry: Optional[str] = None
     push: bool = False
+    build_args: Dict[str, str] = Field(default_factory=dict,
+                                       description="extra Dockerfile ARGs (RUNTIME_ENV, APT_PACKAGES, PIP_INSTALL)")
+    network: Optional[str] = Field(None, description="network of the build's RUN steps (e.g. host, none); null = the engine's default")
 
 
 class TrainConfig(_Section):

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Literal, Optional, Union
 
 from prefect import flow, runtime
@@ -36,7 +35,8 @@ Stage = Literal[STAGES]  # type: ignore[valid-type]
 
 @flow(name="rn50", log_prints=True)
 def rn50(source: Optional[str] = None, workdir: Optional[str] = None, pipeline: Union[PipelineName, str] = "demo",
-         rerun: Optional[List[Stage]] = None, nightly: bool = False) -> dict:
+         rerun: Optional[List[Stage]] = None, nightly: bool = False, force_accept: bool = False,
+         accept_reason: Optional[str] = None) -> dict:
     """Raw ILSVRC2012 to a verified MLPerf ResNet-50 result.
 
     Args:
@@ -45,10 +45,17 @@ def rn50(source: Optional[str] = None, workdir: Optional[str] = None, pipeline: 
         pipeline: a pipeline config name in configs/pipeline/, or a path to one (e.g. the team's).
         rerun: stages to run even if cached (what depends on them follows by its keys).
         nightly: train fresh with the pipeline's fixed seeds and fail if convergence regressed against the
-            last accepted nightly (kept next to the archive).
+            last accepted nightly (kept next to the archive), or if there is no comparable baseline.
+        force_accept: with `nightly`: make this night the baseline whatever the verdict (a person's
+            decision, recorded in the history with who, when and `accept_reason`).
+        accept_reason: why this night is forced to be the baseline (required with `force_accept`).
+
+    Cached results name this run's work dir whichever work dir they were computed in (flows/stages.py),
+    and no key holds a path (flows/cache.py): a moved work dir or a copied source stays all Cached.
     """
     cfg = load_pipeline(pipeline, source=source, workdir=workdir)
-    run = stages.Runner(Workdir(cfg["workdir"]), rerun or ())
+    wd = Workdir(cfg["workdir"])
+    run = stages.Runner(wd, rerun or ())
     f, p, c, t, q, a = (cfg[s] for s in ("fetch", "pack", "container", "train", "compliance", "archive"))
 
     expected = read_md5sums(f["md5_file"]) if f["md5_file"] else OFFICIAL_MD5
@@ -58,8 +65,9 @@ def rn50(source: Optional[str] = None, workdir: Optional[str] = None, pipeline: 
                  full_check=p["full_check"])
     image = None
     if c["runtime"] == "docker":
-        image = run(stages.container, cache.container_key(content_hash(from_image=c["from_image"]), c),
-                    from_image=c["from_image"], registry=c["registry"], push=c["push"])
+        chash = content_hash(from_image=c["from_image"], build_args=c["build_args"])
+        image = run(stages.container, cache.container_key(chash, c), from_image=c["from_image"],
+                    registry=c["registry"], push=c["push"], build_args=c["build_args"], network=c["network"])
     else:
         stages.skip.with_options(name="container")("no container runtime requested")
 
@@ -71,14 +79,14 @@ def rn50(source: Optional[str] = None, workdir: Optional[str] = None, pipeline: 
         night = run(stages.nightly, key, logs=trained["results"], baseline=baseline_location(a["uri"]),
                     tolerance_epochs=n["tolerance_epochs"], tolerance_accuracy=n["tolerance_accuracy"],
                     target=load_config(t["config"])["target_accuracy"],
-                    context={"config": t["config"], "manifest_digest": verified["manifest_digest"]})
+                    context={"config": t["config"], "manifest_digest": verified["manifest_digest"]},
+                    force_accept=force_accept, reason=accept_reason)
         print(f"nightly: {night['verdict']}: {night['reason']}")
-        if night["verdict"] == "regressed":
+        if night["failed"]:
             return Failed(message=night["reason"])
     else:
-        settings = {"config": t["config"], "runs": t["runs"], "hosts": t["hosts"],
-                    "hosts_digest": file_digest(t["hosts"]) if t["hosts"] else None,
-                    "config_digest": file_digest(paths.resolve("training", t["config"]))}
+        settings = cache.train_settings(t["runs"], file_digest(t["hosts"]) if t["hosts"] else None,
+                                        file_digest(paths.resolve("training", t["config"])))
         trained = run(stages.train, cache.train_key(packed, image, settings, cache.tree_digest(RN50_PACKAGE)),
                       runs=t["runs"], **launch)
 
@@ -86,7 +94,8 @@ def rn50(source: Optional[str] = None, workdir: Optional[str] = None, pipeline: 
     checked = run(stages.compliance, cache.compliance_key(logs_digest, q, code(tasks.compliance)),
                   logdir=trained["run_dir"], ruleset=q["ruleset"], dataset=q["dataset"])
     archived = run(stages.archive, cache.archive_key([verified["manifest_digest"], packed["content_digest"],
-                                                      trained["run_id"], checked["key"]], a, code(tasks.archive)),
+                                                      trained["run_id"], checked["key"]], a, code(tasks.archive),
+                                                     cfg["workdir"], cache.archive_contents(wd.root, a["include_checkpoints"])),
                    uri=a["uri"], include_checkpoints=a["include_checkpoints"])
     ttt = checked["logs"][0]["time_to_train_min"]
     print(f"time to train: {ttt:.2f} min ({trained['run_dir']}); archived to {archived['uri']}")

@@ -4,6 +4,11 @@
 cache with serializable isolation (two concurrent flow runs never both execute an expensive stage; a lock
 whose holder died is broken, see flows/locks.py), a stamp recording the outputs, and the stage's
 artifacts — so each wrapper below only says what is specific to it.
+
+Results are cached relative to the work dir: a stage task returns (and Prefect persists) its result with
+the work dir's path written as `$WORKDIR` (tasks.common.relocatable), and `Runner` puts the current work
+dir back in (tasks.common.rebased) for a fresh result and a cached one alike. So a cache hit served to a
+moved or copied work dir names that work dir's files, never the place the stage first ran in.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.states import Completed
 
 from flows.locks import LiveLockManager
-from tasks.common import Workdir, is_transient, write_stamp
+from tasks.common import Workdir, is_transient, rebased, relocatable, write_stamp
 
 LOCKS = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser() / "rn50-locks"
 
@@ -116,7 +121,10 @@ def stage_logs():
 
 def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries: int = 2,
           publish: Callable[[dict], None] | None = None):
-    """Wrap `fn(workdir, **kwargs) -> Result` as the Prefect task `name`, called as `task(key, workdir, **kwargs)`."""
+    """Wrap `fn(workdir, **kwargs) -> Result` as the Prefect task `name`, called as `task(key, workdir, **kwargs)`.
+
+    The task returns the result with work-dir paths as `$WORKDIR/...` (what Prefect's cache keeps); call it
+    through `Runner`, which gives them back under the work dir of the run at hand."""
 
     def deco(fn: Callable[..., Any]):
         def run(key: str, workdir: str, **kwargs: Any) -> dict:
@@ -126,7 +134,7 @@ def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries
             write_stamp(wd, f"flow-{name}", key, result, outputs(wd, result))
             if publish:
                 publish(result)
-            return result
+            return relocatable(result, wd.root, workdir)
 
         run.__name__, run.__doc__ = fn.__name__, fn.__doc__
         return task(name=name, retries=retries, retry_delay_seconds=[2, 10, 30], cache_policy=_policy(name),
@@ -137,7 +145,8 @@ def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries
 
 
 class Runner:
-    """Calls stage tasks for one work dir: `run(task, key, **kwargs)` -> the stage's result dict.
+    """Calls stage tasks for one work dir: `run(task, key, **kwargs)` -> the stage's result dict, its
+    `$WORKDIR` paths under this work dir (whichever work dir a cached result was first computed in).
 
     A cached result counts only while the stage's outputs are still as it left them (its stamp).
     That is checked after the cache lookup, which waits on the stage's lock: a concurrent run computing
@@ -156,7 +165,7 @@ class Runner:
         if state.name == "Cached" and not stamp_valid(self.wd, f"flow-{name}", key):
             print(f"{name}: the cached result's outputs are missing or changed here; running it again")
             state = stage_task.with_options(refresh_cache=True)(key, str(self.wd.root), return_state=True, **kwargs)
-        return state.result()
+        return rebased(state.result(), self.wd.root)
 
 
 @task(name="skipped")
@@ -276,11 +285,12 @@ def pack(workdir: str, threads: int | None, full_check: bool) -> Any:
 
 
 @stage("container", outputs=lambda wd, r: [])
-def container(workdir: str, from_image: str, registry: str | None, push: bool) -> Any:
+def container(workdir: str, from_image: str, registry: str | None, push: bool,
+              build_args: dict[str, str] | None = None, network: str | None = None) -> Any:
     from tasks.container import build_image
 
-    return build_image(from_image=from_image, registry=registry, push=push,
-                       log_path=Workdir(workdir).reports / "container-build.log")
+    return build_image(from_image=from_image, registry=registry, push=push, build_args=build_args,
+                       network_mode=network, log_path=Workdir(workdir).reports / "container-build.log")
 
 
 CLUSTER_LIMIT = "rn50-cluster"
@@ -313,7 +323,8 @@ def cluster_slot(name: str):
     ensure_cluster_limit(name)
     logger.info("train: waiting for the cluster (global concurrency limit %r)", name)
     t0 = time.monotonic()
-    with concurrency(name, occupy=1, strict=True):
+    # A 60 s lease, renewed while the launch runs: the slot of a run killed with SIGKILL is free a minute later.
+    with concurrency(name, occupy=1, strict=True, lease_duration=60):
         logger.info("train: the cluster is ours (waited %.0f s)", time.monotonic() - t0)
         yield
 

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -115,6 +116,51 @@ def write_json_atomic(path: Path | str, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# --- results that survive moving the work dir --------------------------------------------------
+
+WORKDIR_MARK = "$WORKDIR"
+_MARK_RE = re.compile(re.escape(WORKDIR_MARK) + r"(?![\w.-])")
+
+
+def relocatable(obj: Any, *roots: Path | str) -> Any:
+    """`obj` (a JSON-able result) with every occurrence of a work-dir path in `roots` written as
+    `$WORKDIR` (`/w/runs/x` -> `$WORKDIR/runs/x`, `file:///w/archive` -> `file://$WORKDIR/archive`), in
+    values and dict keys at any depth. Only whole path components match: `/w2` is not `/w`."""
+    pats = [re.compile(r"(?<![\w.-])" + re.escape(r) + r"(?![\w.-])")
+            for r in sorted({str(r).rstrip("/") for r in roots}, key=len, reverse=True) if r and str(r).strip("/")]
+    if not pats:
+        return obj
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, str):
+            for pat in pats:
+                v = pat.sub(lambda _m: WORKDIR_MARK, v)
+            return v
+        if isinstance(v, dict):
+            return {conv(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(obj)
+
+
+def rebased(obj: Any, root: Path | str) -> Any:
+    """The inverse of `relocatable`: `$WORKDIR` replaced by `root`, the work dir the result is used in now."""
+    root = str(root).rstrip("/") or "/"
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, str):
+            return _MARK_RE.sub(lambda _m: root, v) if WORKDIR_MARK in v else v
+        if isinstance(v, dict):
+            return {conv(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(obj)
+
+
 # --- stamps: "this stage's outputs are complete and unchanged" without re-hashing data ------------
 
 
@@ -149,19 +195,24 @@ def fingerprint(paths: Iterable[Path | str], root: Path | None = None, depth: in
 
 def write_stamp(wd: Workdir, stage: str, key: str, result: dict[str, Any], outputs: Iterable[Path | str]) -> None:
     """Record that `stage` finished for cache `key`, with the fingerprint of its outputs (paths relative
-    to the work dir, so a copied or moved work dir is judged by its own files)."""
+    to the work dir, so a copied or moved work dir is judged by its own files) and its result (work-dir
+    paths written as `$WORKDIR`; read_stamp gives them back under the work dir it reads from)."""
     rel = [os.path.relpath(Path(p).resolve(), wd.root) for p in outputs]
     write_json_atomic(
         wd.stamps / f"{stage}.json",
-        {"stage": stage, "key": key, "result": result, "outputs": rel, "fingerprint": fingerprint(rel, wd.root)},
+        {"stage": stage, "key": key, "result": relocatable(result, wd.root), "outputs": rel,
+         "fingerprint": fingerprint(rel, wd.root)},
     )
 
 
 def read_stamp(wd: Workdir, stage: str) -> dict[str, Any] | None:
     try:
-        return json.loads((wd.stamps / f"{stage}.json").read_text())
+        stamp = json.loads((wd.stamps / f"{stage}.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    if isinstance(stamp, dict) and "result" in stamp:
+        stamp["result"] = rebased(stamp["result"], wd.root)
+    return stamp
 
 
 def stamp_valid(wd: Workdir, stage: str, key: str | None = None) -> bool:

@@ -5,28 +5,22 @@ Runs `rn50 run --json` (the flow in-process) against a real local Prefect server
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 
 from conftest import rn50
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     from flows.local import LocalPrefect
 
-    server = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), _free_port())
+    server = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), free_port())
     server.up()
     yield server
     server.down()

@@ -2,8 +2,11 @@
 
 - the nightly deployment runs at 02:00 UTC: the schedule as the server stores it after a real
   `prefect deploy --all` of prefect.yaml, and the start times of the runs the server schedules from it;
-- "keys are content, never path strings": the work dir moved with `mv` and the source copied elsewhere,
-  and every stage of the next `rn50 run` is Cached.
+- "keys are content, never path strings": the work dir moved with `mv` and the source copied elsewhere
+  (the original removed), and every stage of the next `rn50 run` is Cached, its results naming the new
+  work dir. Before cached results were rebased onto the current work dir (flows/stages.py), this run
+  failed reading the result logs at the old work dir's path (FileNotFoundError) to key compliance; with
+  the archive key holding the demo's `file://{workdir}/archive` as it is, the archive ran again.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ def _run_flow(server, source: Path, wd: Path) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no JSON on stdout (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     out = json.loads(lines[-1])
-    out["returncode"], out["stderr"] = proc.returncode, proc.stderr[-4000:]
+    out["returncode"], out["stderr"], out["output"] = proc.returncode, proc.stderr[-4000:], proc.stdout + proc.stderr
     return out
 
 
@@ -104,12 +107,12 @@ def test_moved_workdir_and_copied_source_are_all_cached(prefect_server, tmp_path
     subprocess.run(["mv", str(wd), str(elsewhere / "moved-work")], check=True)
     shutil.copytree(src, elsewhere / "source-copy")
     shutil.rmtree(src)  # nothing may still read the old places
-    again = _run_flow(prefect_server, elsewhere / "source-copy", elsewhere / "moved-work")
-    if again["returncode"] != 0 and f"No such file or directory: '{wd}/" in again["stderr"]:
-        # Known (2026-11-30): the stages' cached results hold absolute paths of the old work dir (train's
-        # `results`, `run_dir`, ...), and the flow reads the result logs at those paths to key compliance.
-        # Fixing that also needs the archive key to stop depending on the work dir's path (the demo's
-        # archive URI is file://{workdir}/archive). Any other failure fails this test.
-        pytest.xfail("cached results carry absolute paths of the old work dir: " + again["stderr"].strip().splitlines()[-1][:300])
+    moved = elsewhere / "moved-work"
+    again = _run_flow(prefect_server, elsewhere / "source-copy", moved)
     assert again["returncode"] == 0 and again["state"] == "Completed", again
     assert again["stages"] == {**dict.fromkeys(first["stages"], "Cached"), "container": "Skipped"}, again
+    # The cached results name the moved work dir: the flow's summary line points at the run and archive there.
+    [line] = [ln for ln in again["output"].splitlines() if "time to train:" in ln]
+    [run_dir] = (moved / "runs").iterdir()
+    assert f"({run_dir}); archived to file://{moved}/archive" in line, line
+    assert str(wd) not in again["output"], again["output"][-3000:]
