@@ -28,7 +28,8 @@ from tasks import paths
 from tasks.common import StageError
 
 DEFAULT_MIN_FREE_BYTES = 1 << 30
-# How the ranks are started on the hosts. A Slurm launcher will be added beside SSH.
+# How the ranks are started on the hosts: horovodrun over SSH. (A hosts file saying `launcher: slurm` never
+# reaches this parser: tasks.train hands it to tasks.slurm.)
 LAUNCHERS = ("ssh",)
 RUNTIMES = ("local", "docker")
 CONTROLLERS = ("gloo", "mpi")
@@ -86,16 +87,17 @@ class Inventory:
         return sum(h.slots for h in self.hosts)
 
 
-LOCAL_DEFAULT = Inventory(hosts=(Host("localhost", 2),))
+def local_inventory(slots: int) -> Inventory:
+    """This machine alone, `slots` ranks: what `rn50 train` uses without --hosts (tasks.train decides how
+    many: global_batch_size / batch_size for a CPU config, the GPUs `nvidia-smi -L` lists for a GPU one)."""
+    return Inventory(hosts=(Host("localhost", slots),))
 
 _TOP_KEYS = {f.name for f in dataclasses.fields(Inventory)}
 _HOST_KEYS = {f.name for f in dataclasses.fields(Host)}
 
 
-def load_inventory(path: Path | str | None) -> Inventory:
-    """Parse and validate an inventory YAML; None gives the local default (localhost, 2 slots)."""
-    if path is None:
-        return LOCAL_DEFAULT
+def load_inventory(path: Path | str) -> Inventory:
+    """Parse and validate an inventory YAML."""
     import yaml
 
     path = Path(path)

@@ -72,7 +72,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tasks import paths
 from tasks.common import StageError, Workdir, file_digest, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("tasks.train")  # the train stage's logger
@@ -370,21 +369,33 @@ def check_scheduler(spec: SlurmSpec, timeout_s: float, runs: int) -> list[str]:
     return errors
 
 
-# The probe each node runs: the recordio files must be readable there (size printed for comparison).
-_PROBE = r'''d=$1; shift; h=$(hostname)
+# The probe each node runs: the recordio files must be readable there (size printed for comparison); with a
+# GPU script (tasks.train.gpu_probe_script, GPU configs only) also the GPUs, the driver and Horovod's NCCL.
+_PROBE = r'''d=$1 gpu=$2; shift 2; h=$(hostname)
 for f in "$@"; do
   if [ -r "$d/$f" ] && head -c 1 "$d/$f" >/dev/null 2>&1; then echo "rn50-probe $h ok $f $(stat -c %s "$d/$f")"
   else echo "rn50-probe $h missing $f"; fi
-done'''
+done
+if [ -n "$gpu" ]; then
+  sh -c "$gpu" | while IFS= read -r line; do echo "rn50-probe $h gpu $line"; done
+fi'''
 
 
 def probe_data(spec: SlurmSpec, data_dir: str, expected: dict[str, dict[str, Any]], job_dir: Path,
-               image: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
-    """A short job, one task per node, that checks the data dir from the compute nodes."""
+               image: str | None, timeout_s: float = PROBE_TIMEOUT_S, env: dict[str, str] | None = None,
+               gpu_python: str | None = None) -> list[str]:
+    """A short job, one task per node, in the ranks' environment `env` (and container), that checks the data
+    dir from the compute nodes; with `gpu_python` (a GPU config) also GPUs >= ntasks_per_node, a working
+    driver and hvd.nccl_built() in that interpreter, one line per failing node."""
+    from tasks.train import gpu_probe_script, gpu_problems
+
     out = job_dir / "probe.log"
+    gpu = gpu_probe_script(gpu_python) if gpu_python else ""
     step = ["srun", "--ntasks-per-node=1", *_container_args(spec, image, data_dir, None), "sh", "-c", _PROBE,
-            "rn50-probe", data_dir, *RECORDIO_FILES]
-    script = f"#!/bin/bash\nset -u\nexport PATH={STD_PATH} SLURM_EXPORT_ENV=ALL\n" + shlex.join(step) + "\n"
+            "rn50-probe", data_dir, gpu, *RECORDIO_FILES]
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted((env or {"PATH": STD_PATH}).items())
+               if _ENV_NAME.match(k)]
+    script = "\n".join(["#!/bin/bash", "set -u", *exports, "export SLURM_EXPORT_ENV=ALL", shlex.join(step)]) + "\n"
     path = write_text_atomic(job_dir / "probe.sh", script)
     argv = _sbatch_argv(spec, f"rn50-probe", out, job_dir, minutes=max(1, int(timeout_s // 60)), probe=True)
     job_id = _submit(argv + [str(path)])
@@ -404,15 +415,23 @@ def probe_data(spec: SlurmSpec, data_dir: str, expected: dict[str, dict[str, Any
         raise
     text = out.read_text(errors="replace") if out.exists() else ""
     errors, seen = [], set()
+    gpu_facts: dict[str, dict[str, str]] = {}
     for ln in text.splitlines():
         parts = ln.split()
         if len(parts) >= 4 and parts[0] == "rn50-probe":
             host, verdict, name = parts[1], parts[2], parts[3]
             seen.add(host)
-            if verdict == "missing":
+            if verdict == "gpu":
+                gpu_facts.setdefault(host, {})[name] = ln.split(None, 4)[4].strip() if len(parts) > 4 else ""
+            elif verdict == "missing":
                 errors.append(f"node {host}: {data_dir}/{name} is missing or unreadable")
             elif name in expected and len(parts) >= 5 and int(parts[4]) != expected[name]["size"]:
                 errors.append(f"node {host}: {data_dir}/{name} has {parts[4]} bytes, expected {expected[name]['size']}")
+    if gpu_python:
+        for host in sorted(seen):
+            problems = gpu_problems(gpu_facts.get(host, {}), spec.ntasks_per_node, gpu_python)
+            if problems:  # one clause per node for all its GPU problems
+                errors.append(f"node {host}: GPU preflight: " + ", ".join(problems))
     if not seen:
         tail = [ln.strip() for ln in text.splitlines() if ln.strip()]
         errors.append(f"the data probe job {job_id} ended {state} without output"
@@ -496,6 +515,8 @@ def _sbatch_argv(spec: SlurmSpec, name: str, output: Path, chdir: Path, minutes:
             f"--nodes={spec.nodes}", f"--output={output}", f"--chdir={chdir}", "--export=NONE"]
     if probe:
         argv += ["--ntasks-per-node=1", f"--time={minutes}"]
+        if spec.gpus_per_node:  # where gres confines devices, a probe without GPUs would see none
+            argv.append(f"--gpus-per-node={spec.gpus_per_node}")
     else:
         argv += [f"--ntasks-per-node={spec.ntasks_per_node}", f"--time={spec.time}"]
         if spec.exclusive:
@@ -662,25 +683,26 @@ def launch(
     extra_args: Sequence[str] = (),
     logger: logging.Logger | None = None,
     on_job: Callable[[str, str], None] | None = None,
-    np: int | None = None,
     probe_timeout_s: float = PROBE_TIMEOUT_S,
 ):
     """Preflight through Slurm, then one batch job whose srun steps run the `runs` runs of `rank program
-    --config C --data D --out RUN_DIR --run-index N --seed S` on nodes x ntasks_per_node ranks."""
-    from tasks.train import TrainResult, expected_data, new_run_id
+    --config C --data D --out RUN_DIR --run-index N --seed S` on nodes x ntasks_per_node ranks, which must be
+    the config's global_batch_size / batch_size (refused before anything is submitted or written)."""
+    from tasks.train import TrainResult, expected_data, gpu_config, new_run_id, ranks_needed, slot_error, training_config
 
     logger = logger or log
     wd = Workdir(workdir)
     if runs < 1:
         raise StageError(f"--runs must be >= 1, not {runs}")
-    if np is not None and np != spec.ntasks:
-        raise StageError(f"preflight: {np} ranks requested but the Slurm inventory gives nodes x ntasks_per_node "
-                         f"= {spec.ntasks}")
+    cfg = training_config(config, extra_args)
+    err = slot_error(cfg, spec.ntasks, f"slurm nodes x ntasks_per_node = {spec.nodes} x {spec.ntasks_per_node} =",
+                     f"set slurm.nodes x slurm.ntasks_per_node to {ranks_needed(cfg)}")
+    if err:
+        raise StageError(err)
     containerized = bool(spec.container_image or image)
     python = spec.python or ("python" if containerized else sys.executable)
     if entry is None:
         entry = [python, "-m", "rn50.train"]
-        paths.resolve("training", config)
     data_dir = spec.data_dir or str(wd.recordio)
     base_seed = seed if seed is not None else secrets.randbelow(2**31 - runs)
     seeds = [base_seed + n for n in range(runs)]
@@ -707,15 +729,16 @@ def launch(
     job_id: str | None = None
     job_log = run_dir / "slurm-job.log"
     try:
-        errors = probe_data(spec, data_dir, expected, job_dir, image, probe_timeout_s)
+        env = rank_env(spec, python, containerized)
+        errors = probe_data(spec, data_dir, expected, job_dir, image, probe_timeout_s, env=env,
+                            gpu_python=python if gpu_config(cfg) else None)
         if errors:
             raise StageError("preflight failed: " + "; ".join(errors))
         container = _container_args(spec, image, data_dir, str(wd.root))
         rank_argvs = [list(entry) + ["--config", config, "--data", data_dir, "--out", str(run_dir),
                                      "--run-index", str(n), "--seed", str(s)] + list(extra_args)
                       for n, s in enumerate(seeds)]
-        script = batch_script(spec, run_dir, job_dir, rank_env(spec, python, containerized), python,
-                              rank_argvs, container)
+        script = batch_script(spec, run_dir, job_dir, env, python, rank_argvs, container)
         script_path = write_text_atomic(job_dir / "job.sh", script)
         argv = _sbatch_argv(spec, f"rn50-{run_id}", job_log, run_dir) + [str(script_path)]
         logger.info("sbatch: %s", shlex.join(argv))

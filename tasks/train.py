@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 from tasks import paths
 from tasks.common import Result, StageError, TransientError, Workdir, file_digest, write_json_atomic, write_text_atomic
 from tasks.tether import Tether, die_with_parent
-from tasks.inventory import Host, Inventory, load_inventory, read_env_file
+from tasks.inventory import Host, Inventory, load_inventory, local_inventory, read_env_file
 from tasks.ssh import (CONNECT_TIMEOUT_S, Remote, Trust, container_wrapper_script, host_key_problem, is_local,
                        is_local_name, prepare_known_hosts, write_wrapper)
 from tasks.ssh import setup as ssh_setup
@@ -74,6 +74,87 @@ class TrainResult(Result):
     duration_s: float
 
 
+# --- the training config: how many ranks, and whether they need GPUs ---------------------------------
+
+GPU_PROBE_TIMEOUT_S = 60
+
+
+def config_overrides(extra_args: Sequence[str]) -> list[str]:
+    """The `--set KEY=VALUE` overrides among the rank program's extra arguments: the launcher counts ranks
+    from the config the ranks will really run."""
+    out, args = [], list(extra_args)
+    for i, a in enumerate(args):
+        if a == "--set" and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif a.startswith("--set="):
+            out.append(a[len("--set="):])
+    return out
+
+
+def training_config(config: str, extra_args: Sequence[str] = ()) -> dict[str, Any]:
+    """The resolved training config, read by the training package's own loader (rn50.config.load_config)."""
+    from rn50.config import ConfigError, load_config
+
+    path = paths.resolve("training", config)
+    try:
+        return load_config(str(path), config_overrides(extra_args))
+    except ConfigError as e:
+        raise StageError(f"training config {config!r}: {e}") from None
+
+
+def ranks_needed(cfg: dict[str, Any]) -> int:
+    """global_batch_size / batch_size: the one world size the config's hyper-parameters are tuned for."""
+    return cfg["global_batch_size"] // cfg["batch_size"]
+
+
+def gpu_config(cfg: dict[str, Any]) -> bool:
+    """A config the ranks can only run on GPUs: float16, NHWC or DALI mixed decode (what rn50.train refuses
+    without a GPU; see the comments in rn50/config.py's DEFAULTS). `dali_decode: auto` runs either way."""
+    return cfg["dtype"] == "float16" or cfg["layout"] == "NHWC" or cfg["dali_decode"] == "mixed"
+
+
+def slot_error(cfg: dict[str, Any], slots: int, where: str, fix: str) -> str | None:
+    """One line when `slots` differs from the ranks the config needs, else None."""
+    from rn50.config import world_size_error
+
+    if world_size_error(cfg, slots) is None:
+        return None
+    need, bs = ranks_needed(cfg), cfg["batch_size"]
+    return (f"preflight: {where} {slots} slot(s), but config {cfg['name']!r} needs exactly {need} rank(s) "
+            f"(global_batch_size {cfg['global_batch_size']} = {need} x batch_size {bs}; {slots} rank(s) would "
+            f"train at global batch {slots * bs}): {fix}")
+
+
+def local_gpu_count() -> int:
+    """GPUs `nvidia-smi -L` lists on this machine; a one-line StageError when it cannot tell."""
+    try:
+        p = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=GPU_PROBE_TIMEOUT_S,
+                           stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise StageError("no --hosts and a GPU config, but `nvidia-smi` is not installed here (no NVIDIA driver); "
+                         "give --hosts, or use a CPU config") from None
+    except subprocess.TimeoutExpired:
+        raise StageError(f"no --hosts and a GPU config: `nvidia-smi -L` hung for {GPU_PROBE_TIMEOUT_S} s") from None
+    if p.returncode != 0:
+        why = ([ln.strip() for ln in (p.stdout + p.stderr).splitlines() if ln.strip()] or [f"exit {p.returncode}"])[-1]
+        raise StageError(f"no --hosts and a GPU config, but `nvidia-smi -L` failed here: {why[:200]}")
+    return len(_GPU_LINE.findall(p.stdout))
+
+
+_GPU_LINE = re.compile(r"^GPU \d+:", re.M)
+
+
+def local_default(cfg: dict[str, Any]) -> Inventory:
+    """No --hosts: this machine with one slot per GPU for a GPU config, else global_batch_size / batch_size."""
+    if not gpu_config(cfg):
+        return local_inventory(ranks_needed(cfg))
+    gpus = local_gpu_count()
+    if gpus == 0:
+        raise StageError(f"config {cfg['name']!r} needs GPUs (float16 / NHWC / mixed decode), and `nvidia-smi -L` "
+                         "lists none on this host; give --hosts")
+    return local_inventory(gpus)
+
+
 # --- preflight ----------------------------------------------------------------------------------------
 
 
@@ -97,8 +178,47 @@ def expected_data(recordio: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _probe_script(data_dir: str, work_dir: str, runtime: str, image: str | None) -> str:
-    """POSIX sh run on each host; prints `key value` lines that `_check_host` reads."""
+def gpu_probe_script(python: str, timeout_s: int = GPU_PROBE_TIMEOUT_S) -> str:
+    """POSIX sh: `gpus N` (GPUs `nvidia-smi -L` lists) or `gpus_error WHY` (no driver), then `nccl yes|no` or
+    `nccl_error WHY` (whether Horovod, as imported by `python`, the ranks' interpreter, was built with NCCL)."""
+    q = shlex.quote
+    nccl = 'import horovod.mxnet as hvd; print("nccl", "yes" if hvd.nccl_built() else "no")'
+    return "; ".join([
+        "if command -v nvidia-smi >/dev/null 2>&1; then "
+        f"gpu_out=$(timeout {timeout_s} nvidia-smi -L 2>&1); gpu_rc=$?; "
+        'if [ "$gpu_rc" -eq 0 ]; then echo gpus $(printf "%s\\n" "$gpu_out" | grep -c "^GPU [0-9][0-9]*:"); '
+        'else echo gpus_error "nvidia-smi -L exit $gpu_rc: $(printf "%s\\n" "$gpu_out" | grep . | tail -n 1)"; fi; '
+        "else echo gpus_error nvidia-smi not found; fi",
+        f"nccl_out=$({q(python)} -c {q(nccl)} 2>&1); "
+        'if printf "%s\\n" "$nccl_out" | grep -q "^nccl "; then printf "%s\\n" "$nccl_out" | grep "^nccl " | tail -n 1; '
+        'else echo nccl_error "$(printf "%s\\n" "$nccl_out" | grep . | tail -n 1)"; fi',
+    ])
+
+
+def gpu_problems(facts: dict[str, str], slots: int, python: str) -> list[str]:
+    """What a host's GPU probe output (gpu_probe_script) says is wrong for `slots` ranks on it."""
+    problems = []
+    if "gpus_error" in facts:
+        problems.append(f"no working NVIDIA driver ({facts['gpus_error'][:200]})")
+    else:
+        try:
+            gpus = int(facts.get("gpus", "0"))
+        except ValueError:
+            gpus = 0
+        if gpus < slots:
+            problems.append(f"{gpus} GPU(s) for {slots} slot(s) (nvidia-smi -L)")
+    if facts.get("nccl") == "no":
+        problems.append(f"Horovod in {python} is built without NCCL (hvd.nccl_built() is false; build it with "
+                        "HOROVOD_GPU_OPERATIONS=NCCL: MXNET_BUILD=gpu make install, or train in the NGC-based image)")
+    elif facts.get("nccl") != "yes":
+        problems.append(f"cannot check NCCL: {python} -c 'import horovod.mxnet' failed "
+                        f"({facts.get('nccl_error', 'no output')[:200]})")
+    return problems
+
+
+def _probe_script(data_dir: str, work_dir: str, runtime: str, image: str | None, gpu_python: str | None = None) -> str:
+    """POSIX sh run on each host; prints `key value` lines that `_check_host` reads. `gpu_python`: also
+    probe the GPUs, the driver and Horovod's NCCL for a GPU config, with the ranks' interpreter."""
     q = shlex.quote
     # Gloo looks up each host's own name; an unresolvable one crashes hvd.init() with a bare segfault.
     parts = ["echo ok 1", 'h=$(hostname); if getent hosts "$h" >/dev/null 2>&1; then echo resolves yes; else echo resolves "$h"; fi']
@@ -121,15 +241,17 @@ def _probe_script(data_dir: str, work_dir: str, runtime: str, image: str | None)
     if runtime == "docker":
         # We are inside the node's container: it must run the image built from this source tree.
         parts.append("echo image $(cat /etc/rn50/content-hash 2>/dev/null || echo none)")
+    if gpu_python:
+        parts.append(gpu_probe_script(gpu_python))
     return "; ".join(parts) + "; true"
 
 
 def _check_host(host: Host, remote: Remote, expected: dict, inv: Inventory, data_dir: str, work_dir: str,
-                image: str | None, trust: Trust) -> list[str]:
+                image: str | None, trust: Trust, gpu_python: str | None = None) -> list[str]:
     where = f"host {host.label}" + ("" if remote.local else " (ssh)")
     try:
         # The probe is the first contact with a host: the one ssh call allowed to pin a new host's key.
-        proc = remote.run(_probe_script(data_dir, work_dir, inv.runtime, image), timeout=PROBE_TIMEOUT_S,
+        proc = remote.run(_probe_script(data_dir, work_dir, inv.runtime, image, gpu_python), timeout=PROBE_TIMEOUT_S,
                           first_contact=True)
     except subprocess.TimeoutExpired:
         return [f"{where}: no answer within {PROBE_TIMEOUT_S} s"]
@@ -167,6 +289,10 @@ def _check_host(host: Host, remote: Remote, expected: dict, inv: Inventory, data
     if inv.runtime == "docker" and image and facts.get("image") != image.rsplit(":", 1)[-1]:
         errors.append(f"{where}: the container on ssh port {host.ssh_port} does not run {image} "
                       f"(it runs content hash {facts.get('image', 'none')}; start it with infra/start-node.sh)")
+    if gpu_python:
+        problems = gpu_problems(facts, host.slots, gpu_python)
+        if problems:  # one clause per host for all its GPU problems
+            errors.append(f"{where}: GPU preflight: " + ", ".join(problems))
     return errors
 
 
@@ -180,13 +306,11 @@ def known_hosts_path(inv: Inventory, wd: Workdir) -> Path:
     return Path(inv.known_hosts) if inv.known_hosts else wd.root / ".ssh" / "known_hosts"
 
 
-def check_inputs(inv: Inventory, recordio: Path, np: int, image: str | None, wd: Workdir | None = None) -> dict[str, Any]:
+def check_inputs(inv: Inventory, recordio: Path, image: str | None, wd: Workdir | None = None) -> dict[str, Any]:
     """What can be judged on the launcher alone; nothing is written when this fails."""
     if wd is not None and over_ssh(inv) and not SHELL_SAFE_PATH.fullmatch(str(wd.runs)):
         raise StageError(f"workdir {str(wd.root)!r}: ranks on other hosts start in {wd.runs}/<run-id>, which Horovod "
                          "passes through their shell unquoted; use a path of letters, digits and ._+,:@=/-")
-    if np > inv.total_slots:
-        raise StageError(f"preflight: {np} ranks requested but the inventory has only {inv.total_slots} slots")
     if inv.runtime == "docker" and not image:
         raise StageError("preflight: runtime docker needs an image (pass image=… / --image, e.g. from `rn50 build`)")
     if inv.runtime == "docker" and len({h.ssh_port for h in inv.hosts}) > 1:
@@ -196,13 +320,15 @@ def check_inputs(inv: Inventory, recordio: Path, np: int, image: str | None, wd:
 
 
 def preflight(inv: Inventory, expected: dict[str, Any], data_dir: str, work_dir: str, trust: Trust,
-              image: str | None = None) -> None:
-    """Check every host before any rank starts; raise one StageError line listing every failure."""
+              image: str | None = None, gpu_python: str | None = None) -> None:
+    """Check every host before any rank starts; raise one StageError line listing every failure.
+    `gpu_python` (GPU configs): also GPUs >= slots, a working driver and Horovod's NCCL on every host."""
     errors: list[str] = []
     lock = threading.Lock()
 
     def one(h: Host) -> None:
-        errs = _check_host(h, Remote(h, trust.config, inv.runtime), expected, inv, data_dir, work_dir, image, trust)
+        errs = _check_host(h, Remote(h, trust.config, inv.runtime), expected, inv, data_dir, work_dir, image, trust,
+                           gpu_python)
         with lock:
             errors.extend(errs)
 
@@ -451,7 +577,6 @@ def train(
     runs: int = 1,
     image: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    np: int | None = None,
     seed: int | None = None,
     entry: Sequence[str] | None = None,
     extra_args: Sequence[str] = (),
@@ -460,10 +585,15 @@ def train(
 ) -> TrainResult:
     """Preflight, then `runs` Horovod jobs of `python -m rn50.train` writing runs/<run-id>/result_<n>.txt.
 
+    Exactly global_batch_size / batch_size ranks of the training config (with the `--set` overrides in
+    `extra_args`): an inventory whose slots differ is refused before anything runs or is written.
     A hosts file saying `launcher: slurm` goes to tasks.slurm.launch (one sbatch job, srun ranks);
     `on_job(job_id, state)` is then called on every Slurm job state change.
 
-    `hosts`: inventory YAML path (or a parsed Inventory); None = localhost with 2 slots.
+    `hosts`: inventory YAML path (or a parsed Inventory); None = this machine, one slot per GPU
+    (`nvidia-smi -L`) for a GPU config, global_batch_size / batch_size slots for a CPU config.
+    A GPU config (float16 / NHWC / mixed decode) is also preflighted on every host for GPUs >= slots,
+    a working driver and a Horovod built with NCCL in the ranks' interpreter.
     `seed`: run n gets seed + n (default: a fresh random base, recorded in status.json).
     `entry`: the rank program (default `<python> -m rn50.train`); it is given
     `--config C --data D --out RUN_DIR --run-index N --seed S` and must write RUN_DIR/result_<N>.txt.
@@ -474,22 +604,33 @@ def train(
     if isinstance(hosts, slurm.SlurmSpec) or (isinstance(hosts, (str, Path)) and slurm.is_slurm_file(hosts)):
         spec = hosts if isinstance(hosts, slurm.SlurmSpec) else slurm.load(hosts)
         return slurm.launch(workdir, spec, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed,
-                            entry=entry, extra_args=extra_args, logger=logger, on_job=on_job, np=np)
+                            entry=entry, extra_args=extra_args, logger=logger, on_job=on_job)
     wd = Workdir(workdir)
-    inv = hosts if isinstance(hosts, Inventory) else load_inventory(hosts)
     if runs < 1:
         raise StageError(f"--runs must be >= 1, not {runs}")
-    np = np or inv.total_slots
+    cfg = training_config(config, extra_args)
+    if hosts is None:
+        inv = local_default(cfg)
+        where = (f"this host (no --hosts) has {inv.total_slots} GPU(s), so" if gpu_config(cfg)
+                 else "the local default has")
+        fix = f"give --hosts with {ranks_needed(cfg)} slot(s) in total"
+    else:
+        inv = hosts if isinstance(hosts, Inventory) else load_inventory(hosts)
+        where = "the inventory has" if isinstance(hosts, Inventory) else f"inventory {hosts} has"
+        fix = f"give its hosts {ranks_needed(cfg)} slot(s) in total"
+    err = slot_error(cfg, inv.total_slots, where, fix)
+    if err:
+        raise StageError(err)
+    np = inv.total_slots
+    python = inv.python or ("python" if inv.runtime == "docker" else sys.executable)
     if entry is None:
-        python = inv.python or ("python" if inv.runtime == "docker" else sys.executable)
         entry = [python, "-m", "rn50.train"]
-        paths.resolve("training", config)
     recordio = wd.recordio
     data_dir = inv.data_dir or str(recordio)
     base_seed = seed if seed is not None else secrets.randbelow(2**31 - runs)
     seeds = [base_seed + n for n in range(runs)]
 
-    expected = check_inputs(inv, recordio, np, image, wd)
+    expected = check_inputs(inv, recordio, image, wd)
     data_digest = hashlib.sha256(repr(sorted(expected.items())).encode()).hexdigest()
 
     run_id = new_run_id()
@@ -510,7 +651,8 @@ def train(
     # Should this process die (kill -9), the tether stops horovodrun and the local ranks it leaves behind.
     tether = Tether()
     try:
-        preflight(inv, expected, data_dir, str(inv.work_dir or wd.root), trust, image)
+        preflight(inv, expected, data_dir, str(inv.work_dir or wd.root), trust, image,
+                  gpu_python=python if gpu_config(cfg) else None)
         ssh_bin = write_wrapper(launcher_dir / "bin", trust.config).parent
         env = tether.env(rank_env(inv, ssh_bin))
         results = []
@@ -577,11 +719,12 @@ def add_command(subparsers) -> None:
     p = subparsers.add_parser("train", help="launch Horovod training across the inventory's hosts",
                               description=train.__doc__)
     p.add_argument("workdir", type=Path)
-    p.add_argument("--hosts", type=Path, default=None, help="inventory YAML (default: localhost, 2 slots)")
+    p.add_argument("--hosts", type=Path, default=None,
+                   help="inventory YAML (default: this host, one slot per GPU for a GPU config, "
+                        "global_batch_size / batch_size slots for a CPU config)")
     p.add_argument("--config", default="cpu-demo", help="configs/training/NAME.yaml or a path")
     p.add_argument("--runs", type=int, default=1, help="independent runs, distinct seeds (5 for a submission set)")
     p.add_argument("--image", default=None, help="image tag for runtime: docker (from `rn50 build`)")
-    p.add_argument("--np", type=int, default=None, help="ranks (default: all slots)")
     p.add_argument("--seed", type=int, default=None, help="seed of run 0 (run n uses seed+n)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before a hung run is stopped")
     p.set_defaults(run=_cli)
@@ -590,6 +733,6 @@ def add_command(subparsers) -> None:
 def _cli(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     res = train(args.workdir, hosts=args.hosts, config=args.config, runs=args.runs, image=args.image,
-                 timeout_s=args.timeout, np=args.np, seed=args.seed)
+                 timeout_s=args.timeout, seed=args.seed)
     print(res.to_json())
     return 0

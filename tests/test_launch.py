@@ -157,10 +157,7 @@ def test_missing_and_wrong_data_fail_preflight(wd):
     assert f"host localhost: {other}/val.idx differs from the launcher's copy (md5 mismatch)" in str(e.value)
 
 
-def test_not_enough_slots_and_free_disk(wd):
-    with pytest.raises(StageError, match="3 ranks requested but the inventory has only 2 slots"):
-        launch(wd, entry=PROBE, np=3)
-    assert not (wd / "runs").exists()
+def test_free_disk(wd):
     inv = parse_inventory({"min_free_bytes": 1 << 60, "hosts": [{"host": "localhost", "slots": 2}]})
     with pytest.raises(StageError, match=r"host localhost: only \d+ MiB free under .*, need \d+ MiB"):
         launch(wd, hosts=inv, entry=PROBE)
@@ -243,7 +240,7 @@ def test_docker_runtime_command_runs_horovodrun_in_first_container(wd, tmp_path)
 
     inv = load_inventory(Path(__file__).resolve().parent.parent / "configs" / "inventory" / "nf5488-docker.yaml")
     with pytest.raises(StageError, match="runtime docker needs an image"):
-        check_inputs(inv, wd / "recordio", 16, None)
+        check_inputs(inv, wd / "recordio", None)
     env = rank_env(inv, None)
     known = tmp_path / "known_hosts"
     known.write_text(f"[10.0.0.12]:12345 {HOST_KEY}\n[10.0.0.99]:12345 ssh-ed25519 AAAAother\n")
@@ -386,3 +383,124 @@ def test_workdir_unsafe_for_a_remote_shell_is_refused(tmp_path):
     with pytest.raises(StageError, match="passes through their shell unquoted"):
         launch(odd, hosts=inv, entry=PROBE)
     assert not (odd / "runs").exists()
+
+
+# --- world size from the config, GPU preflight (issue 12) ------------------------------------------------
+# No GPU exists on this machine: the GPU paths are driven by a fake `nvidia-smi` put first on PATH, which
+# prints what the real one prints for `-L` (or fails as it does without a driver). Horovod is the real
+# one here, built with Gloo only, so a GPU config must fail preflight on NCCL.
+
+RN50 = Path(sys.executable).with_name("rn50")
+
+
+def _fake_nvidia_smi(tmp_path, gpus: int = 0, fail: bool = False) -> Path:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    body = ('echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver." >&2; exit 9'
+            if fail else "".join(f'echo "GPU {i}: NVIDIA A100-SXM4-40GB (UUID: GPU-fake-{i})"\n' for i in range(gpus)))
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n[ \"$1\" = -L ] || exit 2\n{body}\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return bin_dir
+
+
+def _config(tmp_path, name: str, **settings) -> str:
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+def _nothing_written(wd: Path) -> bool:
+    return not (wd / "runs").exists() and not list(wd.rglob("result_*.txt"))
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_inventory_slots_must_equal_the_configs_ranks(wd, slots):
+    """cpu-demo states global_batch_size 64 = 2 x 32: 1 or 3 slots is refused before anything runs or is written."""
+    inv = parse_inventory({"hosts": [{"host": "localhost", "slots": slots}]})
+    with pytest.raises(StageError) as e:
+        launch(wd, hosts=inv, entry=PROBE, timeout_s=60)
+    msg = str(e.value)
+    assert msg.startswith(f"preflight: the inventory has {slots} slot(s), but config 'cpu-demo' needs exactly 2 rank(s) "
+                          f"(global_batch_size 64 = 2 x batch_size 32; {slots} rank(s) would train at global batch "
+                          f"{32 * slots})"), msg
+    assert "\n" not in msg and _nothing_written(wd)
+
+
+def test_launcher_reads_the_overrides_the_ranks_get(wd):
+    """`--set` in the rank program's arguments changes the config the ranks run: the launcher counts with it."""
+    from tasks.train import ranks_needed, training_config
+
+    assert ranks_needed(training_config("cpu-demo", ["--set", "global_batch_size=96"])) == 3
+    assert ranks_needed(training_config("cpu-demo", ["--set=batch_size=16"])) == 4
+    with pytest.raises(StageError, match=r"has 2 slot\(s\), but config 'cpu-demo' needs exactly 3 rank\(s\)"):
+        launch(wd, hosts=_local(), entry=PROBE, extra_args=["--set", "global_batch_size=96"], timeout_s=60)
+    with pytest.raises(StageError, match=r"training config 'cpu-demo': global_batch_size 65 is not a multiple"):
+        launch(wd, entry=PROBE, extra_args=["--set", "global_batch_size=65"], timeout_s=60)
+    assert _nothing_written(wd)
+
+
+def test_cli_wrong_slots_exits_2_one_line_nothing_written(wd, tmp_path):
+    """The contract from outside: `rn50 train WORKDIR --hosts INV` with the wrong number of slots."""
+    inv = tmp_path / "three.yaml"
+    inv.write_text("hosts:\n  - {host: localhost, slots: 3}\n")
+    r = subprocess.run([str(RN50), "train", str(wd), "--hosts", str(inv)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "3 slot(s)" in lines[0] and "needs exactly 2 rank(s)" in lines[0], r.stderr
+    assert r.stdout == "" and _nothing_written(wd)
+    # --np is gone: the number of ranks comes from the config, nothing can contradict it.
+    r = subprocess.run([str(RN50), "train", str(wd), "--np", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unrecognized arguments: --np 2" in r.stderr and _nothing_written(wd)
+
+
+def test_cpu_config_local_default_is_global_over_per_rank_batch(wd, tmp_path, monkeypatch):
+    """No --hosts and a CPU config: global_batch_size / batch_size ranks (here 3), really launched, without
+    asking nvidia-smi (the fake one on PATH would fail) and without a GPU preflight."""
+    monkeypatch.setenv("PATH", f"{_fake_nvidia_smi(tmp_path, fail=True)}:{os.environ['PATH']}")
+    cfg = _config(tmp_path, "cpu-three", batch_size=32, global_batch_size=96)
+    res = launch(wd, config=cfg, entry=PROBE, timeout_s=180)
+    assert res.status == "succeeded" and res.np == 3 and res.hosts == ["localhost:3"]
+    for rank in range(3):
+        assert f"PROBE rank={rank} size=3" in (Path(res.run_dir) / f"rank{rank}_0.log").read_text()
+
+
+def test_gpu_config_local_default_counts_gpus(wd, tmp_path, monkeypatch):
+    """No --hosts and a GPU config (nf5488-8xa100: 8 ranks): the slots are the GPUs `nvidia-smi -L` lists."""
+    monkeypatch.setenv("PATH", f"{_fake_nvidia_smi(tmp_path, gpus=4)}:{os.environ['PATH']}")
+    with pytest.raises(StageError) as e:
+        launch(wd, config="nf5488-8xa100", entry=PROBE, timeout_s=60)
+    assert str(e.value).startswith("preflight: this host (no --hosts) has 4 GPU(s), so 4 slot(s), but config "
+                                   "'nf5488-8xa100' needs exactly 8 rank(s)"), str(e.value)
+    assert _nothing_written(wd)
+    # 8 GPUs: the slot count fits, so the GPU preflight runs, and this Gloo-only Horovod has no NCCL.
+    _fake_nvidia_smi(tmp_path, gpus=8)
+    with pytest.raises(StageError) as e:
+        launch(wd, config="nf5488-8xa100", entry=PROBE, timeout_s=60)
+    msg = str(e.value)
+    assert msg == (f"preflight failed: host localhost: GPU preflight: Horovod in {sys.executable} is built without "
+                   "NCCL (hvd.nccl_built() is false; build it with HOROVOD_GPU_OPERATIONS=NCCL: MXNET_BUILD=gpu make "
+                   "install, or train in the NGC-based image)"), msg
+    (run_dir,) = list((wd / "runs").iterdir())
+    assert not list(run_dir.glob("rank*")) and not list(run_dir.glob("result_*"))  # no rank started
+    # No nvidia-smi at all: no driver, said in one line.
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with pytest.raises(StageError, match=r"^no --hosts and a GPU config, but `nvidia-smi` is not installed here"):
+        launch(wd, config="nf5488-8xa100", entry=PROBE, timeout_s=60)
+
+
+@pytest.mark.parametrize("fake, want", [
+    ({"gpus": 2}, "GPU preflight: 2 GPU(s) for 8 slot(s) (nvidia-smi -L), Horovod in "),
+    ({"fail": True}, "GPU preflight: no working NVIDIA driver (nvidia-smi -L exit 9: NVIDIA-SMI has failed because "
+                     "it couldn't communicate with the NVIDIA driver.), Horovod in "),
+])
+def test_gpu_preflight_per_host_gpus_driver_nccl(wd, tmp_path, monkeypatch, fake, want):
+    """An inventory of 8 slots for the 8-rank GPU config: each GPU problem of the host is named in its one clause."""
+    monkeypatch.setenv("PATH", f"{_fake_nvidia_smi(tmp_path, **fake)}:{os.environ['PATH']}")
+    inv = parse_inventory({"hosts": [{"host": "localhost", "slots": 8}]})
+    with pytest.raises(StageError) as e:
+        launch(wd, hosts=inv, config="nf5488-8xa100", entry=PROBE, timeout_s=60)
+    msg = str(e.value)
+    assert msg.startswith("preflight failed: host localhost: " + want) and "without NCCL" in msg, msg
+    assert msg.count("host localhost") == 1 and "\n" not in msg
