@@ -223,15 +223,30 @@ def stamp_valid(wd: Workdir, stage: str, key: str | None = None) -> bool:
     return fingerprint(stamp["outputs"], wd.root) == stamp["fingerprint"]
 
 
-def s3_client(s3_options: dict[str, Any] | None = None, timeout: float = 20.0, attempts: int = 1):
+S3_ROLES = ("source", "archive")
+
+
+def s3_client(s3_options: dict[str, Any] | None = None, timeout: float = 20.0, attempts: int = 1,
+              role: str | None = None):
     """boto3 S3 client from the standard AWS chain (AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION,
     AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws) plus explicit options; path-style, SigV4.
     `attempts`: botocore's own tries per request; the archive keeps 1 because its own retry loop
-    backs off long enough to outlive a server restart."""
+    backs off long enough to outlive a server restart.
+    `role` ("source": reading source archives; "archive": writing results): when RN50_S3_<ROLE>_ACCESS_KEY_ID
+    and RN50_S3_<ROLE>_SECRET_ACCESS_KEY are both set (and `s3_options` names no key), that identity is used
+    instead of the standard chain, so one worker can read the data with a read-only key and write the
+    archive with another (the team install does this)."""
     import boto3
     from botocore.config import Config
 
     opts = dict(s3_options or {})
+    if role is not None:
+        if role not in S3_ROLES:
+            raise ValueError(f"unknown S3 role {role!r}")
+        key = os.environ.get(f"RN50_S3_{role.upper()}_ACCESS_KEY_ID")
+        secret = os.environ.get(f"RN50_S3_{role.upper()}_SECRET_ACCESS_KEY")
+        if key and secret and "aws_access_key_id" not in opts:
+            opts.update(aws_access_key_id=key, aws_secret_access_key=secret)
     session = boto3.session.Session()
     if not opts.get("region_name") and not session.region_name:
         opts["region_name"] = "us-east-1"

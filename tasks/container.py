@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import re
 import sys
 import tarfile
 import time
@@ -22,12 +23,28 @@ from tasks.paths import REPO
 
 log = logging.getLogger("rn50.container")
 
+# The NGC tag NVIDIA used for MLPerf ResNet. Tags are mutable: pin a digest where you can reach the registry,
+#   docker pull nvcr.io/nvidia/mxnet:23.09-py3 && docker inspect --format '{{index .RepoDigests 0}}' nvcr.io/nvidia/mxnet:23.09-py3
+# and give `container.from_image: nvcr.io/nvidia/mxnet:23.09-py3@sha256:<digest>` (or `rn50 build --from ...`): the
+# engine then refuses any other image under that name, and the digest is part of the content hash.
 DEFAULT_FROM = "nvcr.io/nvidia/mxnet:23.09-py3"
-# What the image is made of; anything else in the tree (venv, data, runs) never reaches the engine.
-CONTEXT_PATHS = ("infra/Dockerfile", "infra", "rn50", "configs/training", "configs/env", "uv.lock", "pyproject.toml")
+# Exactly what infra/Dockerfile COPYs (plus the Dockerfile itself); nothing else in the tree (venv, data, runs,
+# the compose stack's key and registry-login directories, .env) is hashed or sent to the engine.
+CONTEXT_PATHS = ("infra/Dockerfile", "infra/requirements-node.txt", "infra/sshd_config", "infra/entrypoint.sh",
+                 "rn50", "configs/training", "configs/env")
 _SKIP_PARTS = {"__pycache__", ".pytest_cache"}
-# The compose stack's files are the server's image, not the training image's.
-_SKIP_DIRS = ("infra/compose",)
+# Never part of an image even inside a context directory: private keys, certificates, registry logins,
+# cloud credentials, dotenv files. Matched on every path component, case-insensitively.
+_SECRET_DIRS = {".ssh", ".docker", ".aws", ".gnupg", "docker-config", "hostkeys"}
+_SECRET_NAME = re.compile(
+    r"^(id_[a-z0-9_]+(\.pub)?|ssh_host_.*|.*\.(pem|key|p12|pfx|jks|keystore|der|crt)|\.env(\..*)?|\.netrc|\.pypirc|"
+    r"\.git-credentials|credentials(\.json)?|config\.json|.*\.secret|.*_secret)$", re.I)
+
+
+def is_secret_path(rel: Path | str) -> bool:
+    """True for a path that looks like a key, a credential or a registry/cloud config (see _SECRET_NAME)."""
+    parts = Path(rel).parts
+    return bool({p.lower() for p in parts[:-1]} & _SECRET_DIRS) or bool(parts and _SECRET_NAME.match(parts[-1]))
 
 
 @dataclasses.dataclass
@@ -44,18 +61,24 @@ class ImageResult(Result):
 
 
 def context_files(root: Path = REPO) -> list[Path]:
-    """Files of the build context, relative to `root`, sorted (so the hash is order-independent)."""
+    """Files of the build context, relative to `root`, sorted (so the hash is order-independent).
+
+    Regular files only: symlinks are left out (a link to ~/.ssh would otherwise be hashed through), and so is
+    anything `is_secret_path` matches, each with a warning."""
     out: set[Path] = set()
     for rel in CONTEXT_PATHS:
         p = root / rel
-        if p.is_file():
-            out.add(Path(rel))
-        elif p.is_dir():
-            for f in p.rglob("*"):
-                r = f.relative_to(root)
-                if (f.is_file() and not (_SKIP_PARTS & set(r.parts)) and f.suffix not in (".pyc", ".pyo")
-                        and not any(str(r).startswith(d + "/") for d in _SKIP_DIRS)):
-                    out.add(r)
+        candidates = [p] if p.is_file() or p.is_symlink() else sorted(p.rglob("*")) if p.is_dir() else []
+        for f in candidates:
+            r = f.relative_to(root)
+            if _SKIP_PARTS & set(r.parts) or f.suffix in (".pyc", ".pyo"):
+                continue
+            if f.is_symlink():
+                log.warning("build context: %s is a symlink, left out", r)
+            elif is_secret_path(r):
+                log.warning("build context: %s looks like a key or credential, left out", r)
+            elif f.is_file():
+                out.add(r)
     if Path("infra/Dockerfile") not in out:
         raise StageError(f"{root / 'infra/Dockerfile'} does not exist")
     return sorted(out)

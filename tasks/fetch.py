@@ -100,7 +100,7 @@ class S3Source:
         if not self.bucket:
             raise StageError(f"no bucket in {uri}")
         # Endpoint, region and credentials come from the standard AWS environment / config files.
-        self.s3 = s3_client(timeout=60.0, attempts=5)
+        self.s3 = s3_client(timeout=60.0, attempts=5, role="source")
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

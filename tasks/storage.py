@@ -442,5 +442,6 @@ def open_target(uri: str, *, what: str = "archive URI", s3_options: dict[str, An
         return FileTarget(Path(uri).resolve(), progress)
     scheme, bucket, prefix = parse_uri(uri, what)
     if scheme == "s3":
-        return S3Target(bucket, prefix, s3_client(s3_options), retry, multipart_threshold, part_size, progress)
+        return S3Target(bucket, prefix, s3_client(s3_options, role="archive"), retry, multipart_threshold,
+                        part_size, progress)
     return FileTarget(prefix, progress)
