@@ -1,8 +1,11 @@
-"""`rn50 run`: the whole flow in-process (against PREFECT_API_URL, or Prefect's temporary local server)."""
+"""`rn50 run`: the whole flow in-process, against PREFECT_API_URL or a Prefect server started for the run."""
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from tasks.common import StageError
 
@@ -58,14 +61,48 @@ def _cli(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
-    # Whatever this run starts (Prefect's temporary server when PREFECT_API_URL is unset, horovodrun and
-    # its ranks) inherits the tether's token and is stopped if this process is killed, even by SIGKILL.
+    # Whatever this run starts (its Prefect server when PREFECT_API_URL is unset, horovodrun and its ranks)
+    # inherits the tether's token and is stopped if this process is killed, even by SIGKILL.
     with Tether() as tether:
         os.environ[TAG] = tether.token
+        server = None
         try:
+            if not os.environ.get("PREFECT_API_URL"):
+                server = _run_server()
             return _run_flow(args)
         finally:
+            if server is not None:
+                server.terminate()
+                try:
+                    server.wait(20)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                (Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser() / "pids"
+                 / f"run-server-{os.getpid()}").unlink(missing_ok=True)
             os.environ.pop(TAG, None)
+
+
+def _run_server():
+    """A Prefect server on PREFECT_HOME's database for this run only, on a free loopback port.
+
+    Not Prefect's own temporary server: that one keeps concurrency leases in memory and runs no repossessor,
+    so the rn50-cluster slot of a run killed with SIGKILL would stay taken in the database for good. This
+    server keeps leases on disk (see flows/local.py) and frees a dead run's slot once its lease expires."""
+    import os
+    import socket
+
+    from flows.local import LocalPrefect
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    local = LocalPrefect(home, port)
+    print(f"rn50 run: starting a Prefect server for this run on {local.ui_url} (database in {home})", file=sys.stderr)
+    proc = local.start_server(name=f"run-server-{os.getpid()}", timeout_s=180,
+                              PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
+    os.environ["PREFECT_API_URL"] = local.api_url
+    return proc
 
 
 def _run_flow(args: argparse.Namespace) -> int:

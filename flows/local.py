@@ -36,7 +36,11 @@ class LocalPrefect:
                 "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(self.port),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "GX_ANALYTICS_ENABLED": "false",
                 "PREFECT_UI_API_URL": self.api_url, "RN50_PROJECT_DIR": str(PROJECT),
-                "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+                "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+                # Concurrency leases (the rn50-cluster slot) on disk, not in the server's memory: a slot held by a
+                # run that was killed is freed by the server's repossessor once its lease expires, even across a
+                # restart of the server.
+                "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
 
     def healthy(self) -> bool:
         try:
@@ -45,26 +49,34 @@ class LocalPrefect:
         except OSError:
             return False
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         self.home.mkdir(parents=True, exist_ok=True)
-        log = open(self.home / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=self.env(), cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with open(self.home / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(argv, env=env or self.env(), cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         (self.home / "pids").mkdir(exist_ok=True)
         (self.home / "pids" / name).write_text(str(proc.pid))
+        return proc
 
     def _prefect(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([PREFECT, *args], env=self.env(), cwd=PROJECT, capture_output=True, text=True,
                               timeout=300)
 
+    def start_server(self, name: str = "server", timeout_s: float = 120, **env: str) -> subprocess.Popen | None:
+        """Start the server unless one answers on the port; wait until it is healthy."""
+        if self.healthy():
+            return None
+        proc = self._spawn(name, [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                           env={**self.env(), **env})
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"Prefect server not healthy after {timeout_s}s; see {self.home / f'{name}.log'}")
+            time.sleep(0.5)
+        return proc
+
     def up(self, timeout_s: float = 120) -> "LocalPrefect":
-        if not self.healthy():
-            self._spawn("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)])
-            deadline = time.monotonic() + timeout_s
-            while not self.healthy():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"Prefect server not healthy after {timeout_s}s; see {self.home / 'server.log'}")
-                time.sleep(0.5)
+        self.start_server(timeout_s=timeout_s)
         pool = self._prefect("work-pool", "create", "rn50", "--type", "process", "--overwrite")
         if pool.returncode:
             raise RuntimeError(f"work-pool create failed: {pool.stderr[-2000:] or pool.stdout[-2000:]}")

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.common import StageError
 
     # Offline and private, as under `make`: no analytics from Prefect (incl. its temporary server) or GX.
-    for k, v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("GX_ANALYTICS_ENABLED", "false")):
+    for k, v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("GX_ANALYTICS_ENABLED", "false"),
+                 # Prefect's temporary server (no PREFECT_API_URL) may need longer than its 20 s on a busy 2-core box.
+                 ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")):
         os.environ.setdefault(k, v)
 
     args = build_parser().parse_args(argv)
