@@ -125,6 +125,27 @@ def test_slurm_batch_script_quotes_every_value(tmp_path):
     assert "export EVIL=" in script
 
 
+def test_slurm_slots_must_equal_the_configs_ranks_before_anything(wd, tmp_path):
+    """nodes x ntasks_per_node must be global_batch_size / batch_size (cpu-demo: 2): refused before slurmctld is
+    asked anything (no SLURM_CONF needed) and before any run dir; from outside, `rn50 train` exits 2, one line."""
+    import yaml
+
+    with pytest.raises(StageError) as e:
+        slurm.launch(wd, slurm.parse(_doc(ntasks_per_node=2)), entry=PROBE, timeout_s=300)
+    assert str(e.value).startswith("preflight: slurm nodes x ntasks_per_node = 2 x 2 = 4 slot(s), but config "
+                                   "'cpu-demo' needs exactly 2 rank(s) (global_batch_size 64 = 2 x batch_size 32; "
+                                   "4 rank(s) would train at global batch 128): set slurm.nodes x "
+                                   "slurm.ntasks_per_node to 2"), str(e.value)
+    assert not (wd / "runs").exists()
+    inv = tmp_path / "cluster.yaml"
+    inv.write_text(yaml.safe_dump(_doc(nodes=1)))
+    r = subprocess.run([str(Path(sys.executable).with_name("rn50")), "train", str(wd), "--hosts", str(inv)],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "SLURM_CONF": "/nonexistent"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "= 1 x 1 = 1 slot(s)" in lines[0], r.stderr
+    assert not (wd / "runs").exists() and not list(wd.rglob("result_*.txt"))
+
+
 # --- a real cluster --------------------------------------------------------------------------------------
 
 
@@ -174,8 +195,9 @@ def test_slurm_failing_rank_fails_the_stage_with_state_and_rank(wd, on_cluster):
 ])
 def test_slurm_preflight_scheduler_errors_one_line_no_job(wd, on_cluster, doc, want):
     before = len(_job_names(on_cluster))
-    with pytest.raises(StageError) as e:
-        slurm.launch(wd, slurm.parse(doc), entry=PROBE, timeout_s=600)
+    spec = slurm.parse(doc)
+    with pytest.raises(StageError) as e:  # a global batch that fits the slots: the scheduler's checks are reached
+        slurm.launch(wd, spec, entry=PROBE, timeout_s=600, extra_args=["--set", f"global_batch_size={32 * spec.ntasks}"])
     assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert len(_job_names(on_cluster)) == before and not (wd / "runs").exists()
 
@@ -194,6 +216,34 @@ def test_slurm_preflight_data_missing_on_the_second_node(wd, tmp_path, monkeypat
         assert not (run_dir / ".slurm" / "job.sh").exists() and "job_id" not in _status(run_dir)
         assert len(_job_names(c)) == 1  # only the probe job was ever submitted
         assert c.squeue() == []
+
+
+@needs_cluster
+def test_slurm_gpu_preflight_through_the_probe_job(wd, on_cluster, tmp_path):
+    """A GPU config (float16) on Slurm: the probe job checks, on every node in the ranks' environment, the GPUs
+    (`nvidia-smi -L`), the driver and hvd.nccl_built() of the ranks' Python. No GPU exists here: a fake
+    nvidia-smi, on the PATH the inventory gives the ranks, lists one GPU on node A and none on node B; the real
+    Horovod is Gloo-only, so both nodes fail on NCCL, each in one clause, and no training job is submitted."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/bin/sh\n[ "$(hostname)" = rn50-slurm-a ] && '
+                                     'echo "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-fake-0)"\nexit 0\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    cfg = tmp_path / "gpu-two.yaml"
+    cfg.write_text("dtype: float16\nbatch_size: 32\nglobal_batch_size: 64\n")
+    path = f"{fake}:{Path(sys.executable).parent}:{slurm.STD_PATH}"
+    before = len(_job_names(on_cluster))
+    with pytest.raises(StageError) as e:
+        slurm.launch(wd, slurm.parse({**_doc(), "env": {"PATH": path}}), config=str(cfg), entry=PROBE,
+                     timeout_s=300, probe_timeout_s=120)
+    msg = str(e.value)
+    nccl = (f"Horovod in {sys.executable} is built without NCCL (hvd.nccl_built() is false; build it with "
+            "HOROVOD_GPU_OPERATIONS=NCCL: MXNET_BUILD=gpu make install, or train in the NGC-based image)")
+    assert msg == (f"preflight failed: node rn50-slurm-a: GPU preflight: {nccl}; "
+                   f"node rn50-slurm-b: GPU preflight: 0 GPU(s) for 1 slot(s) (nvidia-smi -L), {nccl}"), msg
+    (run_dir,) = (wd / "runs").iterdir()
+    assert not (run_dir / ".slurm" / "job.sh").exists() and "job_id" not in _status(run_dir)
+    assert len(_job_names(on_cluster)) == before + 1  # the probe job only
 
 
 _LAUNCHER = r"""
