@@ -134,7 +134,7 @@ def test_two_host_docker_runtime_checks_the_image_each_host_runs(wd, tmp_path):
     with netns_host(tmp_path / "hostb") as h:
         # The inventory pins the host's key itself: ssh gets in (the failure is the image, not the key)
         # and nothing is added to the first-contact file.
-        inv = parse_inventory({"runtime": "docker", "hosts": [{**h.inventory_entry(), "host_key": h.host_key_pub}]})
+        inv = parse_inventory({"runtime": "docker", "hosts": [{**h.inventory_entry(slots=2), "host_key": h.host_key_pub}]})
         with pytest.raises(StageError) as e:
             launch(wd, hosts=inv, image="rn50:0123456789abcdef", timeout_s=60, entry=PROBE)
     assert f"host {h.addr}:{h.ssh_port} (ssh): the container on ssh port {h.ssh_port} does not run rn50:0123456789abcdef" in str(e.value)
@@ -159,7 +159,7 @@ def test_two_host_changed_host_key_fails_preflight_naming_the_host(wd, tmp_path)
                               h2.addr, "-p", str(h2.ssh_port), "echo", "reached"],
                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         with pytest.raises(StageError) as e_inv:
-            launch(wd, hosts=parse_inventory({"hosts": [{**h2.inventory_entry(), "host_key": old_key}]}),
+            launch(wd, hosts=parse_inventory({"hosts": [{**h2.inventory_entry(slots=2), "host_key": old_key}]}),
                    entry=PROBE, timeout_s=60)
     msg = str(e.value)
     assert msg.startswith(f"preflight failed: host {h2.addr}:{h2.ssh_port} (ssh): host key changed") and "\n" not in msg
@@ -201,3 +201,30 @@ def test_node_sshd_started_by_the_image_entrypoint(wd, tmp_path):
     assert session["RN50_PROFILE_MARK"] == "from-profile" and "RN50_FROM_USER_ENVIRONMENT" not in session
     assert forward.returncode != 0 and "administratively prohibited" in forward.stderr, forward.stderr
     assert res.status == "succeeded" and _probe_line(Path(res.run_dir), 1)["host"] == h.hostname
+
+
+def test_two_host_gpu_preflight_names_each_failing_host(wd, tmp_path):
+    """A GPU config (float16, 2 ranks) is preflighted on every host, over ssh for the remote one. No GPU exists
+    here: host b's sessions get a fake `nvidia-smi` on their PATH (listing one GPU), this host has none at all;
+    the real Horovod is Gloo-only. One clause per host: here no driver and no NCCL, there no NCCL."""
+    repo = Path(__file__).resolve().parent.parent
+    etc = tmp_path / "etc-rn50"
+    etc.mkdir()
+    (etc / "sshd_config").write_text((repo / "infra" / "sshd_config").read_text())
+    (etc / "runtime.env").write_text("OMP_NUM_THREADS=1\n")
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-fake-0)"\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    cfg = tmp_path / "gpu-two.yaml"
+    cfg.write_text("dtype: float16\nbatch_size: 32\nglobal_batch_size: 64\n")
+    assert subprocess.run(["sh", "-c", "command -v nvidia-smi"], capture_output=True).returncode != 0
+    with netns_host(tmp_path / "hostb", node_etc=etc, node_env={"PATH": f"{fake}:{os.environ['PATH']}"}) as h:
+        with pytest.raises(StageError) as e:
+            launch(wd, hosts=_inventory(h), config=str(cfg), entry=PROBE, timeout_s=120)
+    nccl = (f"Horovod in {sys.executable} is built without NCCL (hvd.nccl_built() is false; build it with "
+            "HOROVOD_GPU_OPERATIONS=NCCL: MXNET_BUILD=gpu make install, or train in the NGC-based image)")
+    assert str(e.value) == (f"preflight failed: host {h.local_addr}: GPU preflight: no working NVIDIA driver "
+                            f"(nvidia-smi not found), {nccl}; host {h.addr}:{h.ssh_port} (ssh): GPU preflight: {nccl}")
+    (run_dir,) = list((wd / "runs").iterdir())
+    assert _status(run_dir) == "failed" and not list(run_dir.glob("rank*"))
