@@ -12,10 +12,14 @@ than that cap): a source that sends more is a one-line error and its partial fil
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import os
+import queue
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -23,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from tasks.common import CHUNK, Result, StageError, TransientError, Workdir, human_bytes, s3_client
+from tasks.common import Result, StageError, TransientError, Workdir, human_bytes, s3_client
 from tasks.ilsvrc import ARCHIVE_CAP, ARCHIVES, OFFICIAL_MD5, read_fetch_record, read_md5sums, write_fetch_record
 
 Progress = Callable[[str, int, Optional[int]], None]
@@ -164,10 +168,54 @@ def _check_announced(name: str, size: int | None) -> None:
                          f"cap for this ILSVRC2012 archive")
 
 
+_PIPE_CHUNK = 4 << 20   # bytes per read: large buffers, so hashlib and the writes release the GIL for long
+_PIPE_DEPTH = 4          # chunks queued per consumer: at most ~2 x 4 x 4 MiB in flight
+
+
+class _Consumer:
+    """A thread applying `fn` to each chunk put in a bounded queue. After an error it keeps draining
+    the queue (the producer never blocks) and `put`/`finish` re-raise that error in the producer."""
+
+    def __init__(self, fn: Callable[[bytes], object], name: str):
+        self.fn, self.error = fn, None
+        self.queue: queue.Queue = queue.Queue(_PIPE_DEPTH)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.fn(chunk)
+                except BaseException as e:  # noqa: BLE001 - handed to the producer
+                    self.error = e
+
+    def put(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunk)
+
+    def stop(self) -> None:
+        """End the thread after the chunks already queued (idempotent)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+    def finish(self) -> None:
+        self.stop()
+        if self.error is not None:
+            raise self.error
+
+
 def _download(src, name: str, raw: Path, total: int | None, progress: Progress | None) -> tuple[str, Path]:
     """Stream `name` into raw/.partial/<name>.part, MD5 on the way. Never writes more than `total` (the
     size the source announced) or, without an announcement, than the archive's cap: a source that
-    sends more is an error and the partial file is removed."""
+    sends more is an error and the partial file is removed.
+
+    One pass at hashing speed: this thread reads, one thread hashes and one writes, each on its own
+    bounded queue of the same chunks, so reading, hashing and writing overlap (hashlib and file writes
+    release the GIL on large buffers). The file's pages are flushed as they are written, so the final
+    fsync finds little left to do."""
     partial = raw / ".partial" / f"{name}.part"
     partial.parent.mkdir(parents=True, exist_ok=True)
     md5 = hashlib.md5()
@@ -179,7 +227,7 @@ def _download(src, name: str, raw: Path, total: int | None, progress: Progress |
         offset = 0
     if offset:  # resuming: the bytes already here are hashed once, the rest as they arrive
         with open(partial, "rb") as f:
-            while chunk := f.read(CHUNK):
+            while chunk := f.read(_PIPE_CHUNK):
                 md5.update(chunk)
     try:
         stream = src.open(name, offset) if total is None or offset < total else None
@@ -187,31 +235,84 @@ def _download(src, name: str, raw: Path, total: int | None, progress: Progress |
         offset, md5 = 0, hashlib.md5()
         stream = src.open(name, 0)
     done = offset
-    with open(partial, "r+b" if offset else "wb") as out:
+    with open(partial, "r+b" if offset else "wb", buffering=0) as out:
         out.seek(offset)
         out.truncate()
         if stream is not None:
-            with stream:
-                # Ask for at most one byte past the limit: that byte, if it comes, is never written.
-                while chunk := stream.read(min(CHUNK, limit + 1 - done)):
-                    if done + len(chunk) > limit:
-                        out.close()
-                        partial.unlink(missing_ok=True)
-                        raise StageError(
-                            f"{name}: the source sent more than the {total:,} bytes it announced; nothing kept"
-                            if total is not None else
-                            f"{name}: the source sent more than {human_bytes(limit)} (the cap for this ILSVRC2012 "
-                            f"archive) without announcing a size; nothing kept")
-                    out.write(chunk)
-                    md5.update(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(name, done, total)
-        out.flush()
+            fd, flushed = out.fileno(), [offset, offset, offset]  # [waited-for start, written-out start, end]
+
+            def write(chunk: bytes) -> None:
+                view = memoryview(chunk)
+                while view:
+                    view = view[out.write(view):]
+                # Every 64 MiB: wait until the previous 64 MiB are on disk and start writing out these, so
+                # dirty pages never pile up for the final fsync and the disk works while we hash.
+                flushed[2] += len(chunk)
+                if flushed[2] - flushed[1] >= _WRITEBACK:
+                    _writeback(fd, *flushed)
+                    flushed[:2] = flushed[1:]
+
+            hasher, writer = _Consumer(md5.update, f"md5 {name}"), _Consumer(write, f"write {name}")
+            try:
+                with stream:
+                    # Ask for at most one byte past the limit: that byte, if it comes, is never written.
+                    while chunk := _read_chunk(stream, min(_PIPE_CHUNK, limit + 1 - done)):
+                        if done + len(chunk) > limit:
+                            writer.stop()
+                            out.close()
+                            partial.unlink(missing_ok=True)
+                            raise StageError(
+                                f"{name}: the source sent more than the {total:,} bytes it announced; nothing kept"
+                                if total is not None else
+                                f"{name}: the source sent more than {human_bytes(limit)} (the cap for this "
+                                f"ILSVRC2012 archive) without announcing a size; nothing kept")
+                        writer.put(chunk)
+                        hasher.put(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(name, done, total)
+            finally:  # both threads end before the file is used or closed, whatever happened
+                writer.stop()
+                hasher.stop()
+            try:
+                writer.finish()  # a write error (ENOSPC, EFBIG) in the writer thread
+            except OSError as e:
+                raise StageError(f"cannot write {partial}: {e.strerror or e}") from None
+            hasher.finish()
         os.fsync(out.fileno())
     if total is not None and done != total:
         raise TransientError(f"{name}: download truncated at {done} of {total} bytes; run again to resume")
     return md5.hexdigest(), partial
+
+
+def _read_chunk(stream, n: int) -> bytes:
+    """Up to n bytes; short only at the end of the stream (HTTP and S3 bodies may return less)."""
+    data = stream.read(n)
+    if not data or len(data) == n:
+        return data
+    parts, got = [data], len(data)
+    while got < n and (more := stream.read(n - got)):
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+_WRITEBACK = 64 << 20
+try:
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):
+    _sync_file_range = None
+
+
+def _writeback(fd: int, waited: int, start: int, end: int) -> None:
+    """Wait until [waited, start) is on disk (its write-out was started by the previous call), then start
+    writing out [start, end) (Linux sync_file_range; elsewhere a no-op and the final fsync does it all)."""
+    if _sync_file_range is None:
+        return
+    if start > waited:  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+        _sync_file_range(fd, waited, start - waited, 1 | 2 | 4)
+    _sync_file_range(fd, start, end - start, 2)  # SYNC_FILE_RANGE_WRITE: start it, do not wait
 
 
 def fetch(source: str, workdir: Path | str, md5_file: Path | str | None = None,

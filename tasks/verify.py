@@ -20,16 +20,19 @@ their bytes are read; a violation is a one-line error and extracted.partial/ is 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import array
+import collections
 import dataclasses
 import gzip
 import hashlib
 import io
 import os
 import posixpath
+import queue
 import shutil
 import struct
 import tarfile
+import threading
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -60,6 +63,7 @@ class VerifyResult(Result):
     report: str
     reused: bool
     seconds: float
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # extract, decode_check, validate, commit
 
 
 # --- safe extraction ------------------------------------------------------------------------------
@@ -163,6 +167,9 @@ def _members(label: str, fileobj, member_cap: int, what: str, total_cap: int):
                     raise StageError(f"{label}: members add up to more than {human_bytes(total_cap)}, the cap for "
                                      f"the whole archive")
                 yield m, tar
+                # A streamed TarFile still appends every header to tar.members (50,000 for the val tar,
+                # ~400 B each); nothing here looks back, and iteration reads on when the list is shorter.
+                tar.members.clear()
     except _DAMAGED as e:
         raise StageError(f"{label}: damaged archive ({e})") from None
     except _HeaderTooBig as e:
@@ -179,16 +186,70 @@ def _read(label: str, tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
     return data
 
 
-def _store(root: Path, rel: str, data: bytes, rows: list[dict], split: str, wnid: str, workdir: Path) -> None:
-    path = root / split / wnid / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "xb") as f:  # "x": a duplicate name in an archive is an error, never a silent overwrite
-            f.write(data)
-    except FileExistsError:
-        raise StageError(f"the {split} archive holds {wnid}/{rel} twice") from None
-    rows.append({"split": split, "wnid": wnid, "path": str(path.relative_to(workdir)).replace("extracted.partial", "extracted", 1),
-                 "bytes": len(data), "md5": hashlib.md5(data).hexdigest(), "abs": str(path)})
+class _Index:
+    """What extraction learns about each image, column by column (a few hundred bytes per image, not a
+    dict per row), and the writer of the image files.
+
+    Files are written with O_EXCL (a duplicate name in an archive is an error, never a silent
+    overwrite). Their MD5s are computed in a second thread (hashlib releases the GIL on large buffers),
+    so hashing overlaps reading the tar stream and writing the files."""
+
+    def __init__(self, root: Path, workdir: Path):
+        self.root, self.prefix = root, str(root.relative_to(workdir)).replace("extracted.partial", "extracted", 1)
+        self.split: list[str] = []
+        self.wnid: list[str] = []
+        self.path: list[str] = []       # extracted/<split>/<wnid>/<file>
+        self.bytes = array.array("q")
+        self.md5: list[str | None] = []
+        self._dirs: set[tuple[str, str]] = set()
+        self._names: dict[str, str] = {}  # one str object per split and WNID, shared by every row
+        self._queue: queue.Queue = queue.Queue(256)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._hash, name="verify md5", daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+    def _hash(self) -> None:
+        md5, new = self.md5, hashlib.md5
+        while (item := self._queue.get()) is not None:
+            try:
+                md5[item[0]] = new(item[1]).hexdigest()
+            except BaseException as e:  # noqa: BLE001 - raised in the extracting thread by finish()
+                self._error = e
+
+    def store(self, rel: str, data: bytes, split: str, wnid: str) -> None:
+        split, wnid = self._names.setdefault(split, split), self._names.setdefault(wnid, wnid)
+        d = self.root / split / wnid
+        if (split, wnid) not in self._dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            self._dirs.add((split, wnid))
+        try:
+            fd = os.open(d / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise StageError(f"the {split} archive holds {wnid}/{rel} twice") from None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        i = len(self.path)
+        self.split.append(split)
+        self.wnid.append(wnid)
+        self.path.append(f"{self.prefix}/{split}/{wnid}/{rel}")
+        self.bytes.append(len(data))
+        self.md5.append(None)
+        self._queue.put((i, data))
+
+    def finish(self) -> None:
+        """Wait for the last digests (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 # --- devkit ---------------------------------------------------------------------------------------
@@ -292,20 +353,47 @@ def _inspect(paths: list[str]) -> list[tuple[int, int, str, str, bool]]:
     return out
 
 
-def _inspect_all(paths: list[str], workers: int, progress: Progress | None = None) -> list[tuple]:
-    chunk = 512
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    out: list[tuple] = []
-    with contextlib.ExitStack() as stack:
-        if workers <= 1 or len(chunks) <= 1:
-            results = map(_inspect, chunks)
-        else:
-            results = stack.enter_context(ProcessPoolExecutor(workers)).map(_inspect, chunks)
-        for rs in results:
-            out.extend(rs)
-            if progress:
-                progress("decode", len(out), len(paths))
-    return out
+_MODES: dict[str, str] = {}  # one str object per mode/format name, shared by every row
+
+
+def _inspect_all(root: Path, paths: list[str], workers: int, progress: Progress | None = None) -> dict[str, Any]:
+    """Width, height, mode, format and decodability of each image (paths `extracted/<split>/...`, read
+    from under `root`), as columns. At most 2 x workers chunks of paths are in flight."""
+    import numpy as np
+
+    n, chunk = len(paths), 512
+    cols = {"width": np.zeros(n, np.int64), "height": np.zeros(n, np.int64), "mode": [""] * n, "format": [""] * n,
+            "decodable": np.zeros(n, bool)}
+    base = str(root)
+
+    def jobs():
+        for lo in range(0, n, chunk):
+            yield lo, [f"{base}/{p.split('/', 1)[1]}" for p in paths[lo:lo + chunk]]
+
+    def take(lo: int, facts: list[tuple]) -> None:
+        for i, (w, h, mode, fmt, ok) in enumerate(facts, lo):
+            cols["width"][i], cols["height"][i], cols["decodable"][i] = w, h, ok
+            cols["mode"][i], cols["format"][i] = _MODES.setdefault(mode, mode), _MODES.setdefault(fmt, fmt)
+        if progress:
+            progress("decode", lo + len(facts), n)
+
+    if workers <= 1 or n <= chunk:
+        for lo, ps in jobs():
+            take(lo, _inspect(ps))
+        return cols
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending: collections.deque = collections.deque()
+        for lo, ps in jobs():
+            pending.append((lo, pool.submit(_inspect, ps)))
+            if len(pending) >= 2 * workers:
+                lo0, fut = pending.popleft()
+                take(lo0, fut.result())
+        while pending:
+            lo0, fut = pending.popleft()
+            take(lo0, fut.result())
+    return cols
 
 
 # --- expectations ---------------------------------------------------------------------------------
@@ -407,47 +495,56 @@ def verify(workdir: Path | str, workers: int | None = None, progress: Progress |
 
     import pandas as pd
 
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
     devkit = read_devkit(wd.raw / DEVKIT_TGZ)
     partial = wd.root / "extracted.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    rows: list[dict] = []
+    index = _Index(partial, wd.root)
     try:
         # Caps (tasks.ilsvrc): each archive's size; per member, a class tar or an image; inner class tars
         # are streamed from the outer one, never held in memory.
-        with _open_archive(wd.raw / TRAIN_TAR) as f:
-            for inner, tar in _members(TRAIN_TAR, f, CLASS_TAR_CAP, "one class tar", ARCHIVE_CAP[TRAIN_TAR]):
-                wnid = inner.name.rsplit("/", 1)[-1].removesuffix(".tar")
-                if not inner.name.endswith(".tar"):
-                    raise StageError(f"{TRAIN_TAR}: unexpected member {inner.name!r} (expected <wnid>.tar)")
-                label = f"{TRAIN_TAR}/{inner.name}"
-                for m, itar in _members(label, tar.extractfile(inner), IMAGE_CAP, "one image", inner.size):
-                    _store(partial, posixpath.basename(m.name), _read(label, itar, m), rows, "train", wnid, wd.root)
-                if progress:
-                    progress("train", len(rows), sum(devkit.num_train_images.values()))
-        n_train = len(rows)
-        with _open_archive(wd.raw / VAL_TAR) as f:
-            for m, tar in _members(VAL_TAR, f, IMAGE_CAP, "one image", ARCHIVE_CAP[VAL_TAR]):
-                match = VAL_NAME.search(m.name)
-                if not match or "/" in m.name:
-                    raise StageError(f"{VAL_TAR}: unexpected member {m.name!r} (expected ILSVRC2012_val_NNNNNNNN.JPEG)")
-                index = int(match.group(1))
-                if not 1 <= index <= len(devkit.val_wnids):
-                    raise StageError(f"{VAL_TAR}: {m.name} has no line in the devkit's ground truth "
-                                     f"({len(devkit.val_wnids)} lines)")
-                _store(partial, m.name, _read(VAL_TAR, tar, m), rows, "val", devkit.val_wnids[index - 1], wd.root)
-                if progress and (len(rows) - n_train) % 1000 == 0:
-                    progress("val", len(rows) - n_train, len(devkit.val_wnids))
+        try:
+            with _open_archive(wd.raw / TRAIN_TAR) as f:
+                for inner, tar in _members(TRAIN_TAR, f, CLASS_TAR_CAP, "one class tar", ARCHIVE_CAP[TRAIN_TAR]):
+                    wnid = inner.name.rsplit("/", 1)[-1].removesuffix(".tar")
+                    if not inner.name.endswith(".tar"):
+                        raise StageError(f"{TRAIN_TAR}: unexpected member {inner.name!r} (expected <wnid>.tar)")
+                    label = f"{TRAIN_TAR}/{inner.name}"
+                    for m, itar in _members(label, tar.extractfile(inner), IMAGE_CAP, "one image", inner.size):
+                        index.store(posixpath.basename(m.name), _read(label, itar, m), "train", wnid)
+                    if progress:
+                        progress("train", len(index), sum(devkit.num_train_images.values()))
+            n_train = len(index)
+            with _open_archive(wd.raw / VAL_TAR) as f:
+                for m, tar in _members(VAL_TAR, f, IMAGE_CAP, "one image", ARCHIVE_CAP[VAL_TAR]):
+                    match = VAL_NAME.search(m.name)
+                    if not match or "/" in m.name:
+                        raise StageError(f"{VAL_TAR}: unexpected member {m.name!r} (expected ILSVRC2012_val_NNNNNNNN.JPEG)")
+                    number = int(match.group(1))
+                    if not 1 <= number <= len(devkit.val_wnids):
+                        raise StageError(f"{VAL_TAR}: {m.name} has no line in the devkit's ground truth "
+                                         f"({len(devkit.val_wnids)} lines)")
+                    index.store(m.name, _read(VAL_TAR, tar, m), "val", devkit.val_wnids[number - 1])
+                    if progress and (len(index) - n_train) % 1000 == 0:
+                        progress("val", len(index) - n_train, len(devkit.val_wnids))
+        finally:
+            index.finish()
         if progress:
-            progress("val", len(rows) - n_train, len(devkit.val_wnids))
-
-        df = pd.DataFrame(rows)
-        if df.empty:
+            progress("val", len(index) - n_train, len(devkit.val_wnids))
+        if not len(index):
             raise StageError("the archives hold no images")
-        facts = _inspect_all(df["abs"].tolist(), workers or os.cpu_count() or 1, progress)
-        df[["width", "height", "mode", "format", "decodable"]] = pd.DataFrame(facts, index=df.index)
+        phases["extract"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        facts = _inspect_all(partial, index.path, workers or os.cpu_count() or 1, progress)
+        phases["decode_check"] = time.perf_counter() - t
+        t = time.perf_counter()
         label = {w: i for i, w in enumerate(devkit.wnids)}
-        df["label"] = df.wnid.map(label).fillna(-1).astype(int)
-        df = df.drop(columns="abs")[MANIFEST_COLUMNS]
+        df = pd.DataFrame({"split": index.split, "wnid": index.wnid,
+                           "label": [label.get(w, -1) for w in index.wnid], "path": index.path,
+                           "bytes": index.bytes, "md5": index.md5, **facts})[MANIFEST_COLUMNS]
+        del index, facts
         expectations = _validate(df, devkit)
         quirks = {
             "png_as_jpeg": df.path[(df.format == "PNG")].tolist(),
@@ -467,13 +564,17 @@ def verify(workdir: Path | str, workers: int | None = None, progress: Progress |
             raise StageError(f"{len(failed)} of {len(expectations)} data expectations failed: "
                              + "; ".join(f"{e['suite']}.{e['expectation']} (observed {e['observed']})" for e in failed[:4])
                              + f" — see {wd.reports / 'verify.md'}")
+        phases["validate"] = time.perf_counter() - t
+        t = time.perf_counter()
         with atomic_path(wd.manifest) as tmp:
             df.to_parquet(tmp, index=False)
         shutil.rmtree(wd.extracted, ignore_errors=True)
         os.replace(partial, wd.extracted)
+        phases["commit"] = time.perf_counter() - t
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["phases"] = {k: round(v, 3) for k, v in phases.items()}
     write_stamp(wd, "verify", key, result, [wd.manifest, wd.extracted])
     return VerifyResult(**result)
 
