@@ -295,7 +295,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def test_sigkill_of_rn50_run_leaves_no_orphan_and_a_rerun_completes(demo_source, tmp_path):
-    """`rn50 run` without PREFECT_API_URL: Prefect's temporary server is one of the processes it starts."""
+    """`rn50 run` without PREFECT_API_URL: the Prefect server it starts for the run is one of its processes, and
+    the rerun must get the cluster slot the killed run held (freed by the server's repossessor)."""
     wd = tmp_path / "wd"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
@@ -305,8 +306,8 @@ def test_sigkill_of_rn50_run_leaves_no_orphan_and_a_rerun_completes(demo_source,
         wait_for_ranks(wd, proc)
         time.sleep(2)
         family = _descendants(proc.pid) + [p for p, _ in procs_of(wd)]
-        assert any("uvicorn" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
-                   for p in alive(family)), "the temporary Prefect server was expected among the run's processes"
+        assert any("server\0start" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+                   for p in alive(family)), "the run's Prefect server was expected among its processes"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         wait_for("every process `rn50 run` started is gone", lambda: not alive(family) and not procs_of(wd), 30)
