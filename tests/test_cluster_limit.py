@@ -1,0 +1,65 @@
+"""One timed run per cluster at a time: the train stage's launch holds a slot of the Prefect global concurrency
+limit `rn50-cluster`, so a second flow run waits (and says so) until the first releases it.
+
+Real components: a local Prefect server (flows/local.py) and two flow-run processes started together. The
+launch itself is replaced by a sleep that records when it held the cluster: what is under test is the slot,
+not training (the real train stage runs inside `cluster_slot` — see flows/stages.py `_train` and the flow tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from helpers import free_port
+
+pytestmark = pytest.mark.slow
+
+HOLD = """
+import json, sys, time
+from prefect import flow
+from flows.stages import cluster_slot
+
+@flow(name="hold-cluster")
+def hold(limit: str, seconds: float) -> dict:
+    with cluster_slot(limit):
+        start = time.time()
+        time.sleep(seconds)
+        return {"start": start, "end": time.time()}
+
+print("RESULT " + json.dumps(hold(sys.argv[1], float(sys.argv[2]))))
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from flows.local import LocalPrefect
+
+    local = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), free_port())
+    local.start_server()
+    yield local
+    local.down()
+
+
+def test_two_runs_against_one_cluster_take_turns(server):
+    env = {**os.environ, **{k: v for k, v in server.env().items() if k.startswith("PREFECT_")}}
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD, "rn50-cluster-test", "6"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    spans = [json.loads(next(line[7:] for line in o.splitlines() if line.startswith("RESULT "))) for o in outs]
+    spans.sort(key=lambda s: s["start"])
+    assert spans[1]["start"] >= spans[0]["end"] - 0.5, spans  # never both on the cluster at once
+    waited = [o for o in outs if "waiting for the cluster (global concurrency limit 'rn50-cluster-test')" in o]
+    assert len(waited) == 2 and any("the cluster is ours (waited" in o and "waited 0 s" not in o for o in outs), outs
+
+    # The limit was created with one slot, and both slots are free again.
+    code = ("from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    l = c.read_global_concurrency_limit_by_name('rn50-cluster-test'); print(l.limit, l.active_slots)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["1", "0"], r.stdout + r.stderr
