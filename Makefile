@@ -33,6 +33,7 @@ demo-stop:
 # Benchmarks (ratios against a baseline measured in the same run); figures go in the README.
 bench: install
 	$(PY) -m bench.pack
+	$(PY) -m bench.data_path
 	$(PY) bench/train_dataloader.py
 	$(PY) bench/cached_flow.py
 

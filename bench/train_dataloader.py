@@ -7,7 +7,8 @@ either side. Run from the repo root:
 
     .venv/bin/python bench/train_dataloader.py [--data RECORDIO_DIR] [--crop 224] [--images 600]
 
-Without --data it packs a set of ImageNet-sized JPEGs (~500x375) with im2rec in a temp dir.
+Without --data it packs 256 `rn50 synth --profile imagenet` JPEGs (ILSVRC2012's image sizes, ~110 KB
+each) with im2rec in a temp dir: the images bench/data_path.py measures the data stages on.
 """
 from __future__ import annotations
 
@@ -36,20 +37,16 @@ def cpu_seconds() -> float:
 
 
 def make_imagenet_sized(root: Path, n: int) -> Path:
-    from PIL import Image
-
+    """RecordIO of n `rn50 synth --profile imagenet` JPEGs (ILSVRC2012's sizes, ~110 KB each), packed
+    with im2rec like the pipeline's own."""
     from rn50.tinydata import pack
+    from tasks.synth import imagenet_jpegs
 
-    rng = np.random.default_rng(0)
     for split, count in (("train", n), ("val", 4)):
-        for i in range(count):
-            d = root / "img" / split / f"c{i % 4}"
+        for i, (label, data) in enumerate(imagenet_jpegs(count, classes=4, seed=0 if split == "train" else 1)):
+            d = root / "img" / split / f"c{label}"
             d.mkdir(parents=True, exist_ok=True)
-            w, h = int(rng.integers(400, 520)), int(rng.integers(300, 400))
-            yy, xx = np.mgrid[0:h, 0:w]
-            base = np.stack([np.sin(xx / rng.uniform(5, 40)), np.cos(yy / rng.uniform(5, 40)), np.sin((xx + yy) / 17)], -1)
-            arr = np.clip(128 + 80 * base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(d / f"{i}.JPEG", quality=90)
+            (d / f"{i}.JPEG").write_bytes(data)
     return pack(root / "img", root / "rec")
 
 
@@ -132,7 +129,7 @@ def main() -> int:
         print(f"{name:12s} {n:5d} img  {cpu:7.2f} CPU-s  {wall:6.2f} wall-s  {n / cpu:8.1f} img/CPU-s  {n / wall:8.1f} img/s")
     rate = lambda r: r[0] / r[1]  # noqa: E731
     print(f"DALI/PIL per CPU-second: {rate(d) / rate(p):.2f}x (vs PIL+draft: {rate(d) / rate(pd):.2f}x)  "
-          f"(data: {a.data or 'ImageNet-sized synthetic JPEGs'}, crop {a.crop})")
+          f"(data: {a.data or 'rn50 synth --profile imagenet JPEGs'}, crop {a.crop})")
     return 0
 
 

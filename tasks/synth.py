@@ -143,6 +143,17 @@ def _imagenet_batch(job: tuple[int, int, list[tuple[tuple[int, ...], int, str]]]
     return out
 
 
+def imagenet_jpegs(n: int, classes: int = 4, seed: int = 0, workers: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(label, JPEG bytes) for n images of the imagenet profile, labels round-robin over `classes`: the
+    same images `synthesize(profile="imagenet")` writes, for benchmarks that need only the files."""
+    jobs = ((seed, classes, [((2, i), i % classes, "rgb") for i in range(lo, min(n, lo + 64))]) for lo in range(0, n, 64))
+    i = 0
+    for batch in _ordered(_imagenet_batch, jobs, max(1, workers or len(os.sched_getaffinity(0)))):
+        for data in batch:
+            yield i % classes, data
+            i += 1
+
+
 def _ordered(fn: Callable, jobs: Iterable, workers: int) -> Iterator:
     """fn(job) for each job, in order, in `workers` forked processes with at most 2 x workers jobs in
     flight (results never pile up in memory)."""

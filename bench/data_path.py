@@ -1,0 +1,243 @@
+"""The data path (fetch, verify, pack) at ImageNet-like bytes, each stage against its floor in the same run.
+
+    .venv/bin/python -m bench.data_path [--classes 100] [--small 40] [--large 200] [--val-per-class 10]
+                                        [--rounds 2] [--json]
+
+Two `rn50 synth --profile imagenet` sets (ILSVRC2012's image sizes, ~110 KB JPEGs) that differ only in
+images per class (--small and --large train images, val scaled alike) are synthesized once and kept in
+bench/out/data_path/. On each set, in interleaved rounds (floor, ours, floor, ours, ...; best of --rounds):
+- fetch  vs `md5sum` of the three archives (fetch reads, hashes, writes and fsyncs them);
+- verify vs `tar -x` of the archives (train: `tar -xOf train.tar | tar -xi`, which writes every image of
+             every inner class tar, plus `tar -xf val.tar`); ours is verify's extraction phase (stream the
+             tars with every safety check, write the images, MD5 each); verify's whole run is also shown;
+- pack   vs `cat` of the same image files into one file; ours is pack's write + verification phases.
+Each stage runs as its own process (`python -m tasks.cli ...`), its peak RSS from wait4 (the largest
+of the process and the workers it waited for). Rates are marginal: (large - small) / (images or bytes),
+so start-up costs cancel. The projection for 1,281,167 + 50,000 images is the small set's time plus the
+marginal cost per image for the rest, on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+sys.path.insert(0, str(REPO))
+
+FULL_IMAGES = 1_281_167 + 50_000
+ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz")
+
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next((int(l.split()[1]) // 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    import platform
+
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "mem_mib": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "load_1m_start": round(os.getloadavg()[0], 2)}
+
+
+# A fresh, small process forks and execs the command and reports the peak RSS wait4 gives for it: the
+# peak then reflects the command (and the workers it waited for), not this benchmark's own memory, which
+# a child forked straight from here would carry as its high-water mark until exec.
+_WRAP = ("import os, sys\nfd = int(sys.argv[1])\npid = os.fork()\nif pid == 0:\n    os.close(fd)\n"
+         "    os.execvp(sys.argv[2], sys.argv[2:])\n_, status, usage = os.wait4(pid, 0)\n"
+         "os.write(fd, str(usage.ru_maxrss).encode())\nsys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
+def run(cmd: list[str], stdin=None, stdout=subprocess.DEVNULL, cwd=None) -> tuple[float, int]:
+    """Run cmd (no shell); (wall seconds, peak RSS in bytes of it or any child it waited for)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "rn50-bench-pycache")
+    r, w = os.pipe()
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([PY, "-S", "-c", _WRAP, str(w), *map(str, cmd)], stdin=stdin, stdout=stdout,
+                           stderr=subprocess.PIPE, cwd=cwd, env=env, pass_fds=(w,))
+    finally:
+        os.close(w)
+    wall = time.perf_counter() - t
+    with os.fdopen(r, "rb") as f:
+        peak = int(f.read() or 0) * 1024
+    if p.returncode:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {p.stderr.decode(errors='replace').strip()[-500:]}")
+    return wall, peak
+
+
+def rn50(*args) -> list[str]:
+    return [PY, "-m", "tasks.cli", *map(str, args)]
+
+
+def tar_x(raw: Path, dest: Path) -> float:
+    """The extraction floor: every image of the train tar's inner tars and of the val tar written out."""
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "train").mkdir(parents=True)
+    (dest / "val").mkdir()
+    t = time.perf_counter()
+    outer = subprocess.Popen(["tar", "-xOf", str(raw / ARCHIVES[0])], stdout=subprocess.PIPE)
+    inner = subprocess.Popen(["tar", "-xif", "-", "-C", str(dest / "train")], stdin=outer.stdout)
+    outer.stdout.close()
+    val = subprocess.Popen(["tar", "-xf", str(raw / ARCHIVES[1]), "-C", str(dest / "val")])
+    codes = [inner.wait(), outer.wait(), val.wait()]
+    wall = time.perf_counter() - t
+    if any(codes):
+        raise SystemExit(f"tar -x failed: {codes}")
+    return wall
+
+
+def bench_set(src: Path, wd: Path, rounds: int, log) -> dict:
+    scratch = wd.parent / f"{wd.name}-scratch"
+    res: dict = {}
+
+    # fetch vs md5sum
+    md5s, fetches, rss = [], [], 0
+    for _ in range(rounds):
+        md5s.append(run(["md5sum", *[str(src / a) for a in ARCHIVES]])[0])
+        shutil.rmtree(wd, ignore_errors=True)
+        t, r = run(rn50("fetch", src, wd, "--md5", src / "MD5SUMS"), cwd=REPO)
+        fetches.append(t)
+        rss = max(rss, r)
+    res["fetch"] = {"floor": md5s, "ours": fetches, "rss": rss}
+    log(f"  fetch  {min(fetches):6.2f} s   md5sum {min(md5s):6.2f} s")
+
+    # verify's extraction vs tar -x
+    floors, extracts, walls, phases, rss = [], [], [], [], 0
+    for _ in range(rounds):
+        floors.append(tar_x(wd / "raw", scratch))
+        shutil.rmtree(scratch, ignore_errors=True)
+        for p in (wd / "extracted", wd / "manifest.parquet", wd / ".stamps" / "verify.json"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        t, r = run(rn50("verify", wd), cwd=REPO)
+        ph = json.loads((wd / ".stamps" / "verify.json").read_text())["result"]["phases"]
+        walls.append(t)
+        extracts.append(ph["extract"])
+        phases.append(ph)
+        rss = max(rss, r)
+    res["verify"] = {"floor": floors, "ours": extracts, "wall": walls, "phases": phases, "rss": rss}
+    log(f"  verify extract {min(extracts):6.2f} s (whole {min(walls):6.2f} s)   tar -x {min(floors):6.2f} s")
+
+    # pack (write + its verification) vs cat
+    import pandas as pd
+
+    df = pd.read_parquet(wd / "manifest.parquet", columns=["path", "bytes"])
+    res["images"], res["image_bytes"] = len(df), int(df["bytes"].sum())
+    files = scratch.parent / f"{wd.name}-files.txt"
+    files.write_text("".join(f"{wd / p}\n" for p in df.path))
+    del df
+    cats, packs, pwalls, pphases, rss = [], [], [], [], 0
+    for _ in range(rounds):
+        with open(files, "rb") as stdin, open(scratch.with_suffix(".cat"), "wb") as out:
+            cats.append(run(["xargs", "cat"], stdin=stdin, stdout=out)[0])
+        scratch.with_suffix(".cat").unlink()
+        t, r = run(rn50("pack", wd, "--force"), cwd=REPO)
+        ph = json.loads((wd / "reports" / "pack.json").read_text())["seconds"]
+        pwalls.append(t)
+        packs.append(ph["write"] + ph["verify"])
+        pphases.append(ph)
+        rss = max(rss, r)
+    files.unlink()
+    res["pack"] = {"floor": cats, "ours": packs, "wall": pwalls, "phases": pphases, "rss": rss}
+    log(f"  pack   write+verify {min(packs):6.2f} s (whole {min(pwalls):6.2f} s)   cat {min(cats):6.2f} s")
+    res["archive_bytes"] = sum((src / a).stat().st_size for a in ARCHIVES)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "data_path")
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--small", type=int, default=40, help="train images per class of the small set")
+    ap.add_argument("--large", type=int, default=200, help="train images per class of the large set")
+    ap.add_argument("--val-per-class", type=int, default=10, help="val images per class of the large set")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda *x: print(*x, file=sys.stderr, flush=True)) if a.json else (lambda *x: print(*x, flush=True))
+    from tasks.synth import synthesize
+
+    m = machine()
+    loads = [os.getloadavg()[0]]
+    sets = {}
+    for name, per_class in (("small", a.small), ("large", a.large)):
+        val = max(1, round(a.val_per_class * per_class / a.large))
+        src = out / f"src-imagenet-{a.classes}x{per_class}+{val}"
+        if not (src / "MD5SUMS").exists():
+            t = time.perf_counter()
+            shutil.rmtree(src, ignore_errors=True)
+            synthesize(src, a.classes, per_class, val, seed=0, profile="imagenet")
+            log(f"synthesized {src.name} in {time.perf_counter() - t:.0f} s")
+        log(f"{name} set: {a.classes} classes x {per_class} train + {val} val per class")
+        wd = out / f"wd-{name}"
+        sets[name] = bench_set(src, wd, a.rounds, log)
+        shutil.rmtree(wd, ignore_errors=True)
+        loads.append(os.getloadavg()[0])
+    m["load_1m_during"] = [round(x, 2) for x in loads]
+
+    s, l = sets["small"], sets["large"]
+    dn, db = l["images"] - s["images"], l["image_bytes"] - s["image_bytes"]
+    rows = {}
+    for stage, floor_name in (("fetch", "md5sum"), ("verify", "tar -x"), ("pack", "cat")):
+        fs, fl = min(s[stage]["floor"]), min(l[stage]["floor"])
+        os_, ol = min(s[stage]["ours"]), min(l[stage]["ours"])
+        marg_ours, marg_floor = (ol - os_) / dn, (fl - fs) / dn
+        row = {
+            "floor": floor_name, "small_s": [round(fs, 3), round(os_, 3)], "large_s": [round(fl, 3), round(ol, 3)],
+            "ours_us_per_image": round(marg_ours * 1e6, 1), "floor_us_per_image": round(marg_floor * 1e6, 1),
+            "ours_mib_s": round(db / (1 << 20) / (ol - os_), 1) if ol > os_ else None,
+            "floor_mib_s": round(db / (1 << 20) / (fl - fs), 1) if fl > fs else None,
+            "ratio": round(marg_floor / marg_ours, 2) if marg_ours > 0 else None,
+            "rss_mib": [round(s[stage]["rss"] / 2**20), round(l[stage]["rss"] / 2**20)],
+            "rss_bytes_per_image": round((l[stage]["rss"] - s[stage]["rss"]) / dn),
+        }
+        wall_key = "wall" if "wall" in l[stage] else "ours"
+        ws, wl = min(s[stage][wall_key]), min(l[stage][wall_key])
+        row["whole_us_per_image"] = round((wl - ws) / dn * 1e6, 1)
+        row["projection_s"] = round(ws + (wl - ws) / dn * (FULL_IMAGES - s["images"]))
+        row["projection_rss_gib"] = round((s[stage]["rss"] + max(0, row["rss_bytes_per_image"]) *
+                                           (FULL_IMAGES - s["images"])) / 2**30, 2)
+        rows[stage] = row
+    vph = [min(x[k] for x in l["verify"]["phases"]) - min(x[k] for x in s["verify"]["phases"])
+           for k in ("decode_check", "validate")]
+    result = {"machine": m, "images": [s["images"], l["images"]], "image_bytes": [s["image_bytes"], l["image_bytes"]],
+              "archive_bytes": [s["archive_bytes"], l["archive_bytes"]], "rounds": a.rounds, "stages": rows,
+              "verify_decode_check_us_per_image": round(vph[0] / dn * 1e6, 1),
+              "verify_validate_us_per_image": round(vph[1] / dn * 1e6, 1), "raw": sets}
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['mem_mib']} MiB, Linux {m['kernel']}, Python {m['python']}, "
+          f"load {m['load_1m_during']}")
+    print(f"sets: {s['images']:,} and {l['images']:,} images ({s['image_bytes'] / 2**30:.2f} and "
+          f"{l['image_bytes'] / 2**30:.2f} GiB of JPEGs, mean {l['image_bytes'] / l['images'] / 1000:.0f} KB); "
+          f"marginal over {dn:,} images, best of {a.rounds}")
+    print("| stage | floor | floor µs/img (MiB/s) | ours µs/img (MiB/s) | ratio | goal | peak RSS small/large (MiB) "
+          "| RSS B/img | whole stage µs/img | projected 1.33 M images |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    goals = {"fetch": 0.9, "verify": 0.8, "pack": 0.8}
+    what = {"fetch": "fetch", "verify": "verify: extraction", "pack": "pack: write + verification"}
+    for stage, r in rows.items():
+        print(f"| {what[stage]} | {r['floor']} | {r['floor_us_per_image']} ({r['floor_mib_s']}) "
+              f"| {r['ours_us_per_image']} ({r['ours_mib_s']}) | {r['ratio']}x | >= {goals[stage]} "
+              f"| {r['rss_mib'][0]} / {r['rss_mib'][1]} | {r['rss_bytes_per_image']} | {r['whole_us_per_image']} "
+              f"| {r['projection_s'] / 60:.0f} min, {r['projection_rss_gib']} GiB |")
+    print(f"verify's other phases, marginal: decode check {result['verify_decode_check_us_per_image']} µs/img, "
+          f"expectations {result['verify_validate_us_per_image']} µs/img")
+    total = sum(r["projection_s"] for r in rows.values())
+    print(f"projection for {FULL_IMAGES:,} images on this machine: fetch + verify + pack ≈ {total / 3600:.1f} h "
+          f"(from a local directory, page cache and disk as in this run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
