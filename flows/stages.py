@@ -119,12 +119,20 @@ def stage_logs():
                     lg.propagate = propagate
 
 
+# stage name -> still_there(result): outputs outside the work dir that a cached result needs (an image).
+_STILL_THERE: dict[str, Callable[[dict], bool]] = {}
+
+
 def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries: int = 2,
-          publish: Callable[[dict], None] | None = None):
+          publish: Callable[[dict], None] | None = None, still_there: Callable[[dict], bool] | None = None):
     """Wrap `fn(workdir, **kwargs) -> Result` as the Prefect task `name`, called as `task(key, workdir, **kwargs)`.
 
     The task returns the result with work-dir paths as `$WORKDIR/...` (what Prefect's cache keeps); call it
-    through `Runner`, which gives them back under the work dir of the run at hand."""
+    through `Runner`, which gives them back under the work dir of the run at hand. `outputs` are the files
+    the stamp covers; `still_there(result)` checks what a cached result needs beyond them (the container
+    stage's image): False runs the stage again."""
+    if still_there is not None:
+        _STILL_THERE[name] = still_there
 
     def deco(fn: Callable[..., Any]):
         def run(key: str, workdir: str, **kwargs: Any) -> dict:
@@ -162,9 +170,16 @@ class Runner:
         print(f"{name}: cache key {key[:16]}" + (" (rerun requested)" if name in self.rerun else ""))
         state = stage_task.with_options(refresh_cache=name in self.rerun)(key, str(self.wd.root), return_state=True,
                                                                          **kwargs)
-        if state.name == "Cached" and not stamp_valid(self.wd, f"flow-{name}", key):
-            print(f"{name}: the cached result's outputs are missing or changed here; running it again")
-            state = stage_task.with_options(refresh_cache=True)(key, str(self.wd.root), return_state=True, **kwargs)
+        if state.name == "Cached":
+            why = None
+            if not stamp_valid(self.wd, f"flow-{name}", key):
+                why = "the cached result's outputs are missing or changed here"
+            elif name in _STILL_THERE and not _STILL_THERE[name](rebased(state.result(), self.wd.root)):
+                why = "what the cached result names is gone"
+            if why:
+                print(f"{name}: {why}; running it again")
+                state = stage_task.with_options(refresh_cache=True)(key, str(self.wd.root), return_state=True,
+                                                                    **kwargs)
         return rebased(state.result(), self.wd.root)
 
 
@@ -284,7 +299,26 @@ def pack(workdir: str, threads: int | None, full_check: bool) -> Any:
     return run(workdir, threads=threads, full_check=full_check, progress=_Progress("pack: records written"))
 
 
-@stage("container", outputs=lambda wd, r: [])
+def _image_there(r: dict) -> bool:
+    """The cached image is still in the engine (or, if it was pushed or found there, in its registry).
+    An engine that does not answer counts as gone: the stage then runs and says so in one line."""
+    import docker
+
+    try:
+        client = docker.from_env(version="auto")
+        try:
+            client.images.get(r["tag"])
+            return True
+        except docker.errors.ImageNotFound:
+            if not (r.get("pushed") or r.get("source") == "registry"):
+                return False
+            client.images.get_registry_data(r["tag"])
+            return True
+    except Exception:  # noqa: BLE001 - no engine, no registry, not found: all "not there"
+        return False
+
+
+@stage("container", outputs=lambda wd, r: [], still_there=_image_there)
 def container(workdir: str, from_image: str, registry: str | None, push: bool,
               build_args: dict[str, str] | None = None, network: str | None = None) -> Any:
     from tasks.container import build_image
@@ -337,10 +371,25 @@ def _train(workdir: str, config: str, hosts: str | None, runs: int, image: str |
     table.start()
     try:
         with cluster_slot(cluster_limit):
-            return launch(workdir, hosts=hosts, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed)
+            return launch(workdir, hosts=hosts, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed,
+                          on_job=_slurm_job_artifact())
     finally:
         table.stop.set()
         table.publish()
+
+
+def _slurm_job_artifact() -> Callable[[str, str], None]:
+    """With the Slurm launcher: every state change of the batch job in the stage log and in a table artifact."""
+    from prefect.logging import get_run_logger
+
+    rows: list[dict] = []
+
+    def on_job(job_id: str, state: str) -> None:
+        rows.append({"job_id": job_id, "state": state, "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        get_run_logger().info("train: slurm job %s is %s", job_id, state)
+        create_table_artifact(rows, key="slurm-job", description=f"Slurm job {job_id}: {state}")
+
+    return on_job
 
 
 train = stage("train", outputs=lambda wd, r: [r["run_dir"]], retries=1)(_train)

@@ -63,3 +63,37 @@ def test_two_runs_against_one_cluster_take_turns(server):
             "    l = c.read_global_concurrency_limit_by_name('rn50-cluster-test'); print(l.limit, l.active_slots)")
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["1", "0"], r.stdout + r.stderr
+
+
+JOB_ARTIFACT = """
+from prefect import flow
+from flows.stages import _slurm_job_artifact
+
+@flow(name="slurm-job-artifact")
+def report():
+    on_job = _slurm_job_artifact()
+    on_job("4242", "PENDING")
+    on_job("4242", "RUNNING")
+    on_job("4242", "COMPLETED")
+
+report()
+"""
+
+
+def test_slurm_job_states_reach_the_stage_log_and_an_artifact(server):
+    """The train stage hands this callback to the Slurm launcher (tests/test_slurm.py drives it on a real cluster)."""
+    env = {**os.environ, **{k: v for k, v in server.env().items() if k.startswith("PREFECT_")}}
+    r = subprocess.run([sys.executable, "-c", JOB_ARTIFACT], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "train: slurm job 4242 is RUNNING" in r.stdout + r.stderr
+    code = ("import json\nfrom prefect.client.orchestration import get_client\n"
+            "from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    a = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=['slurm-job'])))\n"
+            "    print(json.dumps(a[0].data if isinstance(a[0].data, str) else json.dumps(a[0].data)))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(json.loads(out.stdout))
+    assert [(row["job_id"], row["state"]) for row in rows] == [("4242", "PENDING"), ("4242", "RUNNING"),
+                                                              ("4242", "COMPLETED")]
