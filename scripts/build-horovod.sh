@@ -10,6 +10,8 @@
 #   $CACHE/horovod-0.28.1/gpu-cuda<X.Y>/horovod-0.28.1-*.whl
 # each beside a <wheel>.sha256 record written when it was built; a wheel whose digest no longer matches
 # its record is thrown away and rebuilt, never installed. A CPU wheel is never reused for a GPU install.
+# Supply chain: the Horovod sdist, the build tools and (when the system has none) cmake are installed only
+# with --require-hashes from scripts/requirements/{horovod,build-tools,cmake}.txt.
 # Migration: a wheel cached by older versions of this script directly in $CACHE (Gloo-only, the only
 # thing they built) becomes the cpu flavour's wheel, its digest recorded on the way.
 set -euo pipefail
@@ -18,6 +20,7 @@ VENV=${VENV:-.venv}
 MXNET_BUILD=${MXNET_BUILD:-cpu}
 CACHE=${RN50_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rn50-pipeline/wheels}
 PY="$VENV/bin/python"
+REQ="$(cd "$(dirname "$0")" && pwd)/requirements"
 
 case "$MXNET_BUILD" in
   cpu)
@@ -87,8 +90,8 @@ fi
 
 echo "building horovod $HOROVOD_VERSION against MXNet + $WHAT (about 3 minutes on 2 cores; cached in $DIR)"
 # A build needs cmake and a C++ compiler; cmake comes from PyPI when the system has none.
-command -v cmake >/dev/null || uv pip install --python "$PY" -q cmake
-uv pip install --python "$PY" -q pip setuptools wheel packaging
+command -v cmake >/dev/null || uv pip install --python "$PY" -q --require-hashes --no-deps -r "$REQ/cmake.txt"
+uv pip install --python "$PY" -q --require-hashes --no-deps -r "$REQ/build-tools.txt"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 build_env=(-u HOROVOD_GPU_OPERATIONS -u HOROVOD_GPU_ALLREDUCE HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1
@@ -101,7 +104,8 @@ else
 fi
 # --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by these variables; it would hand
 # back a Gloo-only build for a GPU install.
-env "${build_env[@]}" "$PY" -m pip wheel -q --no-cache-dir --no-build-isolation --no-deps -w "$tmp" "horovod==$HOROVOD_VERSION"
+env "${build_env[@]}" "$PY" -m pip wheel -q --no-cache-dir --no-build-isolation --no-deps --require-hashes \
+    -w "$tmp" -r "$REQ/horovod.txt"
 built=$(ls "$tmp"/horovod-*.whl | head -1)
 uv pip install --python "$PY" -q --no-deps --reinstall "$built"
 if ! check_installed; then

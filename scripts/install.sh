@@ -9,10 +9,11 @@ MXNET_BUILD=${MXNET_BUILD:-cpu}
 case "$MXNET_BUILD" in cpu|gpu) ;; *) echo "MXNET_BUILD must be cpu or gpu, not '$MXNET_BUILD'" >&2; exit 2;; esac
 
 if ! command -v uv >/dev/null 2>&1; then
-  echo "installing uv (the resolver/installer this project uses) with pip"
-  python3 -m pip install -q --user uv
+  echo "installing uv (the resolver/installer this project uses) with pip, hash-checked"
+  python3 -m pip install -q --user --require-hashes --no-deps -r scripts/requirements/uv.txt
   export PATH="$HOME/.local/bin:$PATH"
 fi
+# --frozen: exactly uv.lock, whose every distribution carries a sha256 that uv checks before installing.
 # --inexact keeps Horovod, which is not in the lock because it must be built against the installed MXNet.
 # Byte-compiled once here: the tests start many short Python processes, and some environments set
 # PYTHONDONTWRITEBYTECODE, which would make each of them recompile pandas, Prefect and MXNet.
