@@ -7,7 +7,8 @@ Inventory (the file given to `--hosts` / the pipeline's `train.hosts`):
     slurm:
       partition: debug          # required
       nodes: 2                  # required
-      ntasks_per_node: 8        # ranks per node (= GPUs per node on a GPU cluster); ranks = nodes x this
+      ntasks_per_node: 8        # ranks per node (= GPUs per node on a GPU cluster); nodes x this must be
+                                # the config's global_batch_size / batch_size (else refused)
       time: "01:00:00"          # job time limit; must cover runs x the stage timeout
       account: null
       exclusive: true           # --exclusive (the default: a timed run shares no node)
@@ -45,8 +46,11 @@ Design choices
   RUN_DIR/slurm-<jobid>.log. The batch script is generated with every value shlex-quoted; sbatch gets
   an argv list, `--export=NONE` (the worker's credentials stay out of the job) and the rank environment
   (allow-list + env profile + inventory env) as quoted exports in the script.
-- Preflight through the scheduler (`scontrol show partition/node`), then a one-task-per-node probe job
-  that checks the data dir from the compute nodes; every failure is one line, before the real job.
+- Preflight: nodes x ntasks_per_node against the config's world size (before slurmctld is asked anything),
+  the scheduler (`scontrol show partition/node`), then a one-task-per-node probe job in the ranks' environment
+  and container that checks the data dir from the compute nodes and, for a GPU config, GPUs >= ntasks_per_node,
+  the driver (`nvidia-smi -L`) and hvd.nccl_built() of the ranks' Python; every failure is one line, before the
+  real job.
 - Monitoring polls `scontrol show job`; `on_job(job_id, state)` is called on every state change (the
   flow uses it for its log/artifact); any exception or signal while the job is queued or running
   (SIGTERM, KeyboardInterrupt, Prefect's TerminationSignal, an exception raised by `on_job`) scancels

@@ -7,6 +7,13 @@ preflight that fails with one line naming the host before any rank starts, `horo
 output streamed into the log and into runs/<run-id>/, a timeout for hung jobs, and `--runs N` runs
 with distinct seeds, one result_<n>.txt each.
 
+World size by construction: the ranks are exactly global_batch_size / batch_size of the training config the
+ranks will run (rn50.config.load_config, with the `--set` overrides they get); an inventory with other slots
+is refused (one line, exit 2 from the CLI) before anything runs or is written. Without --hosts, this machine
+gets one slot per GPU (`nvidia-smi -L`) for a GPU config, global_batch_size / batch_size slots for a CPU one.
+A GPU config (float16 / NHWC / DALI mixed decode) is also preflighted on every host, inside the node
+container for runtime docker: GPUs >= slots, a working driver, hvd.nccl_built() in the ranks' Python.
+
 Every call is one *attempt* with a fresh run id. A failed attempt keeps its directory, marked by
 FAILED and status.json, so a retry (what Prefect does) starts clean beside it and nothing is lost.
 """
@@ -61,7 +68,7 @@ class TrainResult(Result):
     run_dir: str
     status: str  # succeeded | failed
     config: str
-    np: int
+    np: int  # ranks = global_batch_size / batch_size of the config
     hosts: list[str]
     runtime: str
     image: str | None
