@@ -117,9 +117,36 @@ def test_content_hash_tracks_context_only(tree):
     (tree / "configs" / "inventory" / "mine.yaml").write_text("hosts: []\n")
     (tree / "infra" / "compose" / "ssh").mkdir(parents=True, exist_ok=True)
     (tree / "infra" / "compose" / "ssh" / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (tree / "infra" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (tree / "infra" / "start-node.sh").write_text("# not copied into the image\n")
     (tree / "README.md").write_text("not in the context\n")
+    (tree / "uv.lock").write_text("the training image does not install from the lock\n")
     assert content_hash(tree) == h0
     assert content_hash(tree, from_image="other:1") != h0
     assert content_hash(tree, build_args={"RUNTIME_ENV": "configs/env/cpu.env"}) != h0
-    (tree / "uv.lock").write_text((tree / "uv.lock").read_text() + "\n")
+    (tree / "infra" / "requirements-node.txt").write_text((tree / "infra" / "requirements-node.txt").read_text() + "\n")
     assert content_hash(tree) != h0
+
+
+def test_training_image_has_no_stock_sshd_host_keys(docker_url, tree):
+    """Debian's openssh-server makes host keys when installed; every container of the image would share them
+    and anyone with the image holds them. The node's sshd uses its own key (/etc/rn50/hostkeys), so the image
+    must carry none in /etc/ssh. Built on a base with openssh-server installed (as APT_PACKAGES does it)."""
+    import docker
+
+    from tests.docker_engine import CACHE, NoEngine, debootstrap_image
+
+    client = docker.DockerClient(base_url=docker_url, version="auto")
+    try:  # the node base of test_train_docker_runtime.py (same tag and cached tarball)
+        base = debootstrap_image(client, "rn50-test/bookworm-sshd:1", CACHE / "base" / "bookworm-sshd.tar",
+                                 "openssh-server,libgomp1,libquadmath0,libsqlite3-0")
+    except NoEngine as e:
+        missing(f"no sshd base image: {e}")
+    keys = "ls /etc/ssh | grep '^ssh_host_' || true"
+    assert _run(docker_url, base, "sh", "-c", keys), "the base has no stock host keys: the test would prove nothing"
+    res = build_image(tree, from_image=base, build_args=OFFLINE_ARGS, docker_host=docker_url, network_mode="none")
+    try:
+        assert _run(docker_url, res.tag, "sh", "-c", keys) == ""
+        assert _run(docker_url, res.tag, "sh", "-c", "test -x /usr/sbin/sshd && echo sshd") == "sshd"
+    finally:
+        _remove(docker_url, res.tag)
