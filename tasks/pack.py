@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -45,7 +46,8 @@ from tasks.common import (Result, StageError, Workdir, digest_of, file_digest, h
 from tasks.ilsvrc import MANIFEST_COLUMNS, SPLITS, manifest_digest
 from tasks.recordio import (IM2REC_EXTS, IR_SIZE, LEN_MASK, MAGIC, REC_HEAD, encode_record, im2rec_path, make_list,
                             pad4, read_lst, read_record, record_size, write_lst)
-from tasks.workers import WorkerError, die_with_parent, read_exact, run_forked
+from tasks.tether import die_with_parent
+from tasks.workers import WorkerError, read_exact, run_forked
 
 FORMAT_VERSION = 1
 BATCH_BYTES = 4 << 20
@@ -358,7 +360,7 @@ def _write_im2rec(prefix: Path, root: Path, threads: int, tick: Callable[[int], 
     cmd = [sys.executable, str(im2rec_path()), "--pass-through", "--num-thread", str(threads), str(prefix), str(root)]
     complaint, last = None, 0
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          preexec_fn=die_with_parent()) as proc:
+                          preexec_fn=die_with_parent(signal.SIGKILL)) as proc:
         for line in proc.stdout:
             if "count:" in line:
                 count = int(line.rsplit("count:", 1)[1])
@@ -491,6 +493,7 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
     expected = _expected(df)
     quirk_rows = df[(df.format != "JPEG") | (df["mode"] != "RGB")]
     quirk_paths = {p: (f, m) for p, f, m in quirk_rows[["path", "format", "mode"]].itertuples(index=False)}
+    del df, quirk_rows  # everything below works from `expected`; the frame would double the memory per image
     splits = [s for s in SPLITS if expected[s] or (wd.extracted / s).exists()]
     out = wd.recordio
     out.mkdir(parents=True, exist_ok=True)

@@ -31,13 +31,18 @@ PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
-    """A Popen `preexec_fn`: the child gets `sig` when the starting thread ends. libc is resolved here,
-    before the fork, so the child runs no dynamic loading (safe in a threaded parent)."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    """A Popen `preexec_fn` (or a call in a forked child): the child gets `sig` when the starting thread ends.
+    libc is resolved here, before the fork: dlopen in a child forked from a threaded process (a Prefect
+    worker) could deadlock on a loader lock another thread held at fork time."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal, the tether still applies
+        prctl = None
     parent = os.getpid()
 
     def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), sig)
 

@@ -9,7 +9,6 @@ parent dies (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import select
@@ -18,32 +17,11 @@ import struct
 from typing import Any, Callable
 
 from tasks.common import StageError
+from tasks.tether import die_with_parent
 
 
 class WorkerError(Exception):
     """A one-line message from a worker, raised as StageError in the parent."""
-
-
-def _prctl():
-    # Looked up before forking: dlopen in a child forked from a threaded process (a Prefect worker) could
-    # deadlock on a loader lock held by another thread at fork time.
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent(prctl, parent: int) -> None:
-    if prctl is not None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
-
-
-def die_with_parent() -> Callable[[], None]:
-    """A `preexec_fn` for subprocess.Popen: the child is SIGKILLed when this process dies."""
-    prctl, parent = _prctl(), os.getpid()
-    return lambda: _die_with_parent(prctl, parent)
 
 
 def read_exact(fd: int, n: int) -> bytes:
@@ -63,7 +41,7 @@ def run_forked(n: int, fn: Callable[[int, Callable[[Any], None]], Any],
     Returns each child's return value. The first error kills every child and raises StageError:
     a WorkerError's or StageError's message as it is, anything else with its type; a child that dies
     without reporting (OOM killer) is named `name` in the error."""
-    die = die_with_parent()
+    die = die_with_parent(signal.SIGKILL)
     children: list[list[Any]] = []
     try:
         for i in range(n):
