@@ -185,6 +185,12 @@ def eval_epochs(max_epochs: int, eval_period: int, eval_offset: int) -> List[int
     return list(range(eval_offset + 1, max_epochs + 1, eval_period))
 
 
+def needs_gpu(cfg: Dict[str, Any]) -> bool:
+    """A config the ranks can only run on GPUs: float16, NHWC or DALI mixed decode (`dali_decode: auto` runs
+    either way). The launcher counts GPUs and checks NCCL for these; rn50.train refuses them without a GPU."""
+    return cfg["dtype"] == "float16" or cfg["layout"] == "NHWC" or cfg["dali_decode"] == "mixed"
+
+
 def world_size_error(cfg: Dict[str, Any], ranks: int) -> Optional[str]:
     """The one-line refusal when batch_size x ranks is not the config's global_batch_size, else None."""
     if cfg["batch_size"] * ranks == cfg["global_batch_size"]:

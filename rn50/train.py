@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from rn50.config import ConfigError, eval_epochs, load_config, world_size_error
+from rn50.config import ConfigError, eval_epochs, load_config, needs_gpu, world_size_error
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -337,7 +337,7 @@ def build_trainer(cfg: Dict, net, steps_per_epoch: int, hvd):
 
 def _device(cfg: Dict, local_rank: int, mx):
     gpu = local_rank if mx.context.num_gpus() > 0 else None
-    if gpu is None and (cfg["dtype"] == "float16" or cfg["layout"] == "NHWC" or cfg["dali_decode"] == "mixed"):
+    if gpu is None and needs_gpu(cfg):
         raise ConfigError(f"config {cfg['name']!r} needs a GPU (dtype float16 / NHWC / mixed decode); none found")
     return gpu, (mx.gpu(gpu) if gpu is not None else mx.cpu())
 

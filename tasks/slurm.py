@@ -692,7 +692,8 @@ def launch(
     """Preflight through Slurm, then one batch job whose srun steps run the `runs` runs of `rank program
     --config C --data D --out RUN_DIR --run-index N --seed S` on nodes x ntasks_per_node ranks, which must be
     the config's global_batch_size / batch_size (refused before anything is submitted or written)."""
-    from tasks.train import TrainResult, expected_data, gpu_config, new_run_id, ranks_needed, slot_error, training_config
+    from rn50.config import needs_gpu
+    from tasks.train import TrainResult, expected_data, new_run_id, ranks_needed, slot_error, training_config
 
     logger = logger or log
     wd = Workdir(workdir)
@@ -735,7 +736,7 @@ def launch(
     try:
         env = rank_env(spec, python, containerized)
         errors = probe_data(spec, data_dir, expected, job_dir, image, probe_timeout_s, env=env,
-                            gpu_python=python if gpu_config(cfg) else None)
+                            gpu_python=python if needs_gpu(cfg) else None)
         if errors:
             raise StageError("preflight failed: " + "; ".join(errors))
         container = _container_args(spec, image, data_dir, str(wd.root))

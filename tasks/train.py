@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rn50.config import needs_gpu
 from tasks import paths
 from tasks.common import Result, StageError, TransientError, Workdir, file_digest, write_json_atomic, write_text_atomic
 from tasks.tether import Tether, die_with_parent
@@ -114,12 +115,6 @@ def ranks_needed(cfg: dict[str, Any]) -> int:
     return cfg["global_batch_size"] // cfg["batch_size"]
 
 
-def gpu_config(cfg: dict[str, Any]) -> bool:
-    """A config the ranks can only run on GPUs: float16, NHWC or DALI mixed decode (what rn50.train refuses
-    without a GPU; see the comments in rn50/config.py's DEFAULTS). `dali_decode: auto` runs either way."""
-    return cfg["dtype"] == "float16" or cfg["layout"] == "NHWC" or cfg["dali_decode"] == "mixed"
-
-
 def slot_error(cfg: dict[str, Any], slots: int, where: str, fix: str) -> str | None:
     """One line when `slots` differs from the ranks the config needs, else None."""
     from rn50.config import world_size_error
@@ -153,7 +148,7 @@ _GPU_LINE = re.compile(r"^GPU \d+:", re.M)
 
 def local_default(cfg: dict[str, Any]) -> Inventory:
     """No --hosts: this machine with one slot per GPU for a GPU config, else global_batch_size / batch_size."""
-    if not gpu_config(cfg):
+    if not needs_gpu(cfg):
         return local_inventory(ranks_needed(cfg))
     gpus = local_gpu_count()
     if gpus == 0:
@@ -618,7 +613,7 @@ def train(
     cfg = training_config(config, extra_args)
     if hosts is None:
         inv = local_default(cfg)
-        where = (f"this host (no --hosts) has {inv.total_slots} GPU(s), so" if gpu_config(cfg)
+        where = (f"this host (no --hosts) has {inv.total_slots} GPU(s), so" if needs_gpu(cfg)
                  else "the local default has")
         fix = f"give --hosts with {ranks_needed(cfg)} slot(s) in total"
     else:
@@ -659,7 +654,7 @@ def train(
     tether = Tether()
     try:
         preflight(inv, expected, data_dir, str(inv.work_dir or wd.root), trust, image,
-                  gpu_python=python if gpu_config(cfg) else None)
+                  gpu_python=python if needs_gpu(cfg) else None)
         ssh_bin = write_wrapper(launcher_dir / "bin", trust.config).parent
         env = tether.env(rank_env(inv, ssh_bin))
         results = []
