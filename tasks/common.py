@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 CHUNK = 1 << 20
 
@@ -131,34 +131,30 @@ def relocatable(obj: Any, *roots: Path | str) -> Any:
     if not pats:
         return obj
 
-    def conv(v: Any) -> Any:
-        if isinstance(v, str):
-            for pat in pats:
-                v = pat.sub(lambda _m: WORKDIR_MARK, v)
-            return v
-        if isinstance(v, dict):
-            return {conv(k): conv(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
+    def conv(v: str) -> str:
+        for pat in pats:
+            v = pat.sub(lambda _m: WORKDIR_MARK, v)
         return v
 
-    return conv(obj)
+    return _map_strings(obj, conv)
 
 
 def rebased(obj: Any, root: Path | str) -> Any:
     """The inverse of `relocatable`: `$WORKDIR` replaced by `root`, the work dir the result is used in now."""
     root = str(root).rstrip("/") or "/"
 
-    def conv(v: Any) -> Any:
-        if isinstance(v, str):
-            return _MARK_RE.sub(lambda _m: root, v) if WORKDIR_MARK in v else v
-        if isinstance(v, dict):
-            return {conv(k): conv(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        return v
+    return _map_strings(obj, lambda v: _MARK_RE.sub(lambda _m: root, v) if WORKDIR_MARK in v else v)
 
-    return conv(obj)
+
+def _map_strings(obj: Any, fn: Callable[[str], str]) -> Any:
+    """`obj` with `fn` applied to every string in it (dict keys included); tuples become lists, as in JSON."""
+    if isinstance(obj, str):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {_map_strings(k, fn): _map_strings(x, fn) for k, x in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_map_strings(x, fn) for x in obj]
+    return obj
 
 
 # --- stamps: "this stage's outputs are complete and unchanged" without re-hashing data ------------

@@ -96,18 +96,22 @@ _TOP_KEYS = {f.name for f in dataclasses.fields(Inventory)}
 _HOST_KEYS = {f.name for f in dataclasses.fields(Host)}
 
 
-def load_inventory(path: Path | str) -> Inventory:
-    """Parse and validate an inventory YAML."""
+def read_inventory_file(path: Path | str) -> Any:
+    """The YAML document of a hosts file (SSH inventory or `launcher: slurm`), or a one-line error."""
     import yaml
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise StageError(f"inventory {path} does not exist") from None
     except yaml.YAMLError as e:
         raise StageError(f"inventory {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_inventory(doc, source=str(path))
+
+
+def load_inventory(path: Path | str) -> Inventory:
+    """Parse and validate an inventory YAML."""
+    return parse_inventory(read_inventory_file(path), source=str(path))
 
 
 def _match(pattern: re.Pattern, value: Any, field: str, source: str, what: str) -> str:

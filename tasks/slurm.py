@@ -76,6 +76,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tasks import rank_logs
 from tasks.common import StageError, Workdir, file_digest, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("tasks.train")  # the train stage's logger
@@ -140,16 +141,9 @@ def is_slurm_file(path: Path | str) -> bool:
 
 
 def load(path: Path | str) -> SlurmSpec:
-    import yaml
+    from tasks.inventory import read_inventory_file
 
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise StageError(f"inventory {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise StageError(f"inventory {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse(doc, source=str(path))
+    return parse(read_inventory_file(path), source=str(path))
 
 
 def parse_time(value: str) -> float:
@@ -583,23 +577,6 @@ def batch_script(spec: SlurmSpec, run_dir: Path, job_dir: Path, env: dict[str, s
 
 
 _TASK_EXIT = re.compile(r"srun: error: (\S+): tasks? ([\d,\-]+): (Exited with exit code (\d+)|Killed|Terminated|.*)")
-_EXCEPTION = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b")
-_FATAL = re.compile(r"Segmentation fault|Fatal Python error|Killed|Bus error|Illegal instruction")
-_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Horovod has been shut down", re.I)
-
-
-def last_error(lines: list[str]) -> str:
-    """The line a human would quote: a traceback's exception line, a crash, else the last line."""
-    lines = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("srun:")]
-    for line in reversed(lines):
-        if _EXCEPTION.match(line):
-            return line[:300]
-    for line in lines:
-        if _FATAL.search(line):
-            return line[:300]
-    return lines[-1][:300] if lines else ""
-
-
 def _ranks(spec: str) -> list[int]:
     out = []
     for part in spec.split(","):
@@ -623,17 +600,17 @@ def first_failure(run_dir: Path, job_log: Path, n: int) -> str | None:
     for r in {r for r, _, _ in exits} | {int(p.name[4:].split("_")[0]) for p in run_dir.glob(f"rank*_{n}.log")}:
         p = run_dir / f"rank{r}_{n}.log"
         logs[r] = p.read_text(errors="replace").splitlines() if p.exists() else []
-    cands = [(r, node, why) for r, node, why in exits if not any(_PEER_LOST.search(x) for x in logs.get(r, []))]
+    cands = [(r, node, why) for r, node, why in exits if not rank_logs.lost_peer(logs.get(r, []))]
     if not cands:
         # No srun verdict (e.g. scancel): blame a rank that printed an exception of its own.
         cands = [(r, "?", "raised") for r in sorted(logs)
-                 if any(_EXCEPTION.match(x.strip()) for x in logs[r]) and not any(_PEER_LOST.search(x) for x in logs[r])]
+                 if rank_logs.raised(logs[r]) and not rank_logs.lost_peer(logs[r])]
     if not cands and exits:
         cands = exits
     if not cands:
         return None
     r, node, why = cands[0]
-    err = last_error(logs.get(r, []))
+    err = rank_logs.last_error(logs.get(r, []))
     where = f" on {node}" if node != "?" else ""
     return f"rank {r}{where} failed first ({why.lower()})" + (f": {err}" if err else "")
 
@@ -757,7 +734,7 @@ def launch(
             n = _failed_run(job_dir, runs)
             why = first_failure(run_dir, job_log, n) if n is not None else None
             if not why:
-                why = last_error(job_log.read_text(errors="replace").splitlines()) if job_log.exists() else ""
+                why = rank_logs.last_error(job_log.read_text(errors="replace").splitlines()) if job_log.exists() else ""
                 why = why or (info or {}).get("Reason", "")
             run_part = f"run {n}: " if n is not None else ""
             raise StageError(f"slurm job {job_id} {state}: {run_part}{why}".rstrip(": "))

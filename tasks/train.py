@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rn50.config import needs_gpu
-from tasks import paths
+from tasks import paths, rank_logs
 from tasks.common import Result, StageError, TransientError, Workdir, file_digest, write_json_atomic, write_text_atomic
 from tasks.tether import Tether, die_with_parent
 from tasks.inventory import Host, Inventory, load_inventory, local_inventory, read_env_file
@@ -443,7 +443,7 @@ class _Streamer:
             # Under load the rank that raised can still be tearing down when its peers' "shut down" exits
             # arrive and horovodrun stops it: blame a rank that printed an exception of its own.
             primary = [(r, None) for r in sorted(self.tail) if r not in dict(failed) and not self._lost_peer(r)
-                       and any(_EXCEPTION.match(t) for t in self.tail[r])]
+                       and rank_logs.raised(self.tail[r])]
         rank, code = (primary or failed)[0]
         host = self.hosts_of_rank.get(rank, "?")
         if code is None:
@@ -459,7 +459,7 @@ class _Streamer:
         if blamed is None:
             return None
         rank, _, reason = blamed
-        err = _last_error(self.tail.get(rank, []))
+        err = rank_logs.last_error(self.tail.get(rank, []))
         return f"rank {rank} on {self.hosts_of_rank.get(rank, '?')} failed first ({reason})" + (f": {err}" if err else "")
 
     def lost_to_signal_or_ssh(self) -> bool:
@@ -470,31 +470,15 @@ class _Streamer:
             return False
         rank, _, reason = blamed
         return (reason.startswith(("killed by signal", "exit 255"))
-                and not any(_EXCEPTION.match(t) for t in self.tail.get(rank, [])))
+                and not rank_logs.raised(self.tail.get(rank, [])))
 
     def _lost_peer(self, rank: int) -> bool:
-        return any(_PEER_LOST.search(t) for t in self.tail.get(rank, []))
+        return rank_logs.lost_peer(self.tail.get(rank, []))
 
     def close(self) -> None:
         self.launcher.close()
         for f in self.rank_files.values():
             f.close()
-
-
-_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Horovod has been shut down|ranks? (has|have) (finished|shut)", re.I)
-_EXCEPTION = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b")
-_FATAL = re.compile(r"Segmentation fault|Fatal Python error|Killed|Bus error|Illegal instruction")
-
-
-def _last_error(lines: list[str]) -> str:
-    """The line a human would quote: the exception line of a traceback, a crash, else the last line."""
-    for line in reversed(lines):
-        if _EXCEPTION.match(line):
-            return line[:300]
-    for line in lines:
-        if _FATAL.search(line):
-            return line[:300]
-    return lines[-1][:300] if lines else ""
 
 
 def _hosts_of_rank(inv: Inventory, np: int) -> dict[int, str]:
@@ -675,7 +659,7 @@ def train(
                 raise StageError(f"run {n}: timed out after {timeout_s:.0f} s; ranks were stopped"
                                  + (f" ({streamer.first_failure()})" if streamer.first_failure() else ""))
             if code != 0:
-                why = streamer.first_failure() or _last_error(
+                why = streamer.first_failure() or rank_logs.last_error(
                     [ln.strip() for ln in Path(streamer.launcher.name).read_text().splitlines() if ln.strip()])
                 # A rank killed by a signal, or an ssh session lost with its rank, may be a node hiccup: worth a
                 # retry. A rank that raised fails the same way again.
