@@ -95,3 +95,30 @@ def pytest_make_collect_report(collector):
     rep = outcome.get_result()
     if STRICT and rep.skipped:  # a module-level skip / importorskip
         rep.outcome, rep.longrepr = "failed", _strict_message(rep.longrepr)
+
+
+# --- a real Docker engine, started once for the session ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def docker_url():
+    """The URL of a Docker engine: the one at DOCKER_HOST / the default socket, or Debian's dockerd started
+    on a private socket (tests/docker_engine.py) and stopped at the end of the session."""
+    from tests.docker_engine import NoEngine, engine
+
+    try:
+        with engine() as url:
+            yield url
+    except NoEngine as e:
+        missing(f"no Docker engine can be started here: {e}")
+
+
+@pytest.fixture(scope="session")
+def docker_base(docker_url) -> str:
+    """The debootstrapped Debian bookworm minbase image the test images build on (no registry here)."""
+    from tests.docker_engine import NoEngine, base_image
+
+    try:
+        return base_image(docker_url)
+    except NoEngine as e:
+        missing(f"no base image for the test containers: {e}")

@@ -113,17 +113,6 @@ def test_project_image_context_has_the_sources_and_no_secret(tree):
             assert s in included or any(p.startswith(s + "/") for p in included), f"COPY {s} would find nothing"
 
 
-@pytest.fixture(scope="module")
-def docker_url():
-    from tests.docker_engine import NoEngine, engine
-
-    try:
-        with engine() as url:
-            yield url
-    except NoEngine as e:
-        missing(f"no Docker engine can be started here: {e}")
-
-
 @pytest.mark.timeout(600)
 def test_project_image_context_on_a_real_engine(docker_url, tree):
     """What a real engine receives for infra/compose/Dockerfile: a probe Dockerfile at that path (so the same

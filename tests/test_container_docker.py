@@ -18,27 +18,6 @@ pytestmark = pytest.mark.timeout(600)
 OFFLINE_ARGS = {"APT_PACKAGES": "", "PIP_INSTALL": "0"}
 
 
-@pytest.fixture(scope="module")
-def docker_url():
-    from tests.docker_engine import NoEngine, engine
-
-    try:
-        with engine() as url:
-            yield url
-    except NoEngine as e:
-        missing(f"no Docker engine can be started here: {e}")
-
-
-@pytest.fixture(scope="module")
-def base(docker_url):
-    from tests.docker_engine import NoEngine, base_image
-
-    try:
-        return base_image(docker_url)
-    except NoEngine as e:
-        missing(f"no base image for the test containers: {e}")
-
-
 @pytest.fixture
 def tree(tmp_path):
     """A copy of the build context, so a test can change rn50/ without touching the work tree."""
@@ -67,7 +46,8 @@ def _remove(url, *tags):
             pass
 
 
-def test_docker_build_cache_hit_and_rebuild_on_change(docker_url, base, tree, tmp_path):
+def test_docker_build_cache_hit_and_rebuild_on_change(docker_url, docker_base, tree, tmp_path):
+    base = docker_base
     tags = []
     first = build_image(tree, from_image=base, build_args=OFFLINE_ARGS, docker_host=docker_url,
                         network_mode="none", log_path=tmp_path / "build.log")
