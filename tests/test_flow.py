@@ -115,13 +115,19 @@ def test_two_concurrent_runs_execute_each_stage_once(prefect_server, demo_source
     assert len(list((wd / "runs").iterdir())) == 1
 
 
+def _last_line(stderr: str) -> str:
+    # Prefect's events client may still report, at interpreter exit and after our error, that it is
+    # flushing (seen under load 9): "... | WARNING | EventsWorker - Still processing items: ...".
+    return [ln for ln in stderr.strip().splitlines() if "| EventsWorker - " not in ln][-1]
+
+
 def test_bad_pipeline_and_missing_source_fail_clearly(prefect_server, tmp_path):
     env = {k: v for k, v in prefect_server.env().items() if k.startswith(("PREFECT_", "RN50_"))}
     proc = rn50("run", tmp_path / "nope", tmp_path / "wd", env=env, timeout=600)
     assert proc.returncode != 0
-    assert str(tmp_path / "nope") in proc.stderr.strip().splitlines()[-1]
+    assert str(tmp_path / "nope") in _last_line(proc.stderr)
     proc = rn50("run", tmp_path, tmp_path / "wd", "--pipeline", "no-such", env=env, timeout=600)
-    assert proc.returncode != 0 and "no pipeline config 'no-such'" in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "no pipeline config 'no-such'" in _last_line(proc.stderr)
 
 
 def test_nightly_accepts_a_baseline_then_fails_a_regression(prefect_server, demo_source, first_run):
