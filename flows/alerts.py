@@ -31,6 +31,10 @@ NIGHTLY = "nightly"
 BLOCK_NAME = "rn50-alerts"
 NIGHTLY_AUTOMATION = "rn50-nightly-failed"
 ALL_RUNS_AUTOMATION = "rn50-run-failed"
+ZOMBIE_AUTOMATION = "rn50-crash-zombie-runs"
+# Workers run flows with PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 (flows/local.py, docker-compose.yml): a run whose
+# heartbeats stop for this long (its worker or machine died) is marked Crashed, as Prefect's docs recommend.
+ZOMBIE_WITHIN_S = 90
 END_EVENTS = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
 
 SUBJECT = "rn50/{{ deployment.name }}: flow run {{ flow_run.name }} {{ flow_run.state.name }}"
@@ -103,6 +107,31 @@ def _automation(name: str, description: str, related: dict[str, str], channel: t
         actions=actions)
 
 
+def _zombie_automation():
+    """Prefect's recipe for zombie flow runs ("Detect zombie flows"), limited to rn50 runs: after a heartbeat, expect
+    another heartbeat or a final state within ZOMBIE_WITHIN_S, else mark the run Crashed."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=ZOMBIE_AUTOMATION, enabled=True,
+        description=f"An {FLOW} flow run sent no heartbeat for {ZOMBIE_WITHIN_S} s (its worker or machine died): "
+                    "marked Crashed, so the next run does not wait on it and its stages can run again.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW},
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=ZOMBIE_WITHIN_S)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {ZOMBIE_WITHIN_S} s: the worker or its machine died")])
+
+
 def _upsert(client, core) -> UUID:
     existing = client.read_automations_by_name(core.name)
     if not existing:
@@ -130,6 +159,7 @@ def ensure_alerts(all_runs: bool = False, block: str | None = None) -> dict[str,
             "stage); the message carries the verdict and the reason.",
             {"prefect.resource.id": f"prefect.deployment.{deployment.id}", "prefect.resource.role": "deployment"},
             channel))}
+        made[ZOMBIE_AUTOMATION] = _upsert(client, _zombie_automation())
         if all_runs:
             made[ALL_RUNS_AUTOMATION] = _upsert(client, _automation(
                 ALL_RUNS_AUTOMATION, f"Any {FLOW}/* run ended Failed or Crashed.",

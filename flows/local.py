@@ -37,6 +37,9 @@ class LocalPrefect:
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "GX_ANALYTICS_ENABLED": "false",
                 "PREFECT_UI_API_URL": self.api_url, "RN50_PROJECT_DIR": str(PROJECT),
                 "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+                # Flow runs send heartbeats; the rn50-crash-zombie-runs automation (flows/alerts.py) marks a run
+                # whose heartbeats stop (its worker died) Crashed.
+                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
                 # Concurrency leases (the rn50-cluster slot) on disk, not in the server's memory: a slot held by a
                 # run that was killed is freed by the server's repossessor once its lease expires, even across a
                 # restart of the server.

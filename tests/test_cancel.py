@@ -320,3 +320,43 @@ def test_sigkill_of_rn50_run_leaves_no_orphan_and_a_rerun_completes(demo_source,
     assert rerun.returncode == 0 and out["state"] == "Completed", rerun.stderr[-3000:]
     assert out["stages"]["train"] == "Completed"
     assert "broke the stale lock rn50-train-" in rerun.stdout + rerun.stderr
+
+
+# --- a worker that dies with its machine ----------------------------------------------------------
+
+
+def test_a_dead_worker_leaves_a_crashed_run_and_the_next_run_completes_from_cache(prefect_server, demo_source,
+                                                                                   tmp_path):
+    """The worker, the flow-run process and everything below them die at once (a machine crash): heartbeats stop,
+    the rn50-crash-zombie-runs automation marks the run Crashed, and `rn50/full` afterwards completes from the
+    cached data stages (the dead holder's stage lock is broken, its cluster slot repossessed)."""
+    import psutil
+
+    wd = tmp_path / "wd"
+    params = ["--param", f"source={demo_source}", "--param", f"workdir={wd}"]
+    prefect = str(Path(sys.executable).parent / "prefect")
+    started = subprocess.run([prefect, "deployment", "run", "rn50/full", *params], env=_env(prefect_server),
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    flow_run_id = next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
+    ranks = wait_for_ranks(wd)
+
+    worker = psutil.Process(int((prefect_server.home / "pids" / "worker").read_text()))
+    machine = [worker] + worker.children(recursive=True) + [psutil.Process(p) for p, _ in ranks]
+    for proc in machine:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive(p.pid for p in machine)
+    state = wait_for("the run marked Crashed", lambda: _flow_run_state(prefect_server, flow_run_id) == "Crashed", 240,
+                     every=5)
+    assert state
+
+    prefect_server.up()  # a new worker, as after the machine's reboot
+    again = prefect_server.run_deployment("full", f"source={demo_source}", f"workdir={wd}", timeout_s=900)
+    assert again.returncode == 0 and "Completed" in again.stdout, again.stdout[-3000:] + again.stderr[-2000:]
+    rerun_id = next(line.split()[-1] for line in again.stdout.splitlines() if "UUID" in line)
+    states = {t["name"].rsplit("-", 1)[0]: t["state"] for t in _task_runs(prefect_server, rerun_id)}
+    assert all(states[s] == "Cached" for s in ("fetch", "verify", "pack")), states
+    assert states["train"] == "Completed", states

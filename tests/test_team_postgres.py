@@ -178,7 +178,7 @@ def test_team_server_on_postgresql_deploys_and_runs_full(team_server, tmp_path):
     assert [d[0] for d in before["deployments"]] == ["full", "nightly", "train"], before
     assert all(json.loads(d[2])["pipeline"] == "demo" for d in before["deployments"])
     assert before["limits"] == [("rn50-cluster", 1)] and before["pools"] == ["rn50"], before
-    assert [a[0] for a in before["automations"]] == ["rn50-nightly-failed"], before
+    assert [a[0] for a in before["automations"]] == ["rn50-crash-zombie-runs", "rn50-nightly-failed"], before
     again = subprocess.run(["sh", "infra/compose/deploy.sh"], env=deploy, cwd=ROOT, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
