@@ -34,14 +34,14 @@ HOLD_S = 120.0  # a lock not renewed for this long is stale, wherever its holder
 RENEW_S = 20.0
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): pid + this is unique."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -73,7 +73,7 @@ class LiveLockManager(FileSystemLockManager):
     def _record(self, holder: str) -> dict[str, Any]:
         pid = os.getpid()
         return {"holder": holder, "expiration": time.time() + self.hold_s, "host": socket.gethostname(),
-                "boot_id": _boot_id(), "pid": pid, "pid_start": _start_time(pid)}
+                "boot_id": boot_id(), "pid": pid, "pid_start": process_start_time(pid)}
 
     def _read(self, key: str) -> dict[str, Any] | None:
         try:
@@ -112,9 +112,9 @@ class LiveLockManager(FileSystemLockManager):
             except FileNotFoundError:
                 return None
             return f"an unrenewed lock without a live holder record, {age:.0f} s old" if age > self.hold_s else None
-        if rec.get("boot_id") == _boot_id() and rec.get("host") == socket.gethostname():
+        if rec.get("boot_id") == boot_id() and rec.get("host") == socket.gethostname():
             pid = rec.get("pid")
-            if isinstance(pid, int) and _start_time(pid) != rec.get("pid_start"):
+            if isinstance(pid, int) and process_start_time(pid) != rec.get("pid_start"):
                 return f"its holder (pid {pid} on {rec['host']}) is gone"
         if rec["expiration"] < time.time():
             return f"its holder ({rec.get('host', '?')} pid {rec.get('pid', '?')}) stopped renewing it"

@@ -372,13 +372,13 @@ def _train(workdir: str, config: str, hosts: str | None, runs: int, image: str |
     try:
         with cluster_slot(cluster_limit):
             return launch(workdir, hosts=hosts, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed,
-                          on_job=_slurm_job_artifact())
+                          on_job=slurm_job_reporter())
     finally:
         table.stop.set()
         table.publish()
 
 
-def _slurm_job_artifact() -> Callable[[str, str], None]:
+def slurm_job_reporter() -> Callable[[str, str], None]:
     """With the Slurm launcher: every state change of the batch job in the stage log and in a table artifact."""
     from prefect.logging import get_run_logger
 

@@ -97,7 +97,7 @@ def content_hash(root: Path = REPO, from_image: str = DEFAULT_FROM, build_args: 
     return h.hexdigest()[:16]
 
 
-def _context_tar(root: Path, files: Iterable[Path]) -> io.BytesIO:
+def context_tar(root: Path, files: Iterable[Path]) -> io.BytesIO:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for rel in files:
@@ -197,7 +197,7 @@ def build_image(
     lines: list[str] = []
     try:
         stream = client.api.build(
-            fileobj=_context_tar(root, files), custom_context=True, dockerfile="infra/Dockerfile",
+            fileobj=context_tar(root, files), custom_context=True, dockerfile="infra/Dockerfile",
             tag=tag, buildargs=args, rm=True, forcerm=True, pull=False, decode=True,
             network_mode=network_mode, labels={"org.rn50.content-hash": chash},
         )

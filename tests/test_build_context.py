@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from helpers import missing
-from tasks.container import _context_tar, context_files, is_secret_path
+from tasks.container import context_tar, context_files, is_secret_path
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DOCKERFILE = "infra/compose/Dockerfile"
@@ -75,7 +75,7 @@ def test_training_context_is_what_the_dockerfile_copies_and_no_secret(tree):
     assert not set(PLANTED) & set(files), set(PLANTED) & set(files)
     assert "rn50/leak.py" not in files
     # What reaches the engine is exactly that list, with no byte of the planted keys.
-    with tarfile.open(fileobj=_context_tar(tree, [Path(f) for f in files])) as tar:
+    with tarfile.open(fileobj=context_tar(tree, [Path(f) for f in files])) as tar:
         members = tar.getmembers()
         assert sorted(m.name for m in members) == sorted(files)
         assert all(m.isfile() for m in members)

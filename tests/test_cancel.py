@@ -88,13 +88,13 @@ def _dead_pid() -> int:
 
 
 def test_a_lock_whose_holder_died_is_broken_with_one_log_line(tmp_path, caplog):
-    from flows.locks import LiveLockManager, _boot_id, _start_time
+    from flows.locks import LiveLockManager, boot_id, process_start_time
 
     locks = LiveLockManager(tmp_path)
     dead = _dead_pid()
     (tmp_path / "k.lock").write_text(json.dumps({
         "holder": "someone", "expiration": time.time() + 3600, "host": os.uname().nodename,
-        "boot_id": _boot_id(), "pid": dead, "pid_start": "1"}))
+        "boot_id": boot_id(), "pid": dead, "pid_start": "1"}))
     t0 = time.monotonic()
     with caplog.at_level("WARNING"):
         assert locks.acquire_lock("k", holder="me", acquire_timeout=10)
@@ -110,7 +110,7 @@ def test_a_lock_whose_holder_died_is_broken_with_one_log_line(tmp_path, caplog):
     other = LiveLockManager(tmp_path)
     assert not other.acquire_lock("k", holder="second", acquire_timeout=1.5)
     assert json.loads((tmp_path / "k.lock").read_text())["holder"] == "first"
-    assert _start_time(os.getpid()) == json.loads((tmp_path / "k.lock").read_text())["pid_start"]
+    assert process_start_time(os.getpid()) == json.loads((tmp_path / "k.lock").read_text())["pid_start"]
 
 
 def test_prefects_own_never_expiring_lock_is_broken_once_unrenewed(tmp_path):

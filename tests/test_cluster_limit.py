@@ -67,11 +67,11 @@ def test_two_runs_against_one_cluster_take_turns(server):
 
 JOB_ARTIFACT = """
 from prefect import flow
-from flows.stages import _slurm_job_artifact
+from flows.stages import slurm_job_reporter
 
 @flow(name="slurm-job-artifact")
 def report():
-    on_job = _slurm_job_artifact()
+    on_job = slurm_job_reporter()
     on_job("4242", "PENDING")
     on_job("4242", "RUNNING")
     on_job("4242", "COMPLETED")
