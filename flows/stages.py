@@ -154,33 +154,63 @@ def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries
 
 class Runner:
     """Calls stage tasks for one work dir: `run(task, key, **kwargs)` -> the stage's result dict, its
-    `$WORKDIR` paths under this work dir (whichever work dir a cached result was first computed in).
+    `$WORKDIR` paths under this work dir.
 
-    A cached result counts only while the stage's outputs are still as it left them (its stamp).
-    That is checked after the cache lookup, which waits on the stage's lock: a concurrent run computing
-    the same key finishes first, and this one then takes its result from the cache."""
+    Keys are content, so Prefect's record for a key may come from another work dir (or from this one
+    before it was moved). A cache hit counts only while this work dir's stamp for the stage has the same
+    key and its outputs are still as the stage left them (and `still_there` holds); the result used is
+    then the stamp's — the stage's result as it ran here (train's run id is this work dir's run), not
+    whichever work dir Prefect's record was last written from. Otherwise the stage runs again, under a
+    per-stage file lock in the work dir so that two concurrent runs of one work dir run it once: the
+    second finds the first's fresh stamp. The cache lookup itself waits on the key's Prefect lock, so a
+    concurrent run computing the same key finishes first."""
 
     def __init__(self, wd: Workdir, rerun: Iterable[str] = ()):
         self.wd, self.rerun = wd, set(rerun)
 
     def __call__(self, stage_task, key: str, **kwargs: Any) -> dict:
-        from tasks.common import stamp_valid
-
         name = stage_task.name
         print(f"{name}: cache key {key[:16]}" + (" (rerun requested)" if name in self.rerun else ""))
         state = stage_task.with_options(refresh_cache=name in self.rerun)(key, str(self.wd.root), return_state=True,
                                                                          **kwargs)
-        if state.name == "Cached":
-            why = None
-            if not stamp_valid(self.wd, f"flow-{name}", key):
-                why = "the cached result's outputs are missing or changed here"
-            elif name in _STILL_THERE and not _STILL_THERE[name](rebased(state.result(), self.wd.root)):
-                why = "what the cached result names is gone"
-            if why:
-                print(f"{name}: {why}; running it again")
-                state = stage_task.with_options(refresh_cache=True)(key, str(self.wd.root), return_state=True,
-                                                                    **kwargs)
-        return rebased(state.result(), self.wd.root)
+        if state.name != "Cached":
+            return rebased(state.result(), self.wd.root)
+        result, why = self.here(name, key)
+        if result is not None:
+            return result
+        with self._stage_lock(name):
+            result, _ = self.here(name, key)  # a concurrent run of this work dir may just have run it
+            if result is not None:
+                return result
+            print(f"{name}: {why}; running it again")
+            state = stage_task.with_options(refresh_cache=True)(key, str(self.wd.root), return_state=True, **kwargs)
+            return rebased(state.result(), self.wd.root)
+
+    def here(self, name: str, key: str) -> tuple[dict | None, str]:
+        """(the stage's result as it ran in this work dir for `key`, "") while its stamp vouches for it;
+        else (None, why not)."""
+        from tasks.common import fingerprint, read_stamp
+
+        stamp = read_stamp(self.wd, f"flow-{name}")
+        if stamp is None or stamp.get("key") != key:
+            return None, "this work dir has no result of it for this key"
+        if fingerprint(stamp["outputs"], self.wd.root) != stamp["fingerprint"]:
+            return None, "its outputs are missing or changed here"
+        if name in _STILL_THERE and not _STILL_THERE[name](stamp["result"]):
+            return None, "what its result names is gone"
+        return stamp["result"], ""
+
+    @contextlib.contextmanager
+    def _stage_lock(self, name: str):
+        import fcntl
+
+        self.wd.stamps.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.wd.stamps / f".flow-{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+            yield
+        finally:
+            os.close(fd)
 
 
 @task(name="skipped")

@@ -41,7 +41,7 @@ def run_flow(server, source: Path, wd: Path, *extra: str) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no JSON on stdout (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     out = json.loads(lines[-1])
-    out["returncode"] = proc.returncode
+    out["returncode"], out["output"] = proc.returncode, proc.stdout + proc.stderr
     out["log"] = [line for line in proc.stderr.splitlines() if "key " in line or "again" in line or "Finished" in line]
     return out
 
@@ -97,6 +97,24 @@ def test_rerun_train_reruns_train_and_what_follows_only(prefect_server, demo_sou
     assert {s: out["stages"][s] for s in ("train", "compliance", "archive")} == dict.fromkeys(
         ("train", "compliance", "archive"), "Completed")
     assert len(set((wd / "runs").iterdir()) - before) == 1
+
+
+def test_a_result_from_another_workdir_never_replaces_this_ones(prefect_server, demo_source, first_run, tmp_path):
+    """Keys are content: another work dir with the same data writes Prefect's records for the same keys.
+    Back in the first work dir every stage is a cache hit with the results it had there (its own run),
+    not the other work dir's: with Prefect's record, compliance would look for the other run's logs here."""
+    from tasks.common import Workdir, read_stamp
+
+    wd, _ = first_run
+    other = run_flow(prefect_server, demo_source, tmp_path / "other")
+    assert other["returncode"] == 0 and other["stages"]["train"] == "Completed", other
+    out = run_flow(prefect_server, demo_source, wd)
+    assert out["returncode"] == 0, out
+    assert out["stages"] == {**{s: "Cached" for s in EVERY}, "container": "Skipped"}, out["stages"]
+    run_dir = Path(read_stamp(Workdir(wd), "flow-train")["result"]["run_dir"])
+    assert run_dir.parent == wd / "runs" and (run_dir / "result_0.txt").is_file()
+    [line] = [ln for ln in out["output"].splitlines() if "time to train:" in ln]
+    assert f"({run_dir}); archived to file://{wd}/archive" in line, line
 
 
 def test_two_concurrent_runs_execute_each_stage_once(prefect_server, demo_source, tmp_path):
