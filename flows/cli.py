@@ -45,6 +45,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                    help="run these stages even if cached (what depends on them follows by its keys)")
     p.add_argument("--nightly", action="store_true",
                    help="convergence regression: train fresh with fixed seeds, compare with the last accepted night")
+    p.add_argument("--force-accept", action="store_true",
+                   help="with --nightly: make tonight the baseline even without a comparable one (needs --reason)")
+    p.add_argument("--reason", default=None, help="why tonight is accepted (recorded with user@host and time)")
     p.add_argument("--json", action="store_true", help="print one JSON object: flow_run_id, state, stages")
     p.set_defaults(run=_cli)
 
@@ -55,6 +58,8 @@ def _cli(args: argparse.Namespace) -> int:
     from flows.config import check_pipeline
     from tasks.tether import TAG, Tether
 
+    if args.force_accept and not (args.nightly and args.reason):
+        raise StageError("--force-accept needs --nightly and --reason \"why\" (it is recorded in the nightly history)")
     # A typo in the pipeline config is a one-line error before any Prefect server or flow run starts.
     check_pipeline(args.pipeline, args.source, args.workdir)
     # Prefect's temporary server would try to send telemetry (and say it failed, offline): as `make` does.
@@ -108,7 +113,8 @@ def _run_server():
 def _run_flow(args: argparse.Namespace) -> int:
     from flows.pipeline import rn50
 
-    state = rn50(args.source, args.workdir, args.pipeline, args.rerun, args.nightly, return_state=True)
+    state = rn50(args.source, args.workdir, args.pipeline, args.rerun, args.nightly,
+                 force_accept=args.force_accept, accept_reason=args.reason, return_state=True)
     flow_run_id = state.state_details.flow_run_id
     stages = stage_states(flow_run_id)
     if args.json:
