@@ -313,10 +313,21 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _wrote(pid: int) -> bool:
+    """The process has written since it was forked (its own /proc/PID/io counter): so it is past the start of
+    the worker, where it asks for the parent-death signal. A worker stopped before that could never get it."""
+    try:
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    except (OSError, ValueError):
+        return False
+    return int(io.get("wchar", "0")) > 0
+
+
 def _writing(proc: subprocess.Popen, wd: Workdir) -> bool:
-    """The pack has forked its workers and they are writing train.rec."""
+    """The pack has forked its workers and every one of them is writing train.rec."""
     tmp = list(wd.recordio.glob(".tmp-pack-*/train.rec")) if wd.recordio.exists() else []
-    return bool(tmp) and bool(_children(proc.pid))
+    workers = _children(proc.pid)
+    return bool(tmp) and bool(workers) and all(_wrote(w) for w in workers)
 
 
 def _kill9_with_workers_stopped(proc: subprocess.Popen) -> list[int]:
