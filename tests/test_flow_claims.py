@@ -16,24 +16,19 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import rn50
-from helpers import free_port, stop_group
+from helpers import free_port, prefect_api, stop_group
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
-_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
 
 def _api(server, method: str, path: str, body: dict | None = None):
-    req = urllib.request.Request(f"{server.api_url}{path}", None if body is None else json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"}, method=method)
-    with _http.open(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
+    return prefect_api(server.api_url, method, path, body)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port, rn50
+from helpers import prefect_api
 from tasks.common import StageError
 
 pytestmark = pytest.mark.slow
@@ -94,11 +94,7 @@ class Receiver(ThreadingHTTPServer):
 
 
 def _api(local, method: str, path: str, body: dict | None = None):
-    req = urllib.request.Request(f"{local.api_url}{path}", method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or "null")
+    return prefect_api(local.api_url, method, path, body)
 
 
 def _run_id(proc: subprocess.CompletedProcess) -> str:

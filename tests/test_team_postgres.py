@@ -10,7 +10,6 @@ alert automation created once.
 """
 from __future__ import annotations
 
-import base64
 import glob
 import json
 import os
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port, missing, stop_group
+from helpers import prefect_api
 
 pytestmark = pytest.mark.slow
 
@@ -144,13 +144,7 @@ def team_server(postgres, tmp_path_factory):
 
 
 def _call(api: str, method: str, path: str, body: dict | None = None, auth: str | None = AUTH):
-    headers = {"Content-Type": "application/json"}
-    if auth:
-        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    req = urllib.request.Request(api + path, method=method, headers=headers,
-                                 data=None if body is None else json.dumps(body).encode())
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or "null")
+    return prefect_api(api, method, path, body, auth=auth)
 
 
 def _state(api: str) -> dict:
