@@ -7,7 +7,7 @@
   inventory's `known_hosts:`). Only the preflight probe may add a key, and only for a host not yet known
   (`accept-new`); a host whose key changed fails preflight, naming it. horovodrun's own ssh calls go
   through `write_wrapper`, which puts `StrictHostKeyChecking=yes` before Horovod's
-  `-o StrictHostKeyChecking=no` (ssh keeps the first value it reads).
+  `-o StrictHostKeyChecking` with the value `no` (ssh keeps the first value it reads).
 - `Remote`: runs a short POSIX sh script on one host, directly when the host is this machine.
 
 Every host name and path reaching an ssh_config or a command line was validated by tasks.inventory;
@@ -126,7 +126,7 @@ def known_host_lines(files: Iterable[Path | None], hosts: Iterable[Host]) -> lis
 
 def write_wrapper(bin_dir: Path, config: Path) -> Path:
     """An `ssh` first on horovodrun's PATH: adds `-F config` and strict host-key checking to the
-    command Horovod builds (which itself says `-o StrictHostKeyChecking=no`)."""
+    command Horovod builds (which itself turns host-key checking off)."""
     real = shutil.which("ssh")
     if real is None:
         raise StageError("the `ssh` client is not installed on the launcher (Debian: openssh-client)")

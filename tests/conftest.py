@@ -122,3 +122,18 @@ def docker_base(docker_url) -> str:
         return base_image(docker_url)
     except NoEngine as e:
         missing(f"no base image for the test containers: {e}")
+
+
+# --- a local Prefect server and worker, one per test module -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """flows/local.py's server + `rn50` process pool + worker + deployments, on a free loopback port; stopped
+    after the module. Its env() points a subprocess at it."""
+    from flows.local import LocalPrefect
+
+    server = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), free_port())
+    server.up()
+    yield server
+    server.down()

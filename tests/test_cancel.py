@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from conftest import RN50, ROOT
-from helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -142,16 +141,6 @@ def test_a_held_lock_is_renewed_and_expires_when_its_holder_stops_renewing(tmp_p
 
 
 # --- retries: transient only ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    from flows.local import LocalPrefect
-
-    server = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), free_port())
-    server.up()
-    yield server
-    server.down()
 
 
 def _env(server) -> dict[str, str]:

@@ -11,19 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import rn50
-from helpers import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    from flows.local import LocalPrefect
-
-    server = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), free_port())
-    server.up()
-    yield server
-    server.down()
 
 
 @pytest.fixture(scope="module")

@@ -19,21 +19,11 @@ import pytest
 import yaml
 
 from conftest import rn50
-from helpers import free_port, missing
+from helpers import missing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 OFFLINE_ARGS = {"APT_PACKAGES": "", "PIP_INSTALL": "0", "RUNTIME_ENV": "configs/env/cpu.env"}
 STAGES = ("fetch", "verify", "pack", "container", "train", "compliance", "archive")
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    from flows.local import LocalPrefect
-
-    server = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), free_port())
-    server.up()
-    yield server
-    server.down()
 
 
 def _client(url: str):
