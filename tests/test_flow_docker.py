@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from conftest import rn50
-from helpers import missing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 OFFLINE_ARGS = {"APT_PACKAGES": "", "PIP_INSTALL": "0", "RUNTIME_ENV": "configs/env/cpu.env"}
