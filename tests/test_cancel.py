@@ -337,7 +337,7 @@ def test_a_dead_worker_leaves_a_crashed_run_and_the_next_run_completes_from_cach
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    assert not alive(p.pid for p in machine)
+    wait_for("the worker, its flow run and the ranks dead", lambda: not alive(p.pid for p in machine), 30)
     state = wait_for("the run marked Crashed", lambda: _flow_run_state(prefect_server, flow_run_id) == "Crashed", 240,
                      every=5)
     assert state
