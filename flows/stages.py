@@ -13,6 +13,7 @@ moved or copied work dir names that work dir's files, never the place the stage 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -276,6 +277,9 @@ class _EpochTable(threading.Thread):
         super().__init__(daemon=True)
         self.runs_dir, self.interval_s, self.stop = runs_dir, interval_s, threading.Event()
         self.start_time, self.published = time.time(), None
+        # The task's run context (contextvars), so the artifact belongs to this flow and task run: a plain
+        # thread starts without it, and its artifacts would float free of the run.
+        self.context = contextvars.copy_context()
 
     def rows(self) -> list[dict]:
         # A light scan, not mlperf_logging's parser: the logs are still being written.
@@ -298,7 +302,7 @@ class _EpochTable(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.wait(self.interval_s):
-            self.publish()
+            self.context.run(self.publish)
 
 
 # --- the stages -----------------------------------------------------------------------------------
