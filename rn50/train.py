@@ -31,6 +31,8 @@ from typing import Dict, List, Optional
 
 from rn50.config import ConfigError, eval_epochs, load_config, needs_gpu, world_size_error
 
+_QUIET_RANK_GRACE_S = 15  # see _error
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m rn50.train", description="ResNet-50 v1.5 MLPerf training.")
@@ -140,9 +142,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _error(e: Exception) -> None:
-    # Every rank hits the same config error; only rank 0 says it, so the launcher shows one line.
+    # Every rank hits the same config error; only rank 0 says it, so the launcher shows one line. The
+    # other ranks wait a little before exiting: horovodrun kills every rank once one fails, and a rank 1
+    # that failed first would take rank 0 down before it had said why. Rank 0's exit ends the wait.
     if os.environ.get("HOROVOD_RANK", "0") == "0":
         print(f"rn50.train: error: {e}", file=sys.stderr)
+    else:
+        time.sleep(_QUIET_RANK_GRACE_S)
 
 
 def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Optional[int] = None,

@@ -4,22 +4,27 @@
   carries a sha256, which uv verifies before installing (its default hash-checking mode).
 - What the lock does not cover is installed only with `--require-hashes` from hash-pinned files: uv itself
   (scripts/requirements/uv.txt), the Horovod sdist, its build tools and cmake (scripts/requirements/), and
-  the training image's packages (infra/requirements-node.txt). pip is shown to refuse a file whose bytes
+  the training image's packages (infra/requirements-node.txt). pip and uv are shown to refuse a file whose bytes
   differ (offline: a counterfeit distribution in a local find-links directory).
 - The cached Horovod wheel is installed only if its sha256 matches the record written when it was built
   (scripts/build-horovod.sh, run here with a stand-in `uv` so nothing is downloaded or built).
 """
 from __future__ import annotations
 
+import io
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from helpers import missing, require
 
 ROOT = Path(__file__).resolve().parent.parent
 HASHED = [ROOT / "infra/requirements-node.txt", *sorted((ROOT / "scripts/requirements").glob("*.txt"))]
@@ -105,15 +110,17 @@ def test_the_cached_wheel_is_installed_only_after_its_digest_check():
     assert check < text.index('uv pip install --python "$PY" -q --no-deps --reinstall "$wheel"')
 
 
-@pytest.mark.parametrize("file, dist", [
-    ("scripts/requirements/horovod.txt", "horovod-0.28.1.tar.gz"),
-    ("scripts/requirements/uv.txt", "uv-0.13.9-py3-none-any.whl"),
-    ("infra/requirements-node.txt", "six-1.17.0-py2.py3-none-any.whl"),
-])
-def test_pip_refuses_a_counterfeit_distribution(tmp_path, file, dist):
-    """pip, given the hash-pinned file and only a counterfeit of one pinned distribution, refuses it."""
-    links = tmp_path / "links"
-    links.mkdir()
+def _pip() -> list[str]:
+    """A working `python -m pip`: the venv's (build-horovod.sh installs pip there only when it builds), else
+    the system python3's, which scripts/install.sh uses to install uv."""
+    for python in (sys.executable, shutil.which("python3", path=os.defpath + ":/usr/local/bin"), "/usr/bin/python3"):
+        if python and subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+            return [python, "-m", "pip"]
+    missing("pip (in the venv or the system python3)")
+
+
+def _counterfeit(links: Path, dist: str) -> None:
+    """A well-formed distribution named `dist` whose bytes are not the published ones."""
     if dist.endswith(".whl"):
         name, version = dist.split("-")[:2]
         with zipfile.ZipFile(links / dist, "w") as z:
@@ -123,17 +130,47 @@ def test_pip_refuses_a_counterfeit_distribution(tmp_path, file, dist):
             z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
             z.writestr(f"{info}/RECORD", "")
     else:
-        (links / dist).write_bytes(b"not the horovod sdist")
+        base = dist[: -len(".tar.gz")]
+        name, version = base.rsplit("-", 1)
+        with tarfile.open(links / dist, "w:gz") as t:
+            for member, data in [(f"{base}/PKG-INFO", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"),
+                                 (f"{base}/setup.py", "raise SystemExit('counterfeit')\n")]:
+                info = tarfile.TarInfo(member)
+                info.size = len(data.encode())
+                t.addfile(info, io.BytesIO(data.encode()))
+
+
+@pytest.mark.parametrize("installer", ["pip", "uv"])
+@pytest.mark.parametrize("file, dist", [
+    ("scripts/requirements/horovod.txt", "horovod-0.28.1.tar.gz"),
+    ("scripts/requirements/uv.txt", "uv-0.13.9-py3-none-any.whl"),
+    ("infra/requirements-node.txt", "six-1.17.0-py2.py3-none-any.whl"),
+])
+def test_installers_refuse_a_counterfeit_distribution(tmp_path, file, dist, installer):
+    """pip and uv (the two installers our scripts use), given the hash-pinned file and only a counterfeit of
+    one pinned distribution, refuse it and install nothing."""
+    links = tmp_path / "links"
+    links.mkdir()
+    _counterfeit(links, dist)
     req = tmp_path / "one.txt"
     wanted = dist.split("-")[0].replace("_", "-")
     version, hashes = requirements(ROOT / file)[wanted]
     req.write_text(f"{wanted}=={version} " + " ".join(f"--hash=sha256:{h}" for h in sorted(hashes)) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-index", "--find-links", str(links),
-                           "--require-hashes", "-r", str(req), "-d", str(tmp_path / "out"), "--no-cache-dir"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+    out = tmp_path / "out"
+    common = ["--no-deps", "--no-index", "--find-links", str(links), "--require-hashes", "-r", str(req)]
+    if installer == "pip":
+        cmd = _pip() + ["download", *common, "-d", str(out), "--no-cache-dir"]
+        refusal = "DO NOT MATCH THE HASHES"
+    else:
+        uv = shutil.which("uv", path=os.environ.get("PATH", "") + ":" + str(Path.home() / ".local/bin"))
+        require(uv, "uv (scripts/install.sh installs it)")
+        cmd = [uv, "pip", "install", *common, "--target", str(out), "--python", sys.executable, "--no-cache", "--no-config"]
+        refusal = "HASH MISMATCH"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
     assert proc.returncode != 0
-    assert "DO NOT MATCH THE HASHES" in proc.stderr.upper(), proc.stderr[-2000:]
-    assert not (tmp_path / "out" / dist).exists()
+    assert refusal in proc.stderr.upper(), proc.stderr[-2000:]
+    landed = [p.name for p in out.iterdir() if p.name.startswith(wanted)] if out.exists() else []
+    assert not landed, landed  # (uv leaves only its .lock in --target)
 
 
 def _run_build_horovod(tmp_path: Path, cache: Path) -> tuple[subprocess.CompletedProcess, str]:
