@@ -142,114 +142,230 @@ _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfil
                tarfile.GNUTYPE_LONGLINK)
 
 
+class _TarStream:
+    """A plain tar read front to back from any `read(n)` stream, with no buffering of its own: the
+    headers are parsed by tarfile's own TarInfo code (checksum, GNU long names, pax headers, sparse
+    maps), the member data is read straight from `f` in one piece (an image) or through a window (an
+    inner tar). tarfile's streaming mode copies everything through 10 KiB records and joins them: at
+    ~110 KB per image that was most of extraction's time.
+
+    It doubles as the `tarfile` argument of TarInfo.fromtarfile: `fileobj` (read/tell), `encoding`,
+    `errors`, `pax_headers`, and `offset`, which fromtarfile sets to where the next header starts."""
+
+    encoding, errors = tarfile.ENCODING, "surrogateescape"
+
+    def __init__(self, label: str, f):
+        self.label, self.f, self.pos, self.offset, self.pax_headers = label, f, 0, 0, {}
+        self.fileobj = self
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def skip_to(self, offset: int) -> None:
+        """Read on to `offset` (the next header), dropping the bytes: padding, or what a member's reader left."""
+        while self.pos < offset:
+            if not self.read(min(offset - self.pos, 1 << 20)):
+                raise StageError(f"{self.label}: damaged archive (it ends inside a member)")
+
+    def next(self) -> tarfile.TarInfo | None:
+        """The next member's header, or None at the end of the archive."""
+        self.skip_to(self.offset)
+        at = self.pos
+        try:
+            return _BoundedTarInfo.fromtarfile(self)
+        except tarfile.EOFHeaderError:  # a zero block: the end-of-archive marker
+            return None
+        except tarfile.EmptyHeaderError:  # the stream ends on a header boundary without the marker (as tarfile)
+            if at == 0:
+                raise StageError(f"{self.label}: damaged archive (empty file)") from None
+            return None
+        except tarfile.HeaderError as e:  # tarfile stops silently at a bad header past the first one; this refuses it
+            raise StageError(f"{self.label}: damaged archive ({e} at byte {at:,})") from None
+
+    def data(self, m: tarfile.TarInfo) -> bytes:
+        """The whole data of member `m` (its size already checked against its cap)."""
+        try:
+            data = self.read(m.size)
+        except _DAMAGED as e:
+            raise StageError(f"{self.label}: damaged archive ({e})") from None
+        if len(data) != m.size:
+            raise StageError(f"{self.label}: damaged archive ({m.name} is truncated)")
+        return data
+
+    def window(self, m: tarfile.TarInfo) -> "_Window":
+        """A stream of member `m`'s data only (for an inner tar)."""
+        return _Window(self, m.size)
+
+
+class _Window:
+    """At most `size` bytes of `stream`, read through; the outer reader skips what is left after it."""
+
+    def __init__(self, stream: _TarStream, size: int):
+        self.stream, self.left = stream, size
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(min(n, self.left))
+        self.left -= len(data)
+        return data
+
+
 def _members(label: str, fileobj, member_cap: int, what: str, total_cap: int):
-    """Yield (TarInfo, TarFile) for each regular file of a PLAIN tar read as a stream; read a member's
-    bytes with `_read`. Each member is checked (path, type, size against `member_cap` and the running
-    total against `total_cap`) before any of its bytes are read. Compressed data is refused, never
-    decompressed: ILSVRC2012's .tar files are plain tars."""
+    """Yield (TarInfo, _TarStream) for each regular file of a PLAIN tar read as a stream; read a member's
+    bytes with `_TarStream.data` (or `.window`). Each member is checked (path, type, size against
+    `member_cap` and the running total against `total_cap`) before any of its bytes are read.
+    Compressed data is refused, never decompressed: ILSVRC2012's .tar files are plain tars."""
     head = fileobj.peek(8)[:8] if hasattr(fileobj, "peek") else b""
     kind = next((k for magic, k in _COMPRESSED if head.startswith(magic)), None)
     if kind:
         raise StageError(f"{label} is {kind}-compressed data, not the plain tar ILSVRC2012 ships: refusing to "
                          f"decompress it")
-    total = 0
+    total, stream = 0, _TarStream(label, fileobj)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_BoundedTarInfo) as tar:
-            for m in tar:
-                _check_member(label, m)
-                if not m.isfile():
-                    continue
-                if m.size > member_cap:
-                    raise StageError(f"{label}: member {m.name!r} is {m.size:,} bytes, over the "
-                                     f"{human_bytes(member_cap)} cap for {what}")
-                total += m.size
-                if total > total_cap:
-                    raise StageError(f"{label}: members add up to more than {human_bytes(total_cap)}, the cap for "
-                                     f"the whole archive")
-                yield m, tar
-                # A streamed TarFile still appends every header to tar.members (50,000 for the val tar,
-                # ~400 B each); nothing here looks back, and iteration reads on when the list is shorter.
-                tar.members.clear()
+        while (m := stream.next()) is not None:
+            _check_member(label, m)
+            if not m.isfile():
+                continue
+            if m.size > member_cap:
+                raise StageError(f"{label}: member {m.name!r} is {m.size:,} bytes, over the "
+                                 f"{human_bytes(member_cap)} cap for {what}")
+            total += m.size
+            if total > total_cap:
+                raise StageError(f"{label}: members add up to more than {human_bytes(total_cap)}, the cap for "
+                                 f"the whole archive")
+            yield m, stream
     except _DAMAGED as e:
         raise StageError(f"{label}: damaged archive ({e})") from None
     except _HeaderTooBig as e:
         raise StageError(f"{label}: {e}") from None
 
 
-def _read(label: str, tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
-    try:
-        data = tar.extractfile(m).read()
-    except _DAMAGED as e:
-        raise StageError(f"{label}: damaged archive ({e})") from None
-    if len(data) != m.size:
-        raise StageError(f"{label}: damaged archive ({m.name} is truncated)")
-    return data
+_HASH_BATCH = 2 << 20     # image bytes handed to a hashing thread at once (one queue operation per ~20 images)
+_HASH_BACKLOG = 32 << 20  # image bytes written but not yet hashed, at most (plus one batch)
 
 
 class _Index:
-    """What extraction learns about each image, column by column (a few hundred bytes per image, not a
-    dict per row), and the writer of the image files.
+    """What extraction learns about each image, in compact columns (a few dozen bytes per image and no
+    Python object per image: 1.33 M of them would cost ~0.3 GB), and the writer of the image files.
 
     Files are written with O_EXCL (a duplicate name in an archive is an error, never a silent
-    overwrite). Their MD5s are computed in a second thread (hashlib releases the GIL on large buffers),
-    so hashing overlaps reading the tar stream and writing the files."""
+    overwrite). Their MD5s are computed by `hashers` threads on batches of images (hashlib releases the
+    GIL on large buffers), so hashing runs on the other core while this thread reads the tar stream and
+    writes the files; the bytes waiting for a hasher are bounded (_HASH_BACKLOG), whatever the images' sizes."""
 
-    def __init__(self, root: Path, workdir: Path):
+    def __init__(self, root: Path, workdir: Path, hashers: int = 1):
         self.root, self.prefix = root, str(root.relative_to(workdir)).replace("extracted.partial", "extracted", 1)
-        self.split: list[str] = []
-        self.wnid: list[str] = []
-        self.path: list[str] = []       # extracted/<split>/<wnid>/<file>
+        self.splits: list[str] = []           # split names, and WNIDs, in order of first appearance
+        self.wnids: list[str] = []
+        self._split_code: dict[str, int] = {}
+        self._wnid_code: dict[str, int] = {}
+        self.split = bytearray()              # per image: index into self.splits
+        self.wnid = array.array("I")          # per image: index into self.wnids
+        self.names = bytearray()              # per image: its file name (UTF-8, surrogateescape), concatenated
+        self.name_ends = array.array("Q")     # per image: end of its name in self.names
         self.bytes = array.array("q")
-        self.md5: list[str | None] = []
-        self._dirs: set[tuple[str, str]] = set()
-        self._names: dict[str, str] = {}  # one str object per split and WNID, shared by every row
-        self._queue: queue.Queue = queue.Queue(256)
+        self.md5 = bytearray()                # per image: its 16-byte digest, filled in by the hashers
+        self._dirs: dict[tuple[int, int], str] = {}
+        self._batch: list[tuple[int, bytes]] = []
+        self._batch_bytes = self._in_flight = 0
+        self._room = threading.Condition()
+        self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._hash, name="verify md5", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._hash, name=f"verify md5 {i}", daemon=True)
+                         for i in range(max(1, hashers))]
+        for t in self._threads:
+            t.start()
 
     def __len__(self) -> int:
-        return len(self.path)
+        return len(self.bytes)
 
     def _hash(self) -> None:
         md5, new = self.md5, hashlib.md5
-        while (item := self._queue.get()) is not None:
-            try:
-                md5[item[0]] = new(item[1]).hexdigest()
-            except BaseException as e:  # noqa: BLE001 - raised in the extracting thread by finish()
-                self._error = e
+        while (batch := self._queue.get()) is not None:
+            size = 0
+            for i, data in batch:
+                size += len(data)
+                if self._error is None:
+                    try:
+                        md5[16 * i:16 * i + 16] = new(data).digest()
+                    except BaseException as e:  # noqa: BLE001 - raised in the extracting thread
+                        self._error = e
+            del batch, data
+            with self._room:
+                self._in_flight -= size
+                self._room.notify()
 
-    def store(self, rel: str, data: bytes, split: str, wnid: str) -> None:
-        split, wnid = self._names.setdefault(split, split), self._names.setdefault(wnid, wnid)
-        d = self.root / split / wnid
-        if (split, wnid) not in self._dirs:
-            d.mkdir(parents=True, exist_ok=True)
-            self._dirs.add((split, wnid))
+    def _code(self, codes: dict[str, int], names: list[str], name: str) -> int:
+        code = codes.get(name)
+        if code is None:
+            code = codes[name] = len(names)
+            names.append(name)
+        return code
+
+    def store(self, name: str, data: bytes, split: str, wnid: str) -> None:
+        s, w = self._code(self._split_code, self.splits, split), self._code(self._wnid_code, self.wnids, wnid)
+        d = self._dirs.get((s, w))
+        if d is None:
+            os.makedirs(f"{self.root}/{split}/{wnid}", exist_ok=True)
+            d = self._dirs[s, w] = f"{self.root}/{split}/{wnid}/"
         try:
-            fd = os.open(d / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(d + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
-            raise StageError(f"the {split} archive holds {wnid}/{rel} twice") from None
+            raise StageError(f"the {split} archive holds {wnid}/{name} twice") from None
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        i = len(self.path)
-        self.split.append(split)
-        self.wnid.append(wnid)
-        self.path.append(f"{self.prefix}/{split}/{wnid}/{rel}")
+        i = len(self.bytes)
+        self.split.append(s)
+        self.wnid.append(w)
+        self.names += name.encode("utf-8", "surrogateescape")
+        self.name_ends.append(len(self.names))
         self.bytes.append(len(data))
-        self.md5.append(None)
-        self._queue.put((i, data))
+        self.md5 += bytes(16)
+        self._batch.append((i, data))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= _HASH_BATCH:
+            self._send()
 
-    def finish(self) -> None:
-        """Wait for the last digests (idempotent)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+    def _send(self) -> None:
         if self._error is not None:
             raise self._error
+        with self._room:  # wait while the hashers are more than _HASH_BACKLOG behind
+            while self._in_flight > _HASH_BACKLOG and self._error is None:
+                self._room.wait()
+            self._in_flight += self._batch_bytes
+        self._queue.put(self._batch)
+        self._batch, self._batch_bytes = [], 0
+
+    def finish(self) -> None:
+        """Hash what is left and wait for the last digests (idempotent)."""
+        if self._threads:
+            if self._batch:
+                self._send()
+            for _ in self._threads:
+                self._queue.put(None)
+            for t in self._threads:
+                t.join()
+            self._threads = []
+        if self._error is not None:
+            raise self._error
+
+    def name(self, i: int) -> str:
+        return self.names[self.name_ends[i - 1] if i else 0:self.name_ends[i]].decode("utf-8", "surrogateescape")
+
+    def paths(self, lo: int = 0, hi: int | None = None, root: str | None = None) -> list[str]:
+        """`<root>/<split>/<wnid>/<name>` of images lo..hi (root: extracted/, as the manifest says)."""
+        root = self.prefix if root is None else root
+        dirs = [[f"{root}/{s}/{w}/" for w in self.wnids] for s in self.splits]
+        split, wnid, name = self.split, self.wnid, self.name
+        return [dirs[split[i]][wnid[i]] + name(i) for i in range(lo, len(self) if hi is None else hi)]
 
 
 # --- devkit ---------------------------------------------------------------------------------------
@@ -307,7 +423,7 @@ def read_devkit(path: Path) -> Devkit:
                     if m.size > cap:
                         raise StageError(f"{path.name}: {m.name} is {m.size:,} bytes, over the {human_bytes(cap)} cap "
                                          f"for {suffix}")
-                    data = _read(path.name, tar, m)
+                    data = tar.data(m)
                     if suffix == DEVKIT_META:
                         meta = data
                     else:
@@ -356,19 +472,19 @@ def _inspect(paths: list[str]) -> list[tuple[int, int, str, str, bool]]:
 _MODES: dict[str, str] = {}  # one str object per mode/format name, shared by every row
 
 
-def _inspect_all(root: Path, paths: list[str], workers: int, progress: Progress | None = None) -> dict[str, Any]:
-    """Width, height, mode, format and decodability of each image (paths `extracted/<split>/...`, read
-    from under `root`), as columns. At most 2 x workers chunks of paths are in flight."""
+def _inspect_all(root: Path, index: _Index, workers: int, progress: Progress | None = None) -> dict[str, Any]:
+    """Width, height, mode, format and decodability of each image of `index` (written under `root`), as
+    columns. At most 2 x workers chunks of paths are in flight."""
     import numpy as np
 
-    n, chunk = len(paths), 512
+    n, chunk = len(index), 512
     cols = {"width": np.zeros(n, np.int64), "height": np.zeros(n, np.int64), "mode": [""] * n, "format": [""] * n,
             "decodable": np.zeros(n, bool)}
     base = str(root)
 
     def jobs():
         for lo in range(0, n, chunk):
-            yield lo, [f"{base}/{p.split('/', 1)[1]}" for p in paths[lo:lo + chunk]]
+            yield lo, index.paths(lo, min(n, lo + chunk), root=base)
 
     def take(lo: int, facts: list[tuple]) -> None:
         for i, (w, h, mode, fmt, ok) in enumerate(facts, lo):
@@ -460,6 +576,21 @@ def _validate(df, devkit: Devkit) -> list[dict[str, Any]]:
     return out
 
 
+def _frame(index: _Index, label: dict[str, int], facts: dict[str, Any]):
+    """The manifest's rows as a DataFrame (MANIFEST_COLUMNS) from the index's compact columns."""
+    import numpy as np
+    import pandas as pd
+
+    split = np.frombuffer(index.split, np.uint8)
+    wnid = np.frombuffer(index.wnid, np.uint32)
+    digests = index.md5.hex()
+    return pd.DataFrame({
+        "split": np.array(index.splits, object)[split], "wnid": np.array(index.wnids, object)[wnid],
+        "label": np.array([label.get(w, -1) for w in index.wnids], np.int64)[wnid], "path": index.paths(),
+        "bytes": np.frombuffer(index.bytes, np.int64).copy(),
+        "md5": [digests[i:i + 32] for i in range(0, len(digests), 32)], **facts})[MANIFEST_COLUMNS]
+
+
 def _report(wd: Workdir, r: dict[str, Any]) -> Path:
     lines = ["# Data verification report", "",
              f"- classes: {r['classes']}, train images: {r['train_images']:,}, val images: {r['val_images']:,}",
@@ -508,11 +639,11 @@ def verify(workdir: Path | str, workers: int | None = None, progress: Progress |
             with _open_archive(wd.raw / TRAIN_TAR) as f:
                 for inner, tar in _members(TRAIN_TAR, f, CLASS_TAR_CAP, "one class tar", ARCHIVE_CAP[TRAIN_TAR]):
                     wnid = inner.name.rsplit("/", 1)[-1].removesuffix(".tar")
-                    if not inner.name.endswith(".tar"):
+                    if not inner.name.endswith(".tar") or wnid in ("", ".", ".."):
                         raise StageError(f"{TRAIN_TAR}: unexpected member {inner.name!r} (expected <wnid>.tar)")
                     label = f"{TRAIN_TAR}/{inner.name}"
-                    for m, itar in _members(label, tar.extractfile(inner), IMAGE_CAP, "one image", inner.size):
-                        index.store(posixpath.basename(m.name), _read(label, itar, m), "train", wnid)
+                    for m, itar in _members(label, tar.window(inner), IMAGE_CAP, "one image", inner.size):
+                        index.store(posixpath.basename(m.name), itar.data(m), "train", wnid)
                     if progress:
                         progress("train", len(index), sum(devkit.num_train_images.values()))
             n_train = len(index)
@@ -525,7 +656,7 @@ def verify(workdir: Path | str, workers: int | None = None, progress: Progress |
                     if not 1 <= number <= len(devkit.val_wnids):
                         raise StageError(f"{VAL_TAR}: {m.name} has no line in the devkit's ground truth "
                                          f"({len(devkit.val_wnids)} lines)")
-                    index.store(m.name, _read(VAL_TAR, tar, m), "val", devkit.val_wnids[number - 1])
+                    index.store(m.name, tar.data(m), "val", devkit.val_wnids[number - 1])
                     if progress and (len(index) - n_train) % 1000 == 0:
                         progress("val", len(index) - n_train, len(devkit.val_wnids))
         finally:
@@ -537,13 +668,11 @@ def verify(workdir: Path | str, workers: int | None = None, progress: Progress |
         phases["extract"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        facts = _inspect_all(partial, index.path, workers or os.cpu_count() or 1, progress)
+        facts = _inspect_all(partial, index, workers or os.cpu_count() or 1, progress)
         phases["decode_check"] = time.perf_counter() - t
         t = time.perf_counter()
         label = {w: i for i, w in enumerate(devkit.wnids)}
-        df = pd.DataFrame({"split": index.split, "wnid": index.wnid,
-                           "label": [label.get(w, -1) for w in index.wnid], "path": index.path,
-                           "bytes": index.bytes, "md5": index.md5, **facts})[MANIFEST_COLUMNS]
+        df = _frame(index, label, facts)
         del index, facts
         expectations = _validate(df, devkit)
         quirks = {

@@ -524,3 +524,91 @@ def test_fetch_refuses_an_announced_size_over_the_cap(synth_source, hostile_http
     proc = rn50("fetch", hostile_http({DEVKIT_TGZ: (16 << 20) + 1}, {}), wd, "--md5", synth_source / "MD5SUMS")
     _one_line_error(proc, DEVKIT_TGZ, f"{(16 << 20) + 1:,} bytes", "over the 16.0 MiB cap")
     assert _raw_files(wd) == {}  # nothing moved
+
+
+# --- verify's own tar reader: tarfile's header semantics, stricter about damage ----------------------
+
+
+def _retar(path: Path, fmt: int, rename: dict[str, str] | None = None, pax: bool = False) -> None:
+    """Rewrite a tar in `fmt`, members renamed by `rename`; `pax` gives each member its own pax header."""
+    with tarfile.open(path) as old:
+        members = [(m, old.extractfile(m).read()) for m in old]
+    with tarfile.open(path, "w", format=fmt) as new:
+        for m, d in members:
+            m.name = (rename or {}).get(m.name, m.name)
+            if pax:
+                m.pax_headers = {"comment": f"re-tarred {m.name}"}
+            new.addfile(m, io.BytesIO(d))
+
+
+def test_verify_reads_gnu_long_names_and_pax_headers(workdir_copy):
+    """A re-tarred copy (GNU long names in an inner class tar, a pax header before every val image)
+    verifies to the same images, the long name included."""
+    raw = workdir_copy / "raw"
+    with tarfile.open(raw / TRAIN_TAR) as outer:
+        members = [(m, outer.extractfile(m).read()) for m in outer]
+    m0, d0 = members[0]
+    inner = tarfile.open(fileobj=io.BytesIO(d0))
+    first = inner.getmembers()[0].name
+    long_name = first.replace(".JPEG", "_" + "x" * 150 + ".JPEG")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as out:
+        for m in inner.getmembers():
+            data = inner.extractfile(m).read()
+            m.name = long_name if m.name == first else m.name
+            out.addfile(m, io.BytesIO(data))
+    m0.size = len(buf.getvalue())
+    members[0] = (m0, buf.getvalue())
+    with tarfile.open(raw / TRAIN_TAR, "w") as new:
+        for m, d in members:
+            new.addfile(m, io.BytesIO(d))
+    _retar(raw / VAL_TAR, tarfile.PAX_FORMAT, pax=True)
+    for name in (TRAIN_TAR, VAL_TAR):
+        _record_as_fetched(raw, name)
+    before = pd.read_parquet(workdir_copy / "manifest.parquet")
+    rn50("verify", workdir_copy, check=True)
+    after = pd.read_parquet(workdir_copy / "manifest.parquet")
+    wnid = m0.name.removesuffix(".tar")
+    renamed = f"extracted/train/{wnid}/{first}"
+    assert set(after.path) == (set(before.path) - {renamed}) | {f"extracted/train/{wnid}/{long_name}"}
+    assert sorted(after.md5) == sorted(before.md5)
+    assert (workdir_copy / "extracted" / "train" / wnid / long_name).stat().st_size > 0
+
+
+def _damage(path: Path, at_member: int, how: str) -> str:
+    """Damage a plain tar in place at its `at_member`-th header: `checksum` flips a byte of the header,
+    `truncate` cuts the file inside that member's data. Returns the member's name."""
+    with tarfile.open(path) as t:
+        m = t.getmembers()[at_member]
+    if how == "checksum":
+        with open(path, "r+b") as f:
+            f.seek(m.offset + 10)
+            f.write(b"\x7f")
+    else:
+        os.truncate(path, m.offset_data + m.size // 2)
+    return m.name
+
+
+@pytest.mark.parametrize("how,needle", [("checksum", "bad checksum"), ("truncate", "truncated")])
+def test_verify_refuses_a_damaged_tar(workdir_copy, how, needle):
+    """tarfile's stream mode took a bad header past the first one for the end of the archive (the images
+    after it silently missing); verify's reader says the archive is damaged, as for a cut member."""
+    raw = workdir_copy / "raw"
+    name = _damage(raw / VAL_TAR, 3, how)
+    _record_as_fetched(raw, VAL_TAR)
+    proc = rn50("verify", workdir_copy)
+    _one_line_error(proc, VAL_TAR, "damaged archive", needle)
+    if how == "truncate":
+        assert name in proc.stderr
+    assert not (workdir_copy / "extracted.partial").exists()
+
+
+def test_verify_refuses_a_class_tar_named_dotdot(workdir_copy):
+    """An inner tar `x/...tar` would make the class directory `..`: the images would land beside the splits."""
+    raw = workdir_copy / "raw"
+    with tarfile.open(raw / TRAIN_TAR) as old:
+        first = old.getmembers()[0]
+    _retar(raw / TRAIN_TAR, tarfile.GNU_FORMAT, rename={first.name: "x/...tar"})
+    _record_as_fetched(raw, TRAIN_TAR)
+    _one_line_error(rn50("verify", workdir_copy), TRAIN_TAR, "unexpected member", "x/...tar")
+    assert not (workdir_copy / "extracted.partial").exists()
