@@ -1,7 +1,7 @@
 """The data path (fetch, verify, pack) at ImageNet-like bytes, each stage against its floor in the same run.
 
     .venv/bin/python -m bench.data_path [--classes 100] [--small 40] [--large 200] [--val-per-class 10]
-                                        [--rounds 2] [--json]
+                                        [--rounds 2] [--pack-only | --no-pack] [--json]
 
 Two `rn50 synth --profile imagenet` sets (ILSVRC2012's image sizes, ~110 KB JPEGs) that differ only in
 images per class (--small and --large train images, val scaled alike) are synthesized once and kept in
@@ -94,7 +94,7 @@ def tar_x(raw: Path, dest: Path) -> float:
     return wall
 
 
-def bench_set(src: Path, wd: Path, rounds: int, log) -> dict:
+def bench_set(src: Path, wd: Path, rounds: int, log, pack: bool = True) -> dict:
     scratch = wd.parent / f"{wd.name}-scratch"
     res: dict = {}
 
@@ -125,7 +125,13 @@ def bench_set(src: Path, wd: Path, rounds: int, log) -> dict:
     res["verify"] = {"floor": floors, "ours": extracts, "wall": walls, "phases": phases, "rss": rss}
     log(f"  verify extract {min(extracts):6.2f} s (whole {min(walls):6.2f} s)   tar -x {min(floors):6.2f} s")
 
-    res.update(bench_pack(wd, scratch, rounds, log))
+    if pack:
+        res.update(bench_pack(wd, scratch, rounds, log))
+    else:
+        import pandas as pd
+
+        sizes = pd.read_parquet(wd / "manifest.parquet", columns=["bytes"])["bytes"]
+        res["images"], res["image_bytes"] = len(sizes), int(sizes.sum())
     res["archive_bytes"] = sum((src / a).stat().st_size for a in ARCHIVES)
     return res
 
@@ -178,6 +184,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pack-only", action="store_true",
                     help="only pack vs cat (fetch and verify run once, untimed; their work dirs are kept)")
+    ap.add_argument("--no-pack", action="store_true", help="only fetch vs md5sum and verify vs tar -x")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     out = a.out.resolve()
@@ -201,7 +208,7 @@ def main() -> int:
         if a.pack_only:
             sets[name] = bench_pack_only(src, wd, a.rounds, log)
         else:
-            sets[name] = bench_set(src, wd, a.rounds, log)
+            sets[name] = bench_set(src, wd, a.rounds, log, pack=not a.no_pack)
             shutil.rmtree(wd, ignore_errors=True)
         loads.append(os.getloadavg()[0])
     m["load_1m_during"] = [round(x, 2) for x in loads]
