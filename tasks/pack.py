@@ -11,9 +11,10 @@ How:
   with its mxnet/cv2 imports stubbed out because listing never touches them: this saves ~3 s of imports
   per split and keeps the exact walk order, extension filter, `random.seed(100)` shuffle and line format).
 - Records are written by a pure-Python writer of the dmlc RecordIO format (tasks.recordio, including its
-  escaping of the magic word inside payloads) in N forked workers (tasks.workers): each builds a batch of records in memory from one
-  `readv` per image, receives the batch's start offset from the previous batch's worker (a ring of
-  pipes), passes on its end offset, and `pwrite`s the batch in place. The output is the same bytes
+  escaping of the magic word inside payloads) in N forked workers (tasks.workers): each builds a batch of
+  records in its one reused buffer from one `readv` per image, receives the batch's start offset from the
+  previous batch's worker (a ring of pipes), passes on its end offset, and `pwrite`s the batch in place.
+  Per image the manifest, .lst and offsets are kept as arrays, not Python objects. The output is the same bytes
   im2rec writes (tests compare against the real im2rec.py), at close to `cat` speed. `writer="im2rec"`
   runs the wheel's im2rec.py --pass-through instead, for audits; both go through the same verification.
 - Everything is written in recordio/.tmp-pack-*/, verified (count = .lst lines, every .idx offset at a
@@ -43,9 +44,9 @@ from typing import Any, Callable, Optional
 
 from tasks.common import (Result, StageError, Workdir, digest_of, file_digest, human_bytes, read_stamp,
                           stamp_valid, write_json_atomic, write_stamp, write_text_atomic)
-from tasks.ilsvrc import MANIFEST_COLUMNS, SPLITS, manifest_digest
+from tasks.ilsvrc import MANIFEST_COLUMNS, SPLITS
 from tasks.recordio import (IM2REC_EXTS, IR_SIZE, LEN_MASK, MAGIC, REC_HEAD, encode_record, im2rec_path, make_list,
-                            pad4, read_lst, read_record, record_size, write_lst)
+                            pad4, read_lst_columns, read_record)
 from tasks.tether import die_with_parent
 from tasks.workers import WorkerError, read_exact, run_forked
 
@@ -53,6 +54,7 @@ FORMAT_VERSION = 1
 BATCH_BYTES = 4 << 20
 BATCH_RECORDS = 1024
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+ZEROS = bytes(4)
 
 Progress = Callable[[int, int], None]
 
@@ -111,51 +113,154 @@ def pack_key(manifest_digest: str, settings: dict[str, Any] | None = None) -> st
 
 
 # --- inputs ---------------------------------------------------------------------------------------
+#
+# Memory: at 1.28 M images, every 100 bytes kept per image is 128 MB. So the manifest is read as Arrow
+# columns (a pandas frame of Python objects cost ~900 bytes per image), and what is kept through the write
+# is arrays: per split, the manifest's relative paths, labels and sizes, then the .lst as columns. Python
+# objects per image exist only transiently, in one phase at a time (the tree check's set, im2rec's list).
+
+MANIFEST_NEEDED = ["split", "wnid", "label", "path", "bytes", "md5", "mode", "format"]
 
 
-def _read_manifest(wd: Workdir):
+@dataclasses.dataclass
+class SplitManifest:
+    """One split of the manifest, sorted by path: paths relative to extracted/<split>/, labels, sizes,
+    and which rows are quirks (not an RGB JPEG) with their (full path, format, mode)."""
+    rel: Any                 # pyarrow string array
+    labels: Any              # float64 numpy (the record header's label)
+    sizes: Any               # int64 numpy
+    quirks: dict[int, tuple[str, str, str]]
+
+
+@dataclasses.dataclass
+class Listing:
+    """One split's .lst as columns, in .lst order: im2rec's index, the manifest label, the path under
+    extracted/<split>/ and the manifest's byte count of the file."""
+    keys: Any                # int64 numpy
+    labels: Any              # float64 numpy
+    paths: Any               # pyarrow string array
+    sizes: Any               # int64 numpy
+
+    @classmethod
+    def of(cls, items: list[tuple[int, float, str]], sizes: list[int]) -> "Listing":
+        import numpy as np
+        import pyarrow as pa
+
+        return cls(np.array([k for k, _, _ in items], dtype=np.int64),
+                   np.array([label for _, label, _ in items], dtype=np.float64),
+                   pa.array([p for _, _, p in items], pa.string()), np.array(sizes, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self, lo: int, hi: int) -> list[tuple[int, float, str, int]]:
+        """(index, label, path, bytes) of records lo..hi-1, as Python values."""
+        return list(zip(self.keys[lo:hi].tolist(), self.labels[lo:hi].tolist(),
+                        self.paths.slice(lo, hi - lo).to_pylist(), self.sizes[lo:hi].tolist()))
+
+
+def read_manifest_table(wd: Workdir):
+    """The manifest's columns pack needs, as a pyarrow Table of one chunk per column (checked: present, no
+    missing values)."""
     if not wd.manifest.is_file():
         raise StageError(f"{wd.manifest} does not exist: run `rn50 verify {wd.root}` first")
-    import pandas as pd
+    import pyarrow.parquet as pq
 
     try:
-        df = pd.read_parquet(wd.manifest)
+        names = pq.read_schema(wd.manifest).names
+        missing = [c for c in MANIFEST_COLUMNS if c not in names]
+        if missing:
+            raise StageError(f"{wd.manifest} lacks column(s) {', '.join(missing)}: rerun `rn50 verify`")
+        # One thread: the reader's threads each keep a malloc arena of freed decode buffers (+~100 B/image).
+        table = pq.read_table(wd.manifest, columns=MANIFEST_NEEDED, use_threads=False).combine_chunks()
+    except StageError:
+        raise
     except Exception as e:  # pyarrow raises several unrelated types for a damaged file
         raise StageError(f"cannot read {wd.manifest}: {e}") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise StageError(f"{wd.manifest} lacks column(s) {', '.join(missing)}: rerun `rn50 verify`")
-    return df
+    for c in MANIFEST_NEEDED:
+        if table.column(c).null_count:
+            raise StageError(f"manifest.parquet: column {c} has {table.column(c).null_count} missing value(s): "
+                             f"rerun `rn50 verify`")
+    return table
 
 
-def _expected(df) -> dict[str, dict[str, tuple]]:
-    """Per split: path relative to extracted/<split> -> (label, bytes, md5, mode, format, path)."""
-    wnids = sorted(set(df.wnid))
-    want = {w: i for i, w in enumerate(wnids)}
-    bad = df[df.wnid.map(want) != df.label]
+def manifest_table_digest(table) -> str:
+    """tasks.ilsvrc.manifest_digest of the same manifest (tested equal), computed from Arrow columns in
+    chunks instead of a pandas frame of Python objects. Duplicate paths are refused later (_expected); until
+    then their order may differ from pandas' sort, which can only cost a cache miss."""
+    import pyarrow.compute as pc
+
+    cols = table.select(["path", "md5", "label", "split"])
+    order = pc.sort_indices(cols.column("path"))
+    h = hashlib.sha256()
+    for lo in range(0, len(order), 1 << 15):
+        part = cols.take(order.slice(lo, 1 << 15))
+        rows = zip(*(part.column(c).to_pylist() for c in ("path", "md5", "label", "split")))
+        h.update("".join("\t".join(map(str, row)) + "\n" for row in rows).encode())
+    return h.hexdigest()
+
+
+def _expected(table) -> dict[str, SplitManifest]:
+    """Check the manifest's labels, splits and paths; per split, what pack needs of it. Works on bitmaps and
+    one split's paths at a time: a full extra copy of every path would cost ~50 bytes per image."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    def mask(arr) -> Any:
+        return arr.to_numpy(zero_copy_only=False)
+
+    wnid, label, split, path = (table.column(c).combine_chunks() for c in ("wnid", "label", "split", "path"))
+    want = mask(pc.index_in(wnid, value_set=pc.unique(wnid).sort()))
+    labels = mask(label)
+    bad = np.flatnonzero(want != labels)
     if len(bad):
-        r = bad.iloc[0]
-        raise StageError(f"manifest.parquet: {r.path} has label {r.label} but {r.wnid} is class {want[r.wnid]} of the "
-                         f"sorted WNIDs ({len(bad)} such rows): rerun `rn50 verify`")
-    out: dict[str, dict[str, tuple]] = {s: {} for s in SPLITS}
-    extra = sorted(set(df.split) - set(SPLITS))
+        r = table.slice(int(bad[0]), 1).to_pylist()[0]
+        raise StageError(f"manifest.parquet: {r['path']} has label {r['label']} but {r['wnid']} is class "
+                         f"{want[bad[0]]} of the sorted WNIDs ({len(bad)} such rows): rerun `rn50 verify`")
+    del want
+    extra = sorted(set(pc.unique(split).to_pylist()) - set(SPLITS))
     if extra:
         raise StageError(f"manifest.parquet has unknown split(s) {extra}")
-    for split, path, label, nbytes, md5, mode, fmt in df[
-            ["split", "path", "label", "bytes", "md5", "mode", "format"]].itertuples(index=False):
-        prefix = f"extracted/{split}/"
-        if not path.startswith(prefix) or path.count("/") != 3:
-            raise StageError(f"manifest.parquet: path {path!r} is not {prefix}<wnid>/<file>")
-        out[split][path[len(prefix):]] = (int(label), int(nbytes), md5, mode, fmt, path)
+    in_split = {s: mask(pc.equal(split, s)) for s in SPLITS}
+    # Every path is extracted/<split>/<wnid>/<file>: its own split's folder, exactly three slashes.
+    ok = mask(pc.equal(pc.count_substring(path, "/"), 3))
+    for s, rows in in_split.items():
+        ok[rows] &= mask(pc.starts_with(path, f"extracted/{s}/"))[rows]
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        i = int(bad[0])
+        raise StageError(f"manifest.parquet: path {path[i].as_py()!r} is not extracted/{split[i].as_py()}/<wnid>/<file>")
+    del ok
+    quirk = ~(mask(pc.equal(table.column("format"), "JPEG")) & mask(pc.equal(table.column("mode"), "RGB")))
+    sizes = table.column("bytes").to_numpy()
+    out = {}
+    for s, rows in in_split.items():
+        rows = np.flatnonzero(rows)
+        rel = pc.utf8_slice_codeunits(path.take(rows), len(f"extracted/{s}/"))
+        order = pc.sort_indices(rel).to_numpy()
+        rel = rel.take(order)
+        rows = rows[order]
+        if len(rel) > 1:
+            same = np.flatnonzero(mask(pc.equal(rel.slice(1), rel.slice(0, len(rel) - 1))))
+            if len(same):
+                dup = f"extracted/{s}/{rel[int(same[0])].as_py()}"
+                raise StageError(f"manifest.parquet lists {dup} more than once ({len(same)} repeats): "
+                                 f"rerun `rn50 verify`")
+        quirks = {}
+        for i in np.flatnonzero(quirk[rows]).tolist():
+            r = table.slice(int(rows[i]), 1).select(["path", "format", "mode"]).to_pylist()[0]
+            quirks[i] = (r["path"], r["format"], r["mode"])
+        out[s] = SplitManifest(rel=rel, labels=labels[rows].astype(np.float64), sizes=sizes[rows].astype(np.int64),
+                               quirks=quirks)
     return out
 
 
-def _check_tree(root: Path, expected: dict[str, tuple], split: str) -> None:
+def _check_tree(root: Path, expected: SplitManifest, split: str) -> None:
     """The split's tree must hold exactly the manifest's files, one level of class folders, nothing else:
     im2rec would silently skip or mislabel anything else."""
     if not root.is_dir():
         raise StageError(f"{root} does not exist: run `rn50 verify` first")
-    seen: set[str] = set()
+    unseen = set(expected.rel.to_pylist())  # transient: gone when the check is done
     problems: list[str] = []
     with os.scandir(root) as classes:
         for c in sorted(classes, key=lambda e: e.name):
@@ -170,38 +275,52 @@ def _check_tree(root: Path, expected: dict[str, tuple], split: str) -> None:
                         problems.append(f"unexpected directory {root / rel} inside a class folder")
                     elif not f.is_file():
                         problems.append(f"{root / rel} is not a regular file (dangling link, fifo, socket?)")
-                    elif rel not in expected:
+                    elif rel not in unseen:
                         kind = "image" if os.path.splitext(f.name)[1].lower() in IM2REC_EXTS else "non-image file"
                         problems.append(f"{kind} {root / rel} is not in manifest.parquet")
                     else:
-                        seen.add(rel)
+                        unseen.discard(rel)
                     n += 1
             if n == 0:
                 problems.append(f"empty class folder {root / c.name}")
-    missing = sorted(set(expected) - seen)
-    if missing:
-        problems.append(f"{root / missing[0]} is in manifest.parquet but missing from disk"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unseen:
+        problems.append(f"{root / min(unseen)} is in manifest.parquet but missing from disk"
+                        + (f" (and {len(unseen) - 1} more)" if len(unseen) > 1 else ""))
     if problems:
         more = f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise StageError(f"{split}: {problems[0]}{more}; the extracted tree must match manifest.parquet "
                          f"(rerun `rn50 verify`)")
 
 
-def _fix_labels(lst: Path, items: list[tuple[int, float, str]], expected: dict[str, tuple], split: str) -> tuple[list, int]:
-    """Check the .lst against the manifest; rewrite its labels (im2rec's format, same order) if they differ."""
-    paths = [p for _, _, p in items]
-    if len(set(paths)) != len(paths) or set(paths) != set(expected):
-        extra = sorted(set(paths) - set(expected))[:1] or sorted(set(expected) - set(paths))[:1]
+def _listing(lst: Path, expected: SplitManifest, split: str) -> tuple[Listing, int, dict[int, tuple[str, str, str]]]:
+    """Read im2rec's .lst and match it to the manifest: the same files, once each, distinct indices. Labels
+    come from the manifest; the .lst is rewritten (im2rec's format, same order) where its labels differ.
+    Returns the listing, how many lines were relabelled, and the quirks by .lst position."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys, lst_labels, paths = read_lst_columns(lst)
+    row = pc.index_in(paths, value_set=expected.rel)
+    if (row.null_count or len(paths) != len(expected.rel)
+            or np.bincount(row.to_numpy(zero_copy_only=False), minlength=len(expected.rel)).max(initial=1) != 1):
+        ours, theirs = set(paths.to_pylist()), set(expected.rel.to_pylist())
+        extra = sorted(ours - theirs)[:1] or sorted(theirs - ours)[:1]
         raise StageError(f"{split}: im2rec's list ({len(paths)} files) differs from manifest.parquet "
-                         f"({len(expected)} files), e.g. {extra}; rerun `rn50 verify`")
-    if len({k for k, _, _ in items}) != len(items):
+                         f"({len(expected.rel)} files), e.g. {extra}; rerun `rn50 verify`")
+    if len(np.unique(keys)) != len(keys):
         raise StageError(f"{lst}: duplicate image indices")
-    fixed = [(k, float(expected[p][0]), p) for k, _, p in items]
-    changed = sum(1 for a, b in zip(items, fixed) if a[1] != b[1])
+    row = row.to_numpy()
+    listing = Listing(keys=keys, labels=expected.labels[row], paths=paths, sizes=expected.sizes[row])
+    changed = int(np.count_nonzero(lst_labels != listing.labels))
     if changed:
-        write_lst(lst, fixed)
-    return fixed, changed
+        with open(lst, "w") as f:
+            for lo in range(0, len(listing), 1 << 16):
+                f.writelines(f"{k}\t{label:f}\t{p}\n" for k, label, p, _ in listing.rows(lo, lo + (1 << 16)))
+    position = np.empty(len(row), dtype=np.int64)  # .lst position of each manifest row
+    position[row] = np.arange(len(row))
+    quirks = {int(position[r]): q for r, q in expected.quirks.items()}
+    return listing, changed, quirks
 
 
 def _pwrite_all(fd: int, data, offset: int, where: Path) -> None:
@@ -231,43 +350,61 @@ def _write_error(e: OSError, where: Path | str) -> str:
 # --- the fast writer ------------------------------------------------------------------------------
 
 
-def _batches(sizes: list[int]) -> list[tuple[int, int]]:
-    out, lo, acc = [], 0, 0
-    for i, n in enumerate(sizes):
-        acc += record_size(n)
-        if acc >= BATCH_BYTES or i + 1 - lo >= BATCH_RECORDS:
-            out.append((lo, i + 1))
-            lo, acc = i + 1, 0
-    if lo < len(sizes):
-        out.append((lo, len(sizes)))
+def _record_sizes(sizes):
+    """Bytes each record takes when its payload holds no magic word (numpy int64)."""
+    return 8 + ((IR_SIZE + sizes + 3) & ~3)
+
+
+def _batches(rec_sizes) -> list[tuple[int, int]]:
+    """Consecutive record ranges of about BATCH_BYTES (a record starting past a multiple of BATCH_BYTES opens
+    a new batch) and at most BATCH_RECORDS records. Batching decides only who writes what, never the bytes."""
+    import numpy as np
+
+    n = len(rec_sizes)
+    if not n:
+        return []
+    starts = np.cumsum(rec_sizes) - rec_sizes
+    cuts = np.flatnonzero(np.diff(starts // BATCH_BYTES)) + 1
+    out = []
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):
+        out += [(a, min(a + BATCH_RECORDS, hi)) for a in range(lo, hi, BATCH_RECORDS)]
     return out
 
 
-def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Path, rec: Path, idx: Path,
-                workers: int, tick: Callable[[int], None]) -> int:
-    """Write .rec and .idx for `items` (the .lst order). Returns the number of escaped records."""
+def _check_space(rec: Path, total: int) -> None:
+    """ENOSPC before any work rather than mid-way. A free-space check, not posix_fallocate: on ext4 a
+    preallocated file's unwritten extents made every write of it cost ~2x the kernel time (measured)."""
+    st = os.statvfs(rec.parent)
+    if total > st.f_bavail * st.f_frsize:
+        raise StageError(f"no space left on device while writing {rec} (needs {human_bytes(total)}, "
+                         f"{human_bytes(st.f_bavail * st.f_frsize)} free)")
+
+
+def _write_fast(listing: Listing, root: Path, rec: Path, idx: Path, workers: int,
+                tick: Callable[[int], None]) -> int:
+    """Write .rec and .idx for `listing` (the .lst order). Returns the number of escaped records."""
     import numpy as np
 
-    too_big = next((i for i, n in enumerate(sizes) if IR_SIZE + n > LEN_MASK), None)
-    if too_big is not None:
-        raise StageError(f"{root / items[too_big][2]} is {sizes[too_big]:,} bytes; RecordIO records stop at 512 MiB")
-    batches = _batches(sizes)
-    total = sum(record_size(n) for n in sizes)
-    fd = os.open(rec, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # RDWR: the escape path reads back
+    sizes = listing.sizes
+    too_big = np.flatnonzero(IR_SIZE + sizes > LEN_MASK)
+    if len(too_big):
+        i = int(too_big[0])
+        raise StageError(f"{root / listing.paths[i].as_py()} is {int(sizes[i]):,} bytes; RecordIO records stop at 512 MiB")
+    rec_sizes = _record_sizes(sizes)
+    batches = _batches(rec_sizes)
+    ends = np.cumsum(rec_sizes)
+    batch_bytes = max((int(ends[hi - 1] - ends[lo] + rec_sizes[lo]) for lo, hi in batches), default=0)
+    total = int(ends[-1]) if len(ends) else 0
+    fd = os.open(rec, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        if total:
-            try:
-                os.posix_fallocate(fd, 0, total)  # ENOSPC now, before any work, rather than mid-way
-            except OSError as e:
-                raise StageError(f"{_write_error(e, rec)} (needs {human_bytes(total)})") from None
+        _check_space(rec, total)
         ring = [os.pipe() for _ in range(workers)]
 
-        def build(lo: int, hi: int, rootfd: int) -> tuple[bytearray, int]:
-            buf = bytearray(sum(record_size(n) for n in sizes[lo:hi]))
+        def build(lo: int, hi: int, rootfd: int, buf: bytearray) -> tuple[Any, list[int] | None]:
+            """The batch's records in buf (reused: every byte is written, padding included). Returns the
+            bytes to write and, if a payload held the magic word, each record's size as written."""
             view, extra, pos = memoryview(buf), bytearray(1), 0
-            for i in range(lo, hi):
-                key, label, path = items[i]
-                n = sizes[i]
+            for key, label, path, n in listing.rows(lo, hi):
                 REC_HEAD.pack_into(buf, pos, MAGIC, IR_SIZE + n, 0, label, key, 0)
                 body = view[pos + 32:pos + 32 + n]
                 try:
@@ -288,36 +425,37 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
                 head = bytes(body[:8])
                 if head[:3] != SIGNATURES[0] and head != SIGNATURES[1]:
                     raise WorkerError(f"{root / path} is not a JPEG or PNG (starts with {head!r})")
-                pos += 8 + pad4(IR_SIZE + n)
+                end = pos + 8 + pad4(IR_SIZE + n)
+                buf[pos + 32 + n:end] = ZEROS[:end - pos - 32 - n]
+                pos = end
             # Every record header holds the magic word once; any more means a payload holds it too.
-            if np.count_nonzero(np.frombuffer(buf, dtype="<u4") == MAGIC) == hi - lo:
-                return buf, 0
-            parts, pos, escaped = [], 0, 0
+            if np.count_nonzero(np.frombuffer(buf, dtype="<u4", count=pos // 4) == MAGIC) == hi - lo:
+                return view[:pos], None
+            parts, start = [], 0
             for i in range(lo, hi):
-                size = record_size(sizes[i])
-                part = encode_record(bytes(buf[pos + 8:pos + 8 + IR_SIZE + sizes[i]]))
-                escaped += len(part) != size
-                parts.append(part)
-                pos += size
-            return bytearray(b"".join(parts)), escaped
+                size = int(rec_sizes[i])
+                parts.append(encode_record(bytes(buf[start + 8:start + 8 + IR_SIZE + int(sizes[i])])))
+                start += size
+            return b"".join(parts), [len(p) for p in parts]
 
         def work(w: int, send: Callable[[Any], None]) -> None:
             ring_in, ring_out = ring[w][0], ring[(w + 1) % workers][1]
             rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            buf = bytearray(batch_bytes)  # one per worker, reused: no page faults on fresh memory per batch
             for b in range(w, len(batches), workers):
                 lo, hi = batches[b]
-                buf, escaped = build(lo, hi, rootfd)
+                data, written = build(lo, hi, rootfd, buf)
                 start = struct.unpack("<q", read_exact(ring_in, 8))[0]
                 with contextlib.suppress(BrokenPipeError):
-                    os.write(ring_out, struct.pack("<q", start + len(buf)))
-                _pwrite_all(fd, buf, start, rec)
-                send(("batch", b, start, len(buf), escaped))
+                    os.write(ring_out, struct.pack("<q", start + len(data)))
+                _pwrite_all(fd, data, start, rec)
+                send(("batch", b, start, len(data), written))
 
-        placed: dict[int, tuple[int, int, int]] = {}
+        placed: dict[int, tuple[int, int, list[int] | None]] = {}
 
         def on_message(_w: int, msg: tuple) -> None:
-            _, b, start, nbytes, escaped = msg
-            placed[b] = (start, nbytes, escaped)
+            _, b, start, nbytes, written = msg
+            placed[b] = (start, nbytes, written)
             tick(batches[b][1] - batches[b][0])
 
         os.write(ring[0][1], struct.pack("<q", 0))
@@ -327,28 +465,26 @@ def _write_fast(items: list[tuple[int, float, str]], sizes: list[int], root: Pat
             for r, w in ring:
                 os.close(r)
                 os.close(w)
-        offsets, end, escaped = [], 0, 0
+        escaped = 0
         for b, (lo, hi) in enumerate(batches):
-            start, nbytes, esc = placed[b]
-            if start != end:
-                raise StageError(f"internal error: batch {b} of {rec} starts at {start}, expected {end}")
-            if esc:  # the slow path: find the record starts by walking the headers
-                pos = start
-                for _ in range(lo, hi):
-                    offsets.append(pos)
-                    pos = read_record(fd, pos)[1]
-            else:
-                pos = start
-                for i in range(lo, hi):
-                    offsets.append(pos)
-                    pos += record_size(sizes[i])
-            end, escaped = start + nbytes, escaped + esc
-        os.ftruncate(fd, end)
+            written = placed[b][2]
+            if written is not None:  # the rare batch with multi-part records: their sizes as written
+                escaped += int(np.count_nonzero(np.array(written) != rec_sizes[lo:hi]))
+                rec_sizes[lo:hi] = written
+        offsets = np.cumsum(rec_sizes) - rec_sizes
+        for b, (lo, hi) in enumerate(batches):
+            start, nbytes, _ = placed[b]
+            if start != offsets[lo] or start + nbytes != offsets[hi - 1] + rec_sizes[hi - 1]:
+                raise StageError(f"internal error: batch {b} of {rec} is at {start}..{start + nbytes}, "
+                                 f"expected {offsets[lo]}..{offsets[hi - 1] + rec_sizes[hi - 1]}")
+        os.ftruncate(fd, int(rec_sizes.sum()))
     finally:
         os.close(fd)
     try:  # fsync happens at commit, after verification
         with open(idx, "w") as f:
-            f.writelines(f"{items[i][0]}\t{off}\n" for i, off in enumerate(offsets))
+            for lo in range(0, len(offsets), 1 << 16):
+                f.writelines(f"{k}\t{off}\n" for k, off in zip(listing.keys[lo:lo + (1 << 16)].tolist(),
+                                                                offsets[lo:lo + (1 << 16)].tolist()))
     except OSError as e:
         raise StageError(_write_error(e, idx)) from None
     return escaped
@@ -375,63 +511,84 @@ def _write_im2rec(prefix: Path, root: Path, threads: int, tick: Callable[[int], 
 # --- verification ---------------------------------------------------------------------------------
 
 
-def verify_split(split: str, tmp: Path, root: Path, items: list[tuple[int, float, str]], sizes: list[int],
-                  sample: set[int], workers: int) -> tuple[int, int]:
-    """Check the written files from disk. Returns (records compared with their sources, multi-part records)."""
+def _read_idx(idx: Path, keys, where: str):
+    """The .idx's offsets (int64 numpy) after checking its keys, line by line, against the .lst's."""
+    from array import array
+
+    import numpy as np
+
+    offsets = array("q")
+    n = 0
+    with open(idx) as f:
+        for n, line in enumerate(f, 1):
+            k, _, off = line.rstrip("\n").partition("\t")
+            if n <= len(keys):
+                try:
+                    if int(k) != keys[n - 1]:
+                        raise StageError(f"{where}.idx line {n} has key {k}, the .lst has {keys[n - 1]}")
+                    offsets.append(int(off))
+                except ValueError:
+                    raise StageError(f"{where}.idx line {n} is not 'key<TAB>offset': {line.strip()!r}") from None
+    if n != len(keys):
+        raise StageError(f"{where}.idx has {n} records but {where.rsplit('/', 1)[1]}.lst has {len(keys)} lines")
+    return np.frombuffer(offsets, dtype=np.int64)
+
+
+def verify_split(split: str, tmp: Path, root: Path, listing: Listing, sample, workers: int) -> tuple[int, int]:
+    """Check the written files from disk. `sample`: a bool per record, whether to compare its bytes with
+    the source file. Returns (records compared with their sources, multi-part records)."""
+    import numpy as np
+
     rec, idx = tmp / f"{split}.rec", tmp / f"{split}.idx"
     where = f"recordio/{split}"
-    lines = idx.read_text().splitlines()
-    if len(lines) != len(items):
-        raise StageError(f"{where}.idx has {len(lines)} records but {split}.lst has {len(items)} lines")
-    offsets = []
-    for n, (line, (key, _, _)) in enumerate(zip(lines, items)):
-        k, _, off = line.partition("\t")
-        if int(k) != key:
-            raise StageError(f"{where}.idx line {n + 1} has key {k}, the .lst has {key}")
-        offsets.append(int(off))
+    keys, labels, sizes = listing.keys, listing.labels, listing.sizes
+    offsets = _read_idx(idx, keys, where)
     rec_size = rec.stat().st_size
-    if not items:
+    if not len(listing):
         if rec_size:
             raise StageError(f"{where}.rec holds {rec_size} bytes but no records")
         return 0, 0
 
     def check(w: int, _send) -> tuple[int, int]:
-        lo, hi = len(items) * w // workers, len(items) * (w + 1) // workers
+        lo, hi = len(listing) * w // workers, len(listing) * (w + 1) // workers
         fd = os.open(rec, os.O_RDONLY)
         checked = multipart = 0
         try:
-            for i in range(lo, hi):
-                key, label, path = items[i]
-                off = offsets[i]
-                end = offsets[i + 1] if i + 1 < len(items) else rec_size
-                what = f"{where}.rec record {i} (key {key}, {path}) at byte {off}"
-                head = os.pread(fd, 32, off)
-                if len(head) != 32:
-                    raise WorkerError(f"{what}: .idx offset beyond the end of the file")
-                magic, lrec, flag, rlabel, rid, _ = REC_HEAD.unpack(head)
-                payload = None
-                if magic == MAGIC and lrec >> 29 == 0:
-                    length, rend = lrec & LEN_MASK, off + 8 + pad4(lrec & LEN_MASK)
-                else:
-                    try:
-                        payload, rend = read_record(fd, off)
-                    except ValueError as e:
-                        raise WorkerError(f"{what}: .idx offset is not at a record header ({e})") from None
-                    length = len(payload)
-                    multipart += 1
-                    _, _, flag, rlabel, rid, _ = REC_HEAD.unpack(b"\0" * 8 + payload[:IR_SIZE])
-                if rend != end:
-                    raise WorkerError(f"{what}: record ends at byte {rend}, the next record starts at {end}")
-                if (flag, rid, rlabel) != (0, key, label) or length != IR_SIZE + sizes[i]:
-                    raise WorkerError(f"{what}: header says id {rid}, label {rlabel}, {length - IR_SIZE} bytes; "
-                                       f"expected id {key}, label {label}, {sizes[i]} bytes")
-                if i in sample:
-                    if payload is None:
-                        payload = read_record(fd, off)[0]
-                    with open(root / path, "rb") as f:
-                        if payload[IR_SIZE:] != f.read():
-                            raise WorkerError(f"{what}: image bytes differ from {root / path}")
-                    checked += 1
+            for chunk in range(lo, hi, 1 << 12):
+                top = min(hi, chunk + (1 << 12))
+                for i, (key, label, path, n) in enumerate(listing.rows(chunk, top), chunk):
+                    off = int(offsets[i])
+                    end = int(offsets[i + 1]) if i + 1 < len(offsets) else rec_size
+                    what = f"{where}.rec record {i} (key {key}, {path}) at byte {off}"
+                    if off < 0:
+                        raise WorkerError(f"{what}: negative .idx offset")
+                    head = os.pread(fd, 32, off)
+                    if len(head) != 32:
+                        raise WorkerError(f"{what}: .idx offset beyond the end of the file")
+                    magic, lrec, flag, rlabel, rid, _ = REC_HEAD.unpack(head)
+                    payload = None
+                    if magic == MAGIC and lrec >> 29 == 0:
+                        length, rend = lrec & LEN_MASK, off + 8 + pad4(lrec & LEN_MASK)
+                    else:
+                        try:
+                            payload, rend = read_record(fd, off)
+                        except ValueError as e:
+                            raise WorkerError(f"{what}: .idx offset is not at a record header ({e})") from None
+                        length = len(payload)
+                        multipart += 1
+                        _, _, flag, rlabel, rid, _ = REC_HEAD.unpack(b"\0" * 8 + payload[:IR_SIZE])
+                    if rend != end:
+                        raise WorkerError(f"{what}: record ends at byte {rend}, the next record starts at {end}")
+                    if (flag, rid, rlabel) != (0, key, label) or length != IR_SIZE + n:
+                        raise WorkerError(f"{what}: header says id {rid}, label {rlabel}, {length - IR_SIZE} bytes; "
+                                           f"expected id {key}, label {label}, {n} bytes")
+                    if sample[i]:
+                        if payload is None:
+                            payload = read_record(fd, off)[0]
+                        with open(root / path, "rb") as f:
+                            if payload[IR_SIZE:] != f.read():
+                                raise WorkerError(f"{what}: image bytes differ from {root / path}")
+                        checked += 1
         finally:
             os.close(fd)
         return checked, multipart
@@ -440,11 +597,16 @@ def verify_split(split: str, tmp: Path, root: Path, items: list[tuple[int, float
     return sum(c for c, _ in counts), sum(m for _, m in counts)
 
 
-def _sample(n: int, always: set[int]) -> set[int]:
-    """Evenly spread 1% (at least 64) of the records, plus every quirk."""
+def _sample(n: int, always) -> Any:
+    """Evenly spread 1% (at least 64) of the records, plus every quirk: a bool per record."""
+    import numpy as np
+
     want = min(n, max(64, n // 100))
     step = max(1, n // want) if want else 1
-    return set(range(0, n, step)) | always
+    mask = np.zeros(n, dtype=bool)
+    mask[::step] = True
+    mask[list(always)] = True
+    return mask
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -480,8 +642,9 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
     if writer not in ("fast", "im2rec"):
         raise StageError(f"unknown writer {writer!r} (fast or im2rec)")
     workers = max(1, threads or len(os.sched_getaffinity(0)))
-    df = _read_manifest(wd)
-    mdigest = manifest_digest(df)
+    table = read_manifest_table(wd)
+    mdigest = manifest_table_digest(table)
+    table = table.drop_columns(["md5"])  # the digest was its only use
     settings = pack_settings()
     key = pack_key(mdigest, settings)
     if not force and stamp_valid(wd, "pack", key):
@@ -490,11 +653,9 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
             res["splits"] = {s: SplitResult(**r) for s, r in res["splits"].items()}
             return PackResult(**{**res, "cached": True})
 
-    expected = _expected(df)
-    quirk_rows = df[(df.format != "JPEG") | (df["mode"] != "RGB")]
-    quirk_paths = {p: (f, m) for p, f, m in quirk_rows[["path", "format", "mode"]].itertuples(index=False)}
-    del df, quirk_rows  # everything below works from `expected`; the frame would double the memory per image
-    splits = [s for s in SPLITS if expected[s] or (wd.extracted / s).exists()]
+    expected = _expected(table)
+    del table  # everything below works from `expected`
+    splits = [s for s in SPLITS if len(expected[s].rel) or (wd.extracted / s).exists()]
     out = wd.recordio
     out.mkdir(parents=True, exist_ok=True)
     lock = os.open(out / ".pack.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -514,7 +675,7 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-pack-", dir=out))
         try:
             try:
-                result = _pack_into(wd, tmp, splits, expected, quirk_paths, workers, full_check, progress, writer)
+                result = _pack_into(wd, tmp, splits, expected, workers, full_check, progress, writer)
             except OSError as e:  # listing, relabelling: anything not already worded for the user
                 raise StageError(_os_error(e, e.filename or tmp)) from None
             seconds = result.pop("seconds")
@@ -557,8 +718,10 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
     return res
 
 
-def _pack_into(wd: Workdir, tmp: Path, splits: list[str], expected: dict, quirk_paths: dict, workers: int,
+def _pack_into(wd: Workdir, tmp: Path, splits: list[str], expected: dict[str, SplitManifest], workers: int,
                full_check: bool, progress: Optional[Progress], writer: str) -> dict[str, Any]:
+    import numpy as np
+
     seconds = {"list": 0.0, "write": 0.0, "verify": 0.0}
     t = time.perf_counter()
     lists = {}
@@ -566,13 +729,13 @@ def _pack_into(wd: Workdir, tmp: Path, splits: list[str], expected: dict, quirk_
         root = wd.extracted / s
         _check_tree(root, expected[s], s)
         try:
-            lst = make_list(root, tmp / s)
-            lists[s] = _fix_labels(lst, read_lst(lst), expected[s], s)
+            lists[s] = _listing(make_list(root, tmp / s), expected[s], s)
         except OSError as e:
             raise StageError(_os_error(e, e.filename or tmp / f"{s}.lst")) from None
+        del expected[s]  # the listing holds what the rest needs
     seconds["list"] = time.perf_counter() - t
 
-    total = sum(len(items) for items, _ in lists.values())
+    total = sum(len(listing) for listing, _, _ in lists.values())
     done = [0, 0.0]
 
     def tick(n: int) -> None:
@@ -586,35 +749,32 @@ def _pack_into(wd: Workdir, tmp: Path, splits: list[str], expected: dict, quirk_
         progress(0, total)
     results, quirks = {}, []
     for s in splits:
-        items, relabelled = lists[s]
+        listing, relabelled, split_quirks = lists[s]
         root = wd.extracted / s
-        sizes = [expected[s][p][1] for _, _, p in items]
         t = time.perf_counter()
         escaped = 0
         if writer == "fast":
-            escaped = _write_fast(items, sizes, root, tmp / f"{s}.rec", tmp / f"{s}.idx", workers, tick)
+            escaped = _write_fast(listing, root, tmp / f"{s}.rec", tmp / f"{s}.idx", workers, tick)
         else:
             _write_im2rec(tmp / s, root, workers, tick)
         seconds["write"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        mine = []
-        for i, (key, _, p) in enumerate(items):
-            q = quirk_paths.get(expected[s][p][5])
-            if q:
-                mine.append(i)
-                quirks.append({"split": s, "path": expected[s][p][5], "key": key, "format": q[0], "mode": q[1],
-                               "bytes": sizes[i]})
-        sample = set(range(len(items))) if full_check else _sample(len(items), set(mine))
-        checked, multipart = verify_split(s, tmp, root, items, sizes, sample, workers)
+        for i, (path, fmt, mode) in sorted(split_quirks.items()):
+            quirks.append({"split": s, "path": path, "key": int(listing.keys[i]), "format": fmt, "mode": mode,
+                           "bytes": int(listing.sizes[i])})
+        sample = np.ones(len(listing), dtype=bool) if full_check else _sample(len(listing), split_quirks)
+        checked, multipart = verify_split(s, tmp, root, listing, sample, workers)
         if writer == "fast" and multipart != escaped:
             raise StageError(f"recordio/{s}.rec: {multipart} multi-part records found, the writer made {escaped}")
         escaped = multipart
         seconds["verify"] += time.perf_counter() - t
         results[s] = SplitResult(
-            split=s, records=len(items), image_bytes=sum(sizes), rec_bytes=(tmp / f"{s}.rec").stat().st_size,
+            split=s, records=len(listing), image_bytes=int(listing.sizes.sum()),
+            rec_bytes=(tmp / f"{s}.rec").stat().st_size,
             idx_sha256=file_digest(tmp / f"{s}.idx", "sha256"), lst_sha256=file_digest(tmp / f"{s}.lst", "sha256"),
             relabelled=relabelled, escaped_records=escaped, checked_records=checked)
+        del lists[s]
     return {"splits": results, "quirks": quirks, "seconds": seconds}
 
 

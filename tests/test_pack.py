@@ -26,7 +26,7 @@ from PIL import Image
 from helpers import missing
 from tasks.common import StageError, Workdir, read_stamp, stamp_valid
 from tasks.ilsvrc import manifest_digest
-from tasks.pack import pack, pack_key, verify_split
+from tasks.pack import Listing, manifest_table_digest, pack, pack_key, read_manifest_table, verify_split
 from tasks.recordio import MAGIC_BYTES, encode_record, im2rec_path, make_list, read_lst, read_record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -412,6 +412,52 @@ def test_no_manifest(tmp_path):
     assert_one_line_error(proc, "manifest.parquet does not exist", "rn50 verify")
 
 
+@pytest.mark.parametrize("damage,needles", [
+    ("duplicate", ["lists extracted/train/", "more than once", "rerun `rn50 verify`"]),
+    ("null", ["column md5 has 1 missing value", "rerun `rn50 verify`"]),
+    ("label", ["has label 0 but", "is class 1 of the sorted WNIDs", "rerun `rn50 verify`"]),
+    ("split", ["unknown split(s) ['test']"]),
+    ("path", ["is not extracted/val/<wnid>/<file>"]),
+    ("column", ["lacks column(s) decodable"]),
+])
+def test_bad_manifest(tmp_path, damage, needles):
+    wd = make_workdir(tmp_path, classes=2, train=3, val=2)
+    df = manifest(wd)
+    if damage == "duplicate":
+        df = pd.concat([df, df[df.split == "train"].iloc[[1]]], ignore_index=True)
+    elif damage == "null":
+        df.loc[2, "md5"] = None
+    elif damage == "label":
+        df.loc[df.wnid == sorted(df.wnid)[-1], "label"] = 0
+    elif damage == "split":
+        df.loc[3, "split"] = "test"
+    elif damage == "path":
+        df.loc[df.split == "val", "path"] = df.loc[df.split == "val", "path"].str.replace("extracted/val/", "extracted/train/")
+    elif damage == "column":
+        df = df.drop(columns=["decodable"])
+    df.to_parquet(wd.manifest, index=False)
+    assert_one_line_error(cli(str(wd.root)), *needles)
+    assert_nothing_written(wd)
+
+
+def test_manifest_digest_is_ilsvrc_digest(tmp_path):
+    """pack computes tasks.ilsvrc.manifest_digest from Arrow columns in chunks (the cache key that verify's
+    digest must meet): the same value over several chunks, both splits, non-ASCII names and any row order."""
+    rng = np.random.default_rng(1)
+    n = 70_000  # more than two of manifest_table_digest's chunks
+    wnids = [f"n{i:08d}" for i in range(7)]
+    cls = rng.integers(0, 7, n)
+    split = np.where(rng.random(n) < 0.1, "val", "train")
+    names = [f"extracted/{s}/{wnids[c]}/{'é' if i % 9 == 0 else ''}img_{i}.JPEG" for i, (s, c) in enumerate(zip(split, cls))]
+    df = pd.DataFrame({"split": split, "wnid": [wnids[c] for c in cls], "label": cls, "path": names,
+                       "bytes": rng.integers(100, 10**6, n), "md5": [hashlib.md5(p.encode()).hexdigest() for p in names],
+                       "width": 1, "height": 1, "mode": "RGB", "format": "JPEG", "decodable": True})
+    df = df.sample(frac=1, random_state=3)
+    wd = Workdir(tmp_path)
+    df.to_parquet(wd.manifest, index=False, row_group_size=20_000)
+    assert manifest_table_digest(read_manifest_table(wd)) == manifest_digest(pd.read_parquet(wd.manifest))
+
+
 def test_empty_class_folder(tmp_path):
     wd = make_workdir(tmp_path, classes=2, train=3, val=2)
     (wd.extracted / "train" / "n99999999").mkdir()
@@ -504,30 +550,55 @@ def test_verification_catches_corruption(tmp_path, packed):
     items = read_lst(tmp / "train.lst")
     df = manifest(wd).set_index("path")
     sizes = [int(df.loc[f"extracted/train/{p}", "bytes"]) for _, _, p in items]
+    listing = Listing.of(items, sizes)
+    n = len(items)
+    every, none = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
     root = wd.extracted / "train"
-    assert verify_split("train", tmp, root, items, sizes, set(range(len(items))), 2)[0] == len(items)
+    assert verify_split("train", tmp, root, listing, every, 2)[0] == n
 
     lines = (tmp / "train.idx").read_text().splitlines()
     k, off = lines[5].split("\t")
     (tmp / "train.idx").write_text("\n".join(lines[:5] + [f"{k}\t{int(off) + 4}"] + lines[6:]) + "\n")
     with pytest.raises(StageError, match="not at a record header|the next record starts at"):
-        verify_split("train", tmp, root, items, sizes, set(), 2)
+        verify_split("train", tmp, root, listing, none, 2)
     (tmp / "train.idx").write_text("\n".join([f"{k}\t{int(off) + 4}"] + lines[1:]) + "\n")
     items0 = [(int(k), *items[0][1:])] + items[1:]
     with pytest.raises(StageError, match="not at a record header"):
-        verify_split("train", tmp, root, items0, sizes, set(), 1)
+        verify_split("train", tmp, root, Listing.of(items0, sizes), none, 1)
+    (tmp / "train.idx").write_text("\n".join([f"{k}\t{off}"] + lines[1:]) + "\n")  # record 5's key at line 1
+    with pytest.raises(StageError, match="idx line 1 has key"):
+        verify_split("train", tmp, root, listing, none, 2)
     shutil.copy(wd.recordio / "train.idx", tmp / "train.idx")
 
-    data = bytearray((tmp / "train.rec").read_bytes())
+    head = bytearray((tmp / "train.rec").read_bytes())
+    for at in (12, 16):  # a header whose label (float32 at byte 12) or id (u64 at byte 16) is not the .lst's
+        data = bytearray(head)
+        pos = int(lines[9].split("\t")[1]) + at
+        data[pos:pos + 4] = struct.pack("<I", struct.unpack("<I", data[pos:pos + 4])[0] ^ 0x40000000)
+        (tmp / "train.rec").write_bytes(data)
+        with pytest.raises(StageError, match="header says id"):
+            verify_split("train", tmp, root, listing, none, 2)
+    (tmp / "train.rec").write_bytes(head)
+    wrong = list(sizes)
+    wrong[11] -= 4  # the header's length is not the manifest's size of the file
+    with pytest.raises(StageError, match="header says id"):
+        verify_split("train", tmp, root, Listing.of(items, wrong), none, 2)
+    (tmp / "train.rec").write_bytes(head[:-4])  # the last record cut short
+    with pytest.raises(StageError, match="the next record starts at|beyond the end"):
+        verify_split("train", tmp, root, listing, none, 2)
+
+    data = bytearray(head)
     data[int(lines[7].split("\t")[1]) + 100] ^= 0xFF
     (tmp / "train.rec").write_bytes(data)
-    verify_split("train", tmp, root, items, sizes, {0}, 2)  # the sample misses record 7 ...
+    sample = none.copy()
+    sample[0] = True
+    verify_split("train", tmp, root, listing, sample, 2)  # the sample misses record 7 ...
     with pytest.raises(StageError, match="image bytes differ"):  # ... the full check does not
-        verify_split("train", tmp, root, items, sizes, set(range(len(items))), 2)
+        verify_split("train", tmp, root, listing, every, 2)
 
     (tmp / "train.idx").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(StageError, match="has 47 records but train.lst has 48 lines|records but train.lst has"):
-        verify_split("train", tmp, root, items, sizes, set(), 2)
+        verify_split("train", tmp, root, listing, none, 2)
 
 
 # --- end to end -----------------------------------------------------------------------------------
