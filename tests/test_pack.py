@@ -440,9 +440,11 @@ def test_bad_manifest(tmp_path, damage, needles):
     assert_nothing_written(wd)
 
 
-def test_manifest_digest_is_ilsvrc_digest(tmp_path):
+@pytest.mark.parametrize("label_dtype", ["int64", "int32", "float64"])
+def test_manifest_digest_is_ilsvrc_digest(tmp_path, label_dtype):
     """pack computes tasks.ilsvrc.manifest_digest from Arrow columns in chunks (the cache key that verify's
-    digest must meet): the same value over several chunks, both splits, non-ASCII names and any row order."""
+    digest must meet): the same value over several chunks, both splits, non-ASCII names, any row order, and
+    label types Arrow writes as Python does (integers: Arrow builds the lines) or not (floats: Python does)."""
     rng = np.random.default_rng(1)
     n = 70_000  # more than two of manifest_table_digest's chunks
     wnids = [f"n{i:08d}" for i in range(7)]
@@ -452,7 +454,7 @@ def test_manifest_digest_is_ilsvrc_digest(tmp_path):
     df = pd.DataFrame({"split": split, "wnid": [wnids[c] for c in cls], "label": cls, "path": names,
                        "bytes": rng.integers(100, 10**6, n), "md5": [hashlib.md5(p.encode()).hexdigest() for p in names],
                        "width": 1, "height": 1, "mode": "RGB", "format": "JPEG", "decodable": True})
-    df = df.sample(frac=1, random_state=3)
+    df = df.sample(frac=1, random_state=3).astype({"label": label_dtype})  # float: Python's "3.0", not Arrow's "3"
     wd = Workdir(tmp_path)
     df.to_parquet(wd.manifest, index=False, row_group_size=20_000)
     assert manifest_table_digest(read_manifest_table(wd)) == manifest_digest(pd.read_parquet(wd.manifest))
@@ -571,12 +573,15 @@ def test_verification_catches_corruption(tmp_path, packed):
     shutil.copy(wd.recordio / "train.idx", tmp / "train.idx")
 
     head = bytearray((tmp / "train.rec").read_bytes())
-    for at in (12, 16):  # a header whose label (float32 at byte 12) or id (u64 at byte 16) is not the .lst's
+    # A header whose magic word (byte 0), part flag (top bits of byte 4's word), label (float32 at byte 12)
+    # or id (u64 at byte 16) is wrong, all else intact.
+    for at, error in ((0, "not at a record header"), (4, "not at a record header"), (12, "header says id"),
+                      (16, "header says id")):
         data = bytearray(head)
         pos = int(lines[9].split("\t")[1]) + at
         data[pos:pos + 4] = struct.pack("<I", struct.unpack("<I", data[pos:pos + 4])[0] ^ 0x40000000)
         (tmp / "train.rec").write_bytes(data)
-        with pytest.raises(StageError, match="header says id"):
+        with pytest.raises(StageError, match=error):
             verify_split("train", tmp, root, listing, none, 2)
     (tmp / "train.rec").write_bytes(head)
     wrong = list(sizes)
