@@ -1,7 +1,7 @@
 """The data path (fetch, verify, pack) at ImageNet-like bytes, each stage against its floor in the same run.
 
     .venv/bin/python -m bench.data_path [--classes 100] [--small 40] [--large 200] [--val-per-class 10]
-                                        [--rounds 2] [--pack-only | --no-pack] [--json]
+                                        [--rounds 2] [--pack-only | --no-pack] [--settle 4] [--json]
 
 Two `rn50 synth --profile imagenet` sets (ILSVRC2012's image sizes, ~110 KB JPEGs) that differ only in
 images per class (--small and --large train images, val scaled alike) are synthesized once and kept in
@@ -10,7 +10,9 @@ bench/out/data_path/. On each set, in interleaved rounds (floor, ours, floor, ou
 - verify vs `tar -x` of the archives (train: `tar -xOf train.tar | tar -xi`, which writes every image of
              every inner class tar, plus `tar -xf val.tar`); ours is verify's extraction phase (stream the
              tars with every safety check, write the images, MD5 each); verify's whole run is also shown;
-- pack   vs `cat` of the same image files into one file; ours is pack's write + verification phases.
+- pack   vs `cat` of the same image files into one file; ours is pack's write + verification phases;
+             each of the two starts with the other's output deleted and --settle seconds of quiet (see
+             bench_pack: on this VM freed memory goes back to the host and is dear to write into again).
 Each stage runs as its own process (`python -m tasks.cli ...`), its peak RSS from wait4 (the largest
 of the process and the workers it waited for). Rates are marginal: (large - small) / (images or bytes),
 so start-up costs cancel. The projection for 1,281,167 + 50,000 images is the small set's time plus the
@@ -94,7 +96,7 @@ def tar_x(raw: Path, dest: Path) -> float:
     return wall
 
 
-def bench_set(src: Path, wd: Path, rounds: int, log, pack: bool = True) -> dict:
+def bench_set(src: Path, wd: Path, rounds: int, log, pack: bool = True, settle: float = 0.0) -> dict:
     scratch = wd.parent / f"{wd.name}-scratch"
     res: dict = {}
 
@@ -126,7 +128,7 @@ def bench_set(src: Path, wd: Path, rounds: int, log, pack: bool = True) -> dict:
     log(f"  verify extract {min(extracts):6.2f} s (whole {min(walls):6.2f} s)   tar -x {min(floors):6.2f} s")
 
     if pack:
-        res.update(bench_pack(wd, scratch, rounds, log))
+        res.update(bench_pack(wd, scratch, rounds, log, settle))
     else:
         import pandas as pd
 
@@ -136,8 +138,19 @@ def bench_set(src: Path, wd: Path, rounds: int, log, pack: bool = True) -> dict:
     return res
 
 
-def bench_pack(wd: Path, scratch: Path, rounds: int, log) -> dict:
-    """Pack (write + its verification) vs cat of the same image files, on a verified work dir."""
+def drop_pack_outputs(wd: Path) -> None:
+    for p in (wd / "recordio").glob("*.*"):
+        p.unlink()
+
+
+def bench_pack(wd: Path, scratch: Path, rounds: int, log, settle: float = 0.0) -> dict:
+    """Pack (write + its verification) vs cat of the same image files, on a verified work dir.
+
+    Each timed run starts with no output of an earlier run left and, with `settle`, after that many seconds
+    of quiet: on a VM with free page reporting (this one: Firecracker, page_reporting_order=11) memory
+    freed ~2 s ago has gone back to the host, and writing into it costs several times more than into memory
+    freed just before (1.2 GB into the page cache: 0.25 s vs 1.2-2.0 s, measured). Without settling, a run
+    that starts right after the other one's output was deleted writes into warm pages and the other not."""
     import pandas as pd
 
     res: dict = {}
@@ -148,9 +161,12 @@ def bench_pack(wd: Path, scratch: Path, rounds: int, log) -> dict:
     del df
     cats, packs, pwalls, pphases, rss = [], [], [], [], 0
     for _ in range(rounds):
+        drop_pack_outputs(wd)
+        time.sleep(settle)
         with open(files, "rb") as stdin, open(scratch.with_suffix(".cat"), "wb") as out:
             cats.append(run(["xargs", "cat"], stdin=stdin, stdout=out)[0])
         scratch.with_suffix(".cat").unlink()
+        time.sleep(settle)
         t, r = run(rn50("pack", wd, "--force"), cwd=REPO)
         ph = json.loads((wd / "reports" / "pack.json").read_text())["seconds"]
         pwalls.append(t)
@@ -163,13 +179,13 @@ def bench_pack(wd: Path, scratch: Path, rounds: int, log) -> dict:
     return res
 
 
-def bench_pack_only(src: Path, wd: Path, rounds: int, log) -> dict:
+def bench_pack_only(src: Path, wd: Path, rounds: int, log, settle: float = 0.0) -> dict:
     """--pack-only: fetch and verify once, untimed (the work dir is kept for the next run), then pack's rounds."""
     if not (wd / ".stamps" / "verify.json").exists():
         shutil.rmtree(wd, ignore_errors=True)
         run(rn50("fetch", src, wd, "--md5", src / "MD5SUMS"), cwd=REPO)
         run(rn50("verify", wd), cwd=REPO)
-    res = bench_pack(wd, wd.parent / f"{wd.name}-scratch", rounds, log)
+    res = bench_pack(wd, wd.parent / f"{wd.name}-scratch", rounds, log, settle)
     res["archive_bytes"] = sum((src / a).stat().st_size for a in ARCHIVES)
     return res
 
@@ -182,6 +198,9 @@ def main() -> int:
     ap.add_argument("--large", type=int, default=200, help="train images per class of the large set")
     ap.add_argument("--val-per-class", type=int, default=10, help="val images per class of the large set")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--settle", type=float, default=4.0,
+                    help="seconds of quiet before each timed cat and pack run, their earlier outputs deleted "
+                         "(freed memory goes back to the host on this VM: see bench_pack)")
     ap.add_argument("--pack-only", action="store_true",
                     help="only pack vs cat (fetch and verify run once, untimed; their work dirs are kept)")
     ap.add_argument("--no-pack", action="store_true", help="only fetch vs md5sum and verify vs tar -x")
@@ -206,9 +225,9 @@ def main() -> int:
         log(f"{name} set: {a.classes} classes x {per_class} train + {val} val per class")
         wd = out / f"wd-{name}"
         if a.pack_only:
-            sets[name] = bench_pack_only(src, wd, a.rounds, log)
+            sets[name] = bench_pack_only(src, wd, a.rounds, log, a.settle)
         else:
-            sets[name] = bench_set(src, wd, a.rounds, log, pack=not a.no_pack)
+            sets[name] = bench_set(src, wd, a.rounds, log, pack=not a.no_pack, settle=a.settle)
             shutil.rmtree(wd, ignore_errors=True)
         loads.append(os.getloadavg()[0])
     m["load_1m_during"] = [round(x, 2) for x in loads]
