@@ -60,8 +60,10 @@ class LocalSource:
             raise StageError(f"source has no {name} (looked in {self.root})") from None
 
     def open(self, name: str, offset: int) -> BinaryIO:
-        f = open(self.root / name, "rb")
+        f = open(self.root / name, "rb", buffering=0)  # chunks are read straight into the hasher's buffers
         f.seek(offset)
+        if hasattr(os, "posix_fadvise"):  # read ahead further
+            os.posix_fadvise(f.fileno(), offset, 0, os.POSIX_FADV_SEQUENTIAL)
         return f
 
 
@@ -169,36 +171,52 @@ def _check_announced(name: str, size: int | None) -> None:
 
 
 _PIPE_CHUNK = 4 << 20   # bytes per read: large buffers, so hashlib and the writes release the GIL for long
-_PIPE_DEPTH = 4          # chunks queued per consumer: at most ~2 x 4 x 4 MiB in flight
+_PIPE_BUFFERS = 6        # chunk buffers in all: the hasher may be up to 5 chunks (20 MiB) behind the reader
 
 
-class _Consumer:
-    """A thread applying `fn` to each chunk put in a bounded queue. After an error it keeps draining
-    the queue (the producer never blocks) and `put`/`finish` re-raise that error in the producer."""
+class _Hasher:
+    """MD5 of a stream's chunks in a thread of its own, on a ring of reusable chunk buffers.
 
-    def __init__(self, fn: Callable[[bytes], object], name: str):
-        self.fn, self.error = fn, None
-        self.queue: queue.Queue = queue.Queue(_PIPE_DEPTH)
+    The thread that reads also writes; hashing is the only other busy thread, so on two cores it has one
+    to itself (with reading, writing and hashing in three threads, the slowest of them, hashing, got
+    two thirds of a core at times). Buffers are reused, never reallocated: no page faults per chunk. A
+    buffer goes back to the reader only once hashed; the reader waits for one when the hasher is
+    behind. After an error the thread still hands buffers back, and `put`/`finish` re-raise it."""
+
+    def __init__(self, md5, name: str):
+        self.md5, self.error = md5, None
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(_PIPE_BUFFERS):
+            self.free.put(bytearray(_PIPE_CHUNK))
+        self.todo: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (chunk := self.queue.get()) is not None:
+        while (item := self.todo.get()) is not None:
+            buf, n = item
             if self.error is None:
                 try:
-                    self.fn(chunk)
-                except BaseException as e:  # noqa: BLE001 - handed to the producer
+                    with memoryview(buf) as view:
+                        self.md5.update(view[:n])
+                except BaseException as e:  # noqa: BLE001 - handed to the reader
                     self.error = e
+            self.free.put(buf)
 
-    def put(self, chunk: bytes) -> None:
+    def buffer(self) -> bytearray:
+        """A buffer the hasher is done with (waits while it is _PIPE_BUFFERS chunks behind)."""
+        return self.free.get()
+
+    def put(self, buf: bytearray, n: int) -> None:
+        """Hash buf[:n]; the buffer comes back from `buffer` once hashed."""
         if self.error is not None:
             raise self.error
-        self.queue.put(chunk)
+        self.todo.put((buf, n))
 
     def stop(self) -> None:
         """End the thread after the chunks already queued (idempotent)."""
         if self.thread.is_alive():
-            self.queue.put(None)
+            self.todo.put(None)
             self.thread.join()
 
     def finish(self) -> None:
@@ -212,10 +230,10 @@ def _download(src, name: str, raw: Path, total: int | None, progress: Progress |
     size the source announced) or, without an announcement, than the archive's cap: a source that
     sends more is an error and the partial file is removed.
 
-    One pass at hashing speed: this thread reads, one thread hashes and one writes, each on its own
-    bounded queue of the same chunks, so reading, hashing and writing overlap (hashlib and file writes
-    release the GIL on large buffers). The file's pages are flushed as they are written, so the final
-    fsync finds little left to do."""
+    One pass at hashing speed: this thread reads each chunk into a buffer, hands it to the hashing
+    thread and writes it while that thread hashes it (hashlib releases the GIL on large buffers), so
+    reading and writing overlap hashing, and the bytes hashed are exactly the bytes written. The
+    file's pages are flushed as they are written, so the final fsync finds little left to do."""
     partial = raw / ".partial" / f"{name}.part"
     partial.parent.mkdir(parents=True, exist_ok=True)
     md5 = hashlib.md5()
@@ -240,25 +258,16 @@ def _download(src, name: str, raw: Path, total: int | None, progress: Progress |
         out.truncate()
         if stream is not None:
             fd, flushed = out.fileno(), [offset, offset, offset]  # [waited-for start, written-out start, end]
-
-            def write(chunk: bytes) -> None:
-                view = memoryview(chunk)
-                while view:
-                    view = view[out.write(view):]
-                # Every 64 MiB: wait until the previous 64 MiB are on disk and start writing out these, so
-                # dirty pages never pile up for the final fsync and the disk works while we hash.
-                flushed[2] += len(chunk)
-                if flushed[2] - flushed[1] >= _WRITEBACK:
-                    _writeback(fd, *flushed)
-                    flushed[:2] = flushed[1:]
-
-            hasher, writer = _Consumer(md5.update, f"md5 {name}"), _Consumer(write, f"write {name}")
+            hasher = _Hasher(md5, f"md5 {name}")
             try:
                 with stream:
-                    # Ask for at most one byte past the limit: that byte, if it comes, is never written.
-                    while chunk := _read_chunk(stream, min(_PIPE_CHUNK, limit + 1 - done)):
-                        if done + len(chunk) > limit:
-                            writer.stop()
+                    while True:
+                        buf = hasher.buffer()
+                        # Ask for at most one byte past the limit: that byte, if it comes, is never written.
+                        n = _read_into(stream, buf, min(_PIPE_CHUNK, limit + 1 - done))
+                        if not n:
+                            break
+                        if done + n > limit:
                             out.close()
                             partial.unlink(missing_ok=True)
                             raise StageError(
@@ -266,18 +275,26 @@ def _download(src, name: str, raw: Path, total: int | None, progress: Progress |
                                 if total is not None else
                                 f"{name}: the source sent more than {human_bytes(limit)} (the cap for this "
                                 f"ILSVRC2012 archive) without announcing a size; nothing kept")
-                        writer.put(chunk)
-                        hasher.put(chunk)
-                        done += len(chunk)
+                        hasher.put(buf, n)
+                        try:
+                            with memoryview(buf) as view:
+                                left = view[:n]
+                                while left:
+                                    left = left[out.write(left):]
+                        except OSError as e:  # ENOSPC, EFBIG
+                            raise StageError(f"cannot write {partial}: {e.strerror or e}") from None
+                        done += n
+                        # Every 64 MiB: wait until the previous 64 MiB are on disk and start writing out
+                        # these, so dirty pages never pile up for the final fsync and the disk works
+                        # while we hash.
+                        flushed[2] = done
+                        if flushed[2] - flushed[1] >= _WRITEBACK:
+                            _writeback(fd, *flushed)
+                            flushed[:2] = flushed[1:]
                         if progress:
                             progress(name, done, total)
-            finally:  # both threads end before the file is used or closed, whatever happened
-                writer.stop()
+            finally:  # the hashing thread ends before the file is used or closed, whatever happened
                 hasher.stop()
-            try:
-                writer.finish()  # a write error (ENOSPC, EFBIG) in the writer thread
-            except OSError as e:
-                raise StageError(f"cannot write {partial}: {e.strerror or e}") from None
             hasher.finish()
         os.fsync(out.fileno())
     if total is not None and done != total:
@@ -285,16 +302,23 @@ def _download(src, name: str, raw: Path, total: int | None, progress: Progress |
     return md5.hexdigest(), partial
 
 
-def _read_chunk(stream, n: int) -> bytes:
-    """Up to n bytes; short only at the end of the stream (HTTP and S3 bodies may return less)."""
-    data = stream.read(n)
-    if not data or len(data) == n:
-        return data
-    parts, got = [data], len(data)
-    while got < n and (more := stream.read(n - got)):
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+def _read_into(stream, buf: bytearray, n: int) -> int:
+    """Read up to n bytes into buf[:n]; short only at the end of the stream (HTTP and S3 bodies may
+    return less per call). Streams without readinto are read and copied."""
+    readinto = getattr(stream, "readinto", None)
+    got = 0
+    with memoryview(buf) as view:
+        while got < n:
+            if readinto is not None:
+                k = readinto(view[got:n])
+            else:
+                data = stream.read(n - got)
+                k = len(data)
+                view[got:got + k] = data
+            if not k:
+                break
+            got += k
+    return got
 
 
 _WRITEBACK = 64 << 20

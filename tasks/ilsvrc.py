@@ -129,8 +129,14 @@ MANIFEST_COLUMNS = ["split", "wnid", "label", "path", "bytes", "md5", "width", "
 
 
 def manifest_digest(df) -> str:
-    """Content digest of a manifest: path, md5, label and split of every image (what pack depends on)."""
+    """Content digest of a manifest: path, md5, label and split of every image (what pack depends on),
+    in path order. The same for a frame of object columns (as read back) and of Arrow-backed columns
+    (as verify holds it); rows are taken in slices, never as a sorted copy of the whole frame."""
     h = hashlib.sha256()
-    for row in df.sort_values("path")[["path", "md5", "label", "split"]].itertuples(index=False):
-        h.update(("\t".join(map(str, row)) + "\n").encode())
+    columns = [df[c] for c in ("path", "md5", "label", "split")]
+    order = columns[0].reset_index(drop=True).sort_values(kind="stable").index.to_numpy()
+    for lo in range(0, len(order), 1 << 16):
+        part = order[lo:lo + (1 << 16)]
+        rows = zip(*(c.take(part).tolist() for c in columns))
+        h.update("".join("\t".join(map(str, row)) + "\n" for row in rows).encode())
     return h.hexdigest()

@@ -10,6 +10,7 @@ import tarfile
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
 
 from conftest import ROOT
@@ -89,3 +90,59 @@ def test_verify_reports_phases_and_a_complete_manifest(verified_workdir):
     for rel, md5 in df[["path", "md5"]].sample(20, random_state=1).itertuples(index=False):
         assert hashlib.md5((verified_workdir / rel).read_bytes()).hexdigest() == md5
     assert (df.width > 0).all() and set(df["mode"]) >= {"RGB", "CMYK", "L"}
+
+
+def test_manifest_reads_back_as_before_and_its_digest_matches(verified_workdir):
+    """verify builds the manifest as an Arrow table; read back it is the frame DataFrame.to_parquet wrote
+    (object string columns, int64, bool, a RangeIndex), and the digest verify reports is the one pack
+    computes from it: the sorted rows, hashed as tab-separated text."""
+    import hashlib
+    import json
+
+    from tasks.ilsvrc import MANIFEST_COLUMNS, manifest_digest
+
+    df = pd.read_parquet(verified_workdir / "manifest.parquet")
+    assert list(df.columns) == MANIFEST_COLUMNS
+    assert {c: str(t) for c, t in df.dtypes.items()} == {
+        "split": "object", "wnid": "object", "label": "int64", "path": "object", "bytes": "int64", "md5": "object",
+        "width": "int64", "height": "int64", "mode": "object", "format": "object", "decodable": "bool"}
+    assert isinstance(df.index, pd.RangeIndex)
+    assert df.path.str.startswith("extracted/").all() and df.md5.str.fullmatch("[0-9a-f]{32}").all()
+    expected = hashlib.sha256()
+    for row in sorted(zip(df.path, df.md5, df.label, df.split)):
+        expected.update(("\t".join(map(str, row)) + "\n").encode())
+    result = json.loads((verified_workdir / ".stamps" / "verify.json").read_text())["result"]
+    assert result["manifest_digest"] == manifest_digest(df) == expected.hexdigest()
+    shuffled = df.sample(frac=1, random_state=3)  # any row order, any index
+    assert manifest_digest(shuffled) == expected.hexdigest()
+    arrow = pq.read_table(verified_workdir / "manifest.parquet").to_pandas(types_mapper=pd.ArrowDtype)
+    assert manifest_digest(arrow) == expected.hexdigest()
+
+
+def test_verify_refuses_a_member_name_that_is_not_utf8(workdir_copy):
+    from conftest import rn50
+
+    raw = workdir_copy / "raw"
+    with tarfile.open(raw / TRAIN_TAR) as old:
+        members = [(m, old.extractfile(m).read()) for m in old]
+    m0, d0 = members[0]
+    inner = tarfile.open(fileobj=io.BytesIO(d0))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as out:
+        for i, m in enumerate(inner.getmembers()):
+            data = inner.extractfile(m).read()
+            m.name = m.name.replace(".JPEG", "_\xe9.JPEG") if i == 0 else m.name  # é as one latin-1 byte
+            out.addfile(m, io.BytesIO(data))
+    m0.size = len(buf.getvalue())
+    members[0] = (m0, buf.getvalue())
+    with tarfile.open(raw / TRAIN_TAR, "w") as new:
+        for m, d in members:
+            new.addfile(m, io.BytesIO(d))
+    from tasks.common import file_digest
+    from tasks.ilsvrc import write_fetch_record
+
+    write_fetch_record(raw, TRAIN_TAR, file_digest(raw / TRAIN_TAR))
+    proc = rn50("verify", workdir_copy)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "not UTF-8" in proc.stderr
+    assert not (workdir_copy / "extracted.partial").exists()
