@@ -10,6 +10,7 @@ bench/out/data_path/. On each set, in interleaved rounds (floor, ours, floor, ou
 - verify vs `tar -x` of the archives (train: `tar -xOf train.tar | tar -xi`, which writes every image of
              every inner class tar, plus `tar -xf val.tar`); ours is verify's extraction phase (stream the
              tars with every safety check, write the images, MD5 each); verify's whole run is also shown;
+             earlier trees are moved aside, not deleted, before each run (see discard);
 - pack   vs `cat` of the same image files into one file; ours is pack's write + verification phases;
              each of the two starts with the other's output deleted and --settle seconds of quiet (see
              bench_pack: on this VM freed memory goes back to the host and is dear to write into again).
@@ -79,9 +80,25 @@ def rn50(*args) -> list[str]:
     return [PY, "-m", "tasks.cli", *map(str, args)]
 
 
-def tar_x(raw: Path, dest: Path) -> float:
+TRASH: Path | None = None  # set by main: where discard() moves earlier outputs; deleted at the end of the run
+
+
+def discard(path: Path) -> None:
+    """Move `path` aside into TRASH (deleted once every round is done) rather than delete it: on ext4
+    without a journal (this machine's), creating files within ~30 s of deleting many others costs up to
+    ~2x (the inode allocator reads and skips each recently deleted inode), which fell on verify's
+    extraction, run right after the earlier trees were deleted, and not on `tar -x`."""
+    if TRASH is None:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    elif path.exists():
+        TRASH.mkdir(exist_ok=True)
+        os.rename(path, TRASH / f"{len(os.listdir(TRASH))}-{path.name}")
+
+
+def tar_x(raw: Path, dest: Path, settle: float = 0.0) -> float:
     """The extraction floor: every image of the train tar's inner tars and of the val tar written out."""
-    shutil.rmtree(dest, ignore_errors=True)
+    discard(dest)
+    time.sleep(settle)
     (dest / "train").mkdir(parents=True)
     (dest / "val").mkdir()
     t = time.perf_counter()
@@ -104,7 +121,8 @@ def bench_set(src: Path, wd: Path, rounds: int, log, pack: bool = True, settle: 
     md5s, fetches, rss = [], [], 0
     for _ in range(rounds):
         md5s.append(run(["md5sum", *[str(src / a) for a in ARCHIVES]])[0])
-        shutil.rmtree(wd, ignore_errors=True)
+        discard(wd)
+        time.sleep(settle)
         t, r = run(rn50("fetch", src, wd, "--md5", src / "MD5SUMS"), cwd=REPO)
         fetches.append(t)
         rss = max(rss, r)
@@ -114,10 +132,10 @@ def bench_set(src: Path, wd: Path, rounds: int, log, pack: bool = True, settle: 
     # verify's extraction vs tar -x
     floors, extracts, walls, phases, rss = [], [], [], [], 0
     for _ in range(rounds):
-        floors.append(tar_x(wd / "raw", scratch))
-        shutil.rmtree(scratch, ignore_errors=True)
-        for p in (wd / "extracted", wd / "manifest.parquet", wd / ".stamps" / "verify.json"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        floors.append(tar_x(wd / "raw", scratch, settle))
+        for p in (scratch, wd / "extracted", wd / "manifest.parquet", wd / ".stamps" / "verify.json"):
+            discard(p)
+        time.sleep(settle)
         t, r = run(rn50("verify", wd), cwd=REPO)
         ph = json.loads((wd / ".stamps" / "verify.json").read_text())["result"]["phases"]
         walls.append(t)
@@ -211,6 +229,11 @@ def main() -> int:
     log = (lambda *x: print(*x, file=sys.stderr, flush=True)) if a.json else (lambda *x: print(*x, flush=True))
     from tasks.synth import synthesize
 
+    global TRASH
+    TRASH = out / "trash"
+    if TRASH.exists():  # left by an interrupted run: deleted, then ~30 s for ext4 to forget the inodes
+        shutil.rmtree(TRASH)
+        time.sleep(35)
     m = machine()
     loads = [os.getloadavg()[0]]
     sets = {}
@@ -228,9 +251,10 @@ def main() -> int:
             sets[name] = bench_pack_only(src, wd, a.rounds, log, a.settle)
         else:
             sets[name] = bench_set(src, wd, a.rounds, log, pack=not a.no_pack, settle=a.settle)
-            shutil.rmtree(wd, ignore_errors=True)
+            discard(wd)
         loads.append(os.getloadavg()[0])
     m["load_1m_during"] = [round(x, 2) for x in loads]
+    shutil.rmtree(TRASH, ignore_errors=True)
 
     s, l = sets["small"], sets["large"]
     dn, db = l["images"] - s["images"], l["image_bytes"] - s["image_bytes"]
