@@ -31,7 +31,6 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
-import mmap
 import os
 import shutil
 import signal
@@ -605,36 +604,35 @@ def verify_split(split: str, tmp: Path, root: Path, listing: Listing, sample, wo
         return bool(sample[i]), multipart
 
     def check(w: int, _send) -> tuple[int, int]:
-        """The headers of a chunk of records are read through a mapping of the .rec and checked as arrays
-        (one Python step per chunk, not per record); a record that fails any of those checks -- or is
-        multi-part, or sampled -- then goes through `one`, which says exactly what is wrong, if anything."""
+        """The headers of a chunk of records are read (one pread each: a mapping of the .rec would count
+        its pages in the workers' RSS) and checked as arrays; a record that fails any of those checks -- or
+        is multi-part, or sampled -- then goes through `one`, which says exactly what is wrong, if anything."""
         lo, hi = len(listing) * w // workers, len(listing) * (w + 1) // workers
         fd = os.open(rec, os.O_RDONLY)
-        mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ) if rec_size else None
-        data = np.frombuffer(mapped, dtype=np.uint8) if mapped is not None else np.zeros(0, dtype=np.uint8)
         checked = multipart = 0
+        blank = bytes(32)
         try:
             for a in range(lo, hi, 1 << 13):
                 b = min(hi, a + (1 << 13))
                 off = offsets[a:b]
                 end = np.append(offsets[a + 1:b + 1], rec_size) if b == len(offsets) else offsets[a + 1:b + 1]
                 inside = (off >= 0) & (off + 32 <= rec_size)
-                raw = np.zeros((b - a, 32), dtype=np.uint8)
-                raw[inside] = data[off[inside, None] + np.arange(32)]
-                head = raw.view(HEAD_DTYPE)[:, 0]
-                length = (head["lrec"] & LEN_MASK).astype(np.int64)
-                fine = (inside & (head["magic"] == MAGIC) & (head["lrec"] >> 29 == 0)
-                        & (off + 8 + ((length + 3) & ~3) == end) & (head["flag"] == 0)
-                        & (keys[a:b] >= 0) & (head["id"] == keys[a:b].astype(np.uint64))
-                        & (head["label"].astype(np.float64) == labels[a:b]) & (length == IR_SIZE + sizes[a:b]))
+                raw = b"".join([os.pread(fd, 32, o) if ok else blank
+                                for o, ok in zip(off.tolist(), inside.tolist())])
+                head = np.frombuffer(raw, dtype=HEAD_DTYPE) if len(raw) == 32 * (b - a) else None
+                if head is None:  # a short read: the file changed under us; let `one` say where
+                    fine = np.zeros(b - a, dtype=bool)
+                else:
+                    length = (head["lrec"] & LEN_MASK).astype(np.int64)
+                    fine = (inside & (head["magic"] == MAGIC) & (head["lrec"] >> 29 == 0)
+                            & (off + 8 + ((length + 3) & ~3) == end) & (head["flag"] == 0)
+                            & (keys[a:b] >= 0) & (head["id"] == keys[a:b].astype(np.uint64))
+                            & (head["label"].astype(np.float64) == labels[a:b]) & (length == IR_SIZE + sizes[a:b]))
                 for i in (np.flatnonzero(~fine | sample[a:b]) + a).tolist():
                     c, m = one(fd, i)
                     checked += c
                     multipart += m
         finally:
-            del data  # the array exports the mapping: it must go before the mapping can close
-            if mapped is not None:
-                mapped.close()
             os.close(fd)
         return checked, multipart
 
