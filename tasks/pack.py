@@ -680,6 +680,33 @@ def pack(workdir: Path | str, threads: int | None = None, full_check: bool = Fal
     source file, not a 1% sample. `progress(done, total)`: records written so far, both splits; it is
     called once with done=0 after listing and before any record is read. `force`: repack even if the
     stamp says the outputs for this manifest are complete. `writer`: "fast" or "im2rec" (same bytes)."""
+    with _arrow_memory_given_back():
+        return _pack(workdir, threads, full_check, progress, force, writer)
+
+
+@contextlib.contextmanager
+def _arrow_memory_given_back():
+    """While pack runs, Arrow allocates from jemalloc, which hands freed memory back to the system: the
+    Python objects of the listing phase then reuse the pages the manifest table held. The default pool
+    (mimalloc) kept them: peak RSS 573 vs 373 bytes per image (measured, 100k- and 400k-image trees). Only
+    the pool of new allocations changes; every buffer is freed to the pool it came from."""
+    import pyarrow as pa
+
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a pyarrow built without jemalloc
+        yield
+        return
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(before)
+
+
+def _pack(workdir: Path | str, threads: int | None, full_check: bool, progress: Optional[Progress], force: bool,
+          writer: str) -> PackResult:
     t0 = time.perf_counter()
     wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
     if writer not in ("fast", "im2rec"):
