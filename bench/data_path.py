@@ -211,6 +211,68 @@ def bench_pack_only(src: Path, wd: Path, rounds: int, log, settle: float = 0.0) 
     return res
 
 
+def _synthetic_split(n: int) -> tuple[int, int]:
+    """Train images per class (of 1,000) and val images of verify_memory_child's n-image index."""
+    return max(1, n // 1000), max(1, n // 20)
+
+
+def verify_memory_child(n: int) -> None:
+    """verify's work after extraction (manifest table, expectations, quirks, digest, parquet) on an
+    index of n synthetic images (1,000 classes, val 1/20 of train; no image files): its peak RSS grows
+    only with n, without the few MiB of allocator noise that swamp the slope between two small sets."""
+    import array
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    import tasks.verify as v
+    from tasks.ilsvrc import manifest_digest
+
+    classes, per_class, n_val = 1000, *_synthetic_split(n)
+    wnids = [f"n{10_000_000 + 37 * i:08d}" for i in range(classes)]
+    devkit = v.Devkit(sorted(wnids), {w: per_class for w in wnids}, [wnids[i % classes] for i in range(n_val)])
+    root = Path(tempfile.mkdtemp()) / "extracted.partial"
+    index = v._Index(root, root.parent)
+    index.finish()
+    n_train = per_class * classes
+    index.splits, index.wnids = ["train", "val"], wnids
+    index.split = bytearray(n_train) + bytearray(b"\1" * n_val)
+    index.wnid = array.array("I", np.concatenate([np.arange(n_train) // per_class, np.arange(n_val) % classes]))
+    names = (f"{wnids[i // per_class]}_{i}.JPEG" if i < n_train else f"ILSVRC2012_val_{i - n_train + 1:08d}.JPEG"
+             for i in range(n_train + n_val))
+    for name in names:
+        index.names += name.encode()
+        index.name_ends.append(len(index.names))
+    total = n_train + n_val
+    index.bytes = array.array("q", bytes(8 * total))
+    index.bytes[:] = array.array("q", [110_000]) * total
+    index.md5 = bytearray(np.random.default_rng(0).integers(0, 256, 16 * total, np.uint8).tobytes())
+    facts = {"width": np.full(total, 500, np.int64), "height": np.full(total, 375, np.int64),
+             "mode": np.zeros(total, np.uint16), "format": np.zeros(total, np.uint16),
+             "decodable": np.ones(total, bool), "modes": ["RGB"], "formats": ["JPEG"]}
+    table = v._table(index, {w: i for i, w in enumerate(devkit.wnids)}, facts)
+    del index, facts
+    df = table.to_pandas(types_mapper=pd.ArrowDtype)
+    assert all(e["success"] for e in v._validate(df, devkit))
+    _ = [df.path[df.format == "PNG"].tolist(), df.path[~df.decodable].tolist(), int(df.bytes.sum())]
+    manifest_digest(df)
+    pq.write_table(table, root.parent / "manifest.parquet")
+    shutil.rmtree(root.parent)
+
+
+def verify_memory(sizes: list[int], log) -> dict:
+    peaks = {}
+    for n in sizes:
+        peaks[n] = run([PY, "-m", "bench.data_path", "--verify-memory-child", n], cwd=REPO)[1]
+        log(f"  verify after extraction, {n:,} synthetic images: peak RSS {peaks[n] / 2**20:.0f} MiB")
+    lo, hi = min(sizes), max(sizes)
+    images = {k: 1000 * _synthetic_split(k)[0] + _synthetic_split(k)[1] for k in (lo, hi)}
+    slope = (peaks[hi] - peaks[lo]) / (images[hi] - images[lo])
+    log(f"  peak RSS per image: {slope:.0f} B")
+    return {"peak_rss": peaks, "bytes_per_image": round(slope)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "data_path")
@@ -225,11 +287,23 @@ def main() -> int:
     ap.add_argument("--pack-only", action="store_true",
                     help="only pack vs cat (fetch and verify run once, untimed; their work dirs are kept)")
     ap.add_argument("--no-pack", action="store_true", help="only fetch vs md5sum and verify vs tar -x")
+    ap.add_argument("--verify-memory", metavar="N1,N2",
+                    help="only: peak RSS of verify's work after extraction on N1 and N2 synthetic images, and "
+                         "its growth per image (e.g. 100000,400000)")
+    ap.add_argument("--verify-memory-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.verify_memory_child:
+        verify_memory_child(a.verify_memory_child)
+        return 0
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda *x: print(*x, file=sys.stderr, flush=True)) if a.json else (lambda *x: print(*x, flush=True))
+    if a.verify_memory:
+        result = verify_memory([int(x) for x in a.verify_memory.split(",")], log)
+        if a.json:
+            print(json.dumps(result, indent=2))
+        return 0
     from tasks.synth import synthesize
 
     global TRASH
