@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from helpers import STRICT, clear_aws_env, free_port, missing, require, stop_group  # noqa: F401  (re-exported)
+from helpers import STRICT, Receiver, clear_aws_env, free_port, missing, require, stop_group  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 RN50 = str(Path(sys.executable).parent / "rn50")
@@ -137,3 +139,42 @@ def prefect_server(tmp_path_factory):
     server.up()
     yield server
     server.down()
+
+
+@dataclass
+class DemoRun:
+    local: "LocalPrefect"  # noqa: F821
+    receiver: Receiver
+    source: Path
+    workdir: Path
+    run_id: str
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One finished `rn50/full` demo run through a local Prefect server + worker, shared by the modules that
+    look at it without changing it (the UI pages, the Logs tab, progress artifacts, the run form) and by the
+    alert test that runs the nightly after it (test_operation_ui.py sorts before test_operations.py, so the
+    pages see this run's artifacts as the newest). The alert automation posts to `receiver` on loopback."""
+    from flows.local import LocalPrefect
+    from tasks.synth import synthesize
+
+    base = tmp_path_factory.mktemp("demo-run")
+    receiver = Receiver()
+    local = LocalPrefect(base / "prefect-home", free_port())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RN50_ALERT_WEBHOOK_URL", receiver.url)  # `up` saves the rn50-alerts block from it
+        try:
+            local.up()
+            src, wd = base / "synthetic", base / "work"
+            synthesize(src)
+            proc = local.run_deployment("full", f"source={src}", f"workdir={wd}", timeout_s=1200)
+            out = proc.stdout + proc.stderr
+            assert proc.returncode == 0 and "Completed" in out, \
+                f"rn50/full did not complete ({proc.returncode}):\n{out[-3000:]}\nworker log: {local.home / 'worker.log'}"
+            ids = re.findall(r"UUID:\s*([0-9a-f-]{36})", out)
+            assert ids, f"no flow run id in `prefect deployment run` output:\n{out[-2000:]}"
+            yield DemoRun(local, receiver, src, wd, ids[0])
+        finally:
+            local.down()
+            receiver.stop()

@@ -14,6 +14,8 @@ import os
 import signal
 import socket
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import NoReturn
 
@@ -95,3 +97,29 @@ def prefect_api(api_url: str, method: str, path: str, body: dict | None = None, 
             if e.code != 503 or attempt == attempts - 1:
                 raise
             time.sleep(2 ** attempt)
+
+
+class Receiver(ThreadingHTTPServer):
+    """A webhook receiver on loopback: keeps every POST body."""
+
+    def __init__(self):
+        bodies: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                n = int(self.headers.get("Content-Length") or 0)
+                bodies.append(self.rfile.read(n).decode(errors="replace"))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", free_port()), Handler)
+        self.bodies = bodies
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/rn50-alerts"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

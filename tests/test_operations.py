@@ -3,7 +3,8 @@ typed parameters and pipeline-config schema errors, the nightly-failure alert.
 
 Everything is real: a local Prefect server + `rn50` process worker (flows.local.LocalPrefect, SQLite,
 loopback, free port), `flows.local up` creating the rn50-cluster limit and the alert automation with a
-custom-webhook block that posts to a receiver on 127.0.0.1. One rn50/full demo run is shared by the tests.
+custom-webhook block that posts to a receiver on 127.0.0.1. One rn50/full demo run is shared by the tests
+(conftest's session `demo_run`, which the UI page tests also read).
 """
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, rn50
+from conftest import ROOT, rn50
 from helpers import prefect_api
 from tasks.common import StageError
 
@@ -71,28 +70,6 @@ def test_shipped_configs_match_the_schema_and_keep_cluster_limit():
 # --- a real server, worker and one demo run ---------------------------------------------------------
 
 
-class Receiver(ThreadingHTTPServer):
-    """A webhook receiver on loopback: keeps every POST body."""
-
-    def __init__(self):
-        bodies: list[str] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                n = int(self.headers.get("Content-Length") or 0)
-                bodies.append(self.rfile.read(n).decode(errors="replace"))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", free_port()), Handler)
-        self.bodies = bodies
-        self.url = f"http://127.0.0.1:{self.server_address[1]}/rn50-alerts"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
 def _api(local, method: str, path: str, body: dict | None = None):
     return prefect_api(local.api_url, method, path, body)
 
@@ -104,27 +81,9 @@ def _run_id(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def ops(tmp_path_factory):
+def ops(demo_run):
     """(LocalPrefect, webhook Receiver, source, workdir, flow run id of one finished rn50/full demo run)."""
-    from flows.local import LocalPrefect
-    from tasks.synth import synthesize
-
-    base = tmp_path_factory.mktemp("ops")
-    receiver = Receiver()
-    local = LocalPrefect(base / "prefect-home", free_port())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RN50_ALERT_WEBHOOK_URL", receiver.url)  # `up` saves the rn50-alerts block from it
-        try:
-            local.up()
-            src, wd = base / "synthetic", base / "work"
-            synthesize(src)
-            proc = local.run_deployment("full", f"source={src}", f"workdir={wd}", timeout_s=1200)
-            assert proc.returncode == 0 and "Completed" in proc.stdout + proc.stderr, \
-                f"rn50/full failed:\n{(proc.stdout + proc.stderr)[-3000:]}\nworker log: {local.home / 'worker.log'}"
-            yield local, receiver, src, wd, _run_id(proc)
-        finally:
-            local.down()
-            receiver.shutdown()
+    return demo_run.local, demo_run.receiver, demo_run.source, demo_run.workdir, demo_run.run_id
 
 
 def _logs(local, flow_run_id: str) -> list[dict]:

@@ -130,26 +130,10 @@ def _missing_browser() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def prefect_run(tmp_path_factory):
-    """A fresh local Prefect with one finished rn50/full run on a synthetic set: (LocalPrefect, flow run id)."""
-    from flows.local import LocalPrefect
-    from tasks.synth import synthesize
-
-    base = tmp_path_factory.mktemp("ui")
-    local = LocalPrefect(base / "prefect-home", free_port())
-    try:
-        local.up()
-        src, wd = base / "synthetic", base / "work"
-        synthesize(src)
-        proc = local.run_deployment("full", f"source={src}", f"workdir={wd}", timeout_s=1200)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0 and "Completed" in out, \
-            f"rn50/full did not complete ({proc.returncode}):\n{out[-3000:]}\nworker log: {local.home / 'worker.log'}"
-        ids = re.findall(r"UUID:\s*([0-9a-f-]{36})", out)
-        assert ids, f"no flow run id in `prefect deployment run` output:\n{out[-2000:]}"
-        yield local, ids[0]
-    finally:
-        local.down()
+def prefect_run(demo_run):
+    """A local Prefect with one finished rn50/full run on a synthetic set (conftest's `demo_run`):
+    (LocalPrefect, flow run id)."""
+    return demo_run.local, demo_run.run_id
 
 
 @pytest.fixture(scope="module")
