@@ -12,6 +12,7 @@ than that cap): a source that sends more is a one-line error and its partial fil
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -257,7 +258,7 @@ def _download(src, name: str, raw: Path, total: int | None, progress: Progress |
         out.seek(offset)
         out.truncate()
         if stream is not None:
-            fd, flushed = out.fileno(), [offset, offset, offset]  # [waited-for start, written-out start, end]
+            writeback = _Writeback(out.fileno(), offset)
             hasher = _Hasher(md5, f"md5 {name}")
             try:
                 with stream:
@@ -284,13 +285,7 @@ def _download(src, name: str, raw: Path, total: int | None, progress: Progress |
                         except OSError as e:  # ENOSPC, EFBIG
                             raise StageError(f"cannot write {partial}: {e.strerror or e}") from None
                         done += n
-                        # Every 64 MiB: wait until the previous 64 MiB are on disk and start writing out
-                        # these, so dirty pages never pile up for the final fsync and the disk works
-                        # while we hash.
-                        flushed[2] = done
-                        if flushed[2] - flushed[1] >= _WRITEBACK:
-                            _writeback(fd, *flushed)
-                            flushed[:2] = flushed[1:]
+                        writeback.wrote(done)
                         if progress:
                             progress(name, done, total)
             finally:  # the hashing thread ends before the file is used or closed, whatever happened
@@ -322,6 +317,7 @@ def _read_into(stream, buf: bytearray, n: int) -> int:
 
 
 _WRITEBACK = 64 << 20
+_WRITEBACK_LAG = 2
 try:
     _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -329,14 +325,27 @@ except (OSError, AttributeError):
     _sync_file_range = None
 
 
-def _writeback(fd: int, waited: int, start: int, end: int) -> None:
-    """Wait until [waited, start) is on disk (its write-out was started by the previous call), then start
-    writing out [start, end) (Linux sync_file_range; elsewhere a no-op and the final fsync does it all)."""
-    if _sync_file_range is None:
-        return
-    if start > waited:  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
-        _sync_file_range(fd, waited, start - waited, 1 | 2 | 4)
-    _sync_file_range(fd, start, end - start, 2)  # SYNC_FILE_RANGE_WRITE: start it, do not wait
+class _Writeback:
+    """Starts writing out every _WRITEBACK bytes written (Linux sync_file_range; elsewhere nothing, and the
+    final fsync does it all), and waits for one such range to be on disk only once _WRITEBACK_LAG later
+    ones have been started. Dirty pages stay under ~(_WRITEBACK_LAG + 1) x _WRITEBACK, so the final fsync
+    finds little left, and the reading thread seldom waits on the disk: a wait longer than it takes to hash
+    the chunks queued (~20 MiB, ~30 ms) would leave the MD5 thread idle."""
+
+    def __init__(self, fd: int, offset: int):
+        self.fd, self.end, self.started = fd, offset, collections.deque()
+
+    def wrote(self, done: int) -> None:
+        """The file now holds `done` bytes."""
+        if done - self.end < _WRITEBACK:
+            return
+        if _sync_file_range is not None:
+            _sync_file_range(self.fd, self.end, done - self.end, 2)  # SYNC_FILE_RANGE_WRITE: start, no wait
+            self.started.append((self.end, done))
+            if len(self.started) > _WRITEBACK_LAG:
+                start, end = self.started.popleft()  # WAIT_BEFORE | WRITE | WAIT_AFTER
+                _sync_file_range(self.fd, start, end - start, 1 | 2 | 4)
+        self.end = done
 
 
 def fetch(source: str, workdir: Path | str, md5_file: Path | str | None = None,
