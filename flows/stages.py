@@ -28,6 +28,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.states import Completed
 
+from flows.cluster import CLUSTER_LIMIT, cluster_slot
 from flows.locks import LiveLockManager
 from tasks.common import Workdir, is_transient, rebased, relocatable, write_stamp
 
@@ -359,42 +360,6 @@ def container(workdir: str, from_image: str, registry: str | None, push: bool,
 
     return build_image(from_image=from_image, registry=registry, push=push, build_args=build_args,
                        network_mode=network, log_path=Workdir(workdir).reports / "container-build.log")
-
-
-CLUSTER_LIMIT = "rn50-cluster"
-
-
-def ensure_cluster_limit(name: str = CLUSTER_LIMIT, slots: int = 1) -> None:
-    """Create the global concurrency limit `name` (1 slot) unless it exists; an existing one is kept as is."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-            except ObjectAlreadyExists:
-                pass
-
-
-@contextlib.contextmanager
-def cluster_slot(name: str):
-    """One timed run per cluster at a time: the launch holds a slot of the global concurrency limit `name`.
-    Time-to-train figures of two runs sharing the nodes would both be wrong."""
-    from prefect.concurrency.sync import concurrency
-    from prefect.logging import get_run_logger
-
-    logger = get_run_logger()
-    ensure_cluster_limit(name)
-    logger.info("train: waiting for the cluster (global concurrency limit %r)", name)
-    t0 = time.monotonic()
-    # A 60 s lease, renewed while the launch runs: the slot of a run killed with SIGKILL is free a minute later.
-    with concurrency(name, occupy=1, strict=True, lease_duration=60):
-        logger.info("train: the cluster is ours (waited %.0f s)", time.monotonic() - t0)
-        yield
 
 
 def _train(workdir: str, config: str, hosts: str | None, runs: int, image: str | None, timeout_s: float,

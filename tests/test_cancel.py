@@ -285,7 +285,7 @@ def _descendants(pid: int) -> list[int]:
 
 def test_sigkill_of_rn50_run_leaves_no_orphan_and_a_rerun_completes(demo_source, tmp_path):
     """`rn50 run` without PREFECT_API_URL: the Prefect server it starts for the run is one of its processes, and
-    the rerun must get the cluster slot the killed run held (freed by the server's repossessor)."""
+    the rerun must get the cluster slot the killed run held (released by the rerun, which finds its holder gone)."""
     wd = tmp_path / "wd"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
@@ -309,6 +309,8 @@ def test_sigkill_of_rn50_run_leaves_no_orphan_and_a_rerun_completes(demo_source,
     assert rerun.returncode == 0 and out["state"] == "Completed", rerun.stderr[-3000:]
     assert out["stages"]["train"] == "Completed"
     assert "broke the stale lock rn50-train-" in rerun.stdout + rerun.stderr
+    # ... and took over the killed run's cluster slot at once rather than after its lease (flows/cluster.py).
+    assert "released the cluster slot held by pid " in rerun.stdout + rerun.stderr
 
 
 # --- a worker that dies with its machine ----------------------------------------------------------

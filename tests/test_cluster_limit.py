@@ -3,7 +3,7 @@ limit `rn50-cluster`, so a second flow run waits (and says so) until the first r
 
 Real components: a local Prefect server (flows/local.py) and two flow-run processes started together. The
 launch itself is replaced by a sleep that records when it held the cluster: what is under test is the slot,
-not training (the real train stage runs inside `cluster_slot` — see flows/stages.py `_train` and the flow tests).
+not training (the real train stage runs inside `cluster_slot` — see flows/cluster.py, flows/stages.py `_train` and the flow tests).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 HOLD = """
 import json, sys, time
 from prefect import flow
-from flows.stages import cluster_slot
+from flows.cluster import cluster_slot
 
 @flow(name="hold-cluster")
 def hold(limit: str, seconds: float) -> dict:
@@ -63,6 +63,36 @@ def test_two_runs_against_one_cluster_take_turns(server):
             "    l = c.read_global_concurrency_limit_by_name('rn50-cluster-test'); print(l.limit, l.active_slots)")
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["1", "0"], r.stdout + r.stderr
+
+
+def test_a_killed_holder_s_slot_is_taken_over_at_once_on_its_machine(server):
+    """SIGKILL of the run holding the cluster: the next run on this machine finds the recorded holder gone,
+    releases its lease with one log line and starts in seconds, not after the 60 s lease."""
+    import signal
+    import time
+
+    env = {**os.environ, **{k: v for k, v in server.env().items() if k.startswith("PREFECT_")}}
+    first = subprocess.Popen([sys.executable, "-c", HOLD, "rn50-cluster-kill", "300"], env=env, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if "the cluster is ours" in line:
+                break
+        else:
+            raise AssertionError(f"the first run never held the cluster (exit {first.wait()})")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    t0 = time.monotonic()
+    second = subprocess.run([sys.executable, "-c", HOLD, "rn50-cluster-kill", "1"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - t0
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert f"released the cluster slot held by pid {first.pid} on " in out, out[-3000:]
+    assert took < 40, f"the second run took {took:.0f} s: it waited for the lease to end ({out[-2000:]})"
 
 
 JOB_ARTIFACT = """

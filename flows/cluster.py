@@ -1,0 +1,142 @@
+"""One timed run per cluster at a time, and a slot that a killed holder gives back at once.
+
+The train stage's launch holds one slot of a Prefect global concurrency limit (`rn50-cluster` by default):
+time-to-train figures of two runs sharing the nodes would both be wrong. The slot is held through a lease
+that the holder renews; the server frees the slot of a holder that stops renewing when the lease ends
+(60 s, the server's minimum). A run that was killed on this machine does not have to cost the next run that
+minute: the holder publishes who it is (host, boot id, pid and the pid's start time) in the Prefect variable
+`rn50_cluster_holder_<limit>` (visible on the UI's Variables page), and a waiting run on the same machine that
+finds that process gone releases its lease with one log line. A holder on another host is trusted to its lease.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from typing import Any, Iterator
+from uuid import UUID
+
+from flows.locks import boot_id, process_start_time
+
+CLUSTER_LIMIT = "rn50-cluster"
+LEASE_S = 60.0  # the server's minimum lease
+RENEW_S = 15.0
+POLL_S = 5.0  # a waiting run asks again at least this often
+
+
+def ensure_cluster_limit(name: str = CLUSTER_LIMIT, slots: int = 1) -> None:
+    """Create the global concurrency limit `name` (1 slot) unless it exists; an existing one is kept as is."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            except ObjectAlreadyExists:
+                pass
+
+
+def holder_variable(name: str) -> str:
+    """The Prefect variable naming the holder of limit `name` (variable names: lowercase, digits, - and _)."""
+    return "rn50_cluster_holder_" + re.sub(r"[^a-z0-9_-]", "_", name.lower())
+
+
+def _me(lease_id: UUID) -> dict[str, Any]:
+    from os import getpid
+
+    pid = getpid()
+    return {"lease_id": str(lease_id), "host": socket.gethostname(), "boot_id": boot_id(), "pid": pid,
+            "pid_start": process_start_time(pid), "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def holder_is_gone(record: dict[str, Any]) -> bool:
+    """True when the recorded holder ran on this machine and that process no longer exists (or the machine
+    rebooted since). A holder on another host is never judged from here."""
+    if record.get("host") != socket.gethostname():
+        return False
+    if record.get("boot_id") != boot_id():
+        return True
+    pid = record.get("pid")
+    return not isinstance(pid, int) or process_start_time(pid) != record.get("pid_start")
+
+
+def _release_if_holder_gone(client, name: str, log) -> None:
+    from prefect.variables import Variable
+
+    record = Variable.get(holder_variable(name), default=None)
+    if not isinstance(record, dict) or not holder_is_gone(record):
+        return
+    try:
+        lease = UUID(str(record.get("lease_id")))
+    except ValueError:
+        return
+    client.release_concurrency_slots_with_lease(lease)  # a lease that already ended: the server ignores it
+    current = Variable.get(holder_variable(name), default=None)
+    if isinstance(current, dict) and current.get("lease_id") == record.get("lease_id"):
+        Variable.unset(holder_variable(name))
+    log.warning("train: released the cluster slot held by pid %s on %s since %s: that process is gone",
+                record.get("pid"), record.get("host"), record.get("since"))
+
+
+def _acquire(client, name: str, log) -> UUID:
+    import httpx
+
+    while True:
+        try:
+            r = client.increment_concurrency_slots_with_lease(names=[name], slots=1, mode="concurrency",
+                                                              lease_duration=LEASE_S)
+            return UUID(r.json()["lease_id"])
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code != 423:  # 423 Locked: every slot is held
+                raise
+            retry_after = float(e.response.headers.get("Retry-After") or POLL_S)
+        _release_if_holder_gone(client, name, log)
+        time.sleep(min(max(retry_after, 1.0), POLL_S))
+
+
+def _renew(lease: UUID, stop: threading.Event, log) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while not stop.wait(RENEW_S):
+            try:
+                client.renew_concurrency_lease(lease, lease_duration=LEASE_S)
+            except Exception as e:  # noqa: BLE001 — keep trying while the lease still has time left
+                log.warning("train: could not renew the cluster lease (%s); retrying in %.0f s", e, RENEW_S)
+
+
+@contextlib.contextmanager
+def cluster_slot(name: str = CLUSTER_LIMIT) -> Iterator[None]:
+    """Hold one slot of the global concurrency limit `name` for the duration of the block."""
+    from prefect.client.orchestration import get_client
+    from prefect.logging import get_run_logger
+    from prefect.variables import Variable
+
+    log = get_run_logger()
+    ensure_cluster_limit(name)
+    log.info("train: waiting for the cluster (global concurrency limit %r)", name)
+    t0 = time.monotonic()
+    with get_client(sync_client=True) as client:
+        lease = _acquire(client, name, log)
+        stop = threading.Event()
+        renewer = threading.Thread(target=_renew, args=(lease, stop, log), name="cluster-lease", daemon=True)
+        try:
+            Variable.set(holder_variable(name), _me(lease), overwrite=True)
+            renewer.start()
+            log.info("train: the cluster is ours (waited %.0f s)", time.monotonic() - t0)
+            yield
+        finally:
+            stop.set()
+            if renewer.is_alive():
+                renewer.join(timeout=30)
+            with contextlib.suppress(Exception):
+                current = Variable.get(holder_variable(name), default=None)
+                if isinstance(current, dict) and current.get("lease_id") == str(lease):
+                    Variable.unset(holder_variable(name))
+            client.release_concurrency_slots_with_lease(lease)
