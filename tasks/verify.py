@@ -603,7 +603,6 @@ def _table(index: _Index, label: dict[str, int], facts: dict[str, Any]):
     import binascii
 
     import numpy as np
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
