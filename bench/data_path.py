@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.data_path [--classes 100] [--small 40] [--large 200] [--val-per-class 10]
                                         [--rounds 2] [--pack-only | --no-pack] [--settle 4] [--json]
+    .venv/bin/python -m bench.data_path --verify-memory 100000,400000    (verify's memory per image, alone)
 
 Two `rn50 synth --profile imagenet` sets (ILSVRC2012's image sizes, ~110 KB JPEGs) that differ only in
 images per class (--small and --large train images, val scaled alike) are synthesized once and kept in
