@@ -157,6 +157,28 @@ def test_list_is_im2rec_list_byte_for_byte(tmp_path):
     assert sys.path == path and set(sys.modules) <= modules | {"rn50_im2rec"}, "listing touched global state"
 
 
+@pytest.mark.parametrize("relative", [False, True])
+def test_list_of_odd_names_is_im2rec_list(tmp_path, monkeypatch, relative):
+    """make_list gives im2rec's own listing a quicker os.path.relpath; on names where the quick way does not
+    apply (dot files, "..", spaces, non-ASCII, a relative root) it must still give im2rec's bytes."""
+    root = tmp_path / "tree"
+    names = {"n01": ["a.JPEG", ".hidden.jpg", "x..y.png", "sp ace.jpeg", "é.JPG", "notes.txt"],
+             "n02.d": ["..z.jpg", "b.JPEG"], ".n03": ["c.png"], "n04 x": ["d.jpeg"]}
+    for d, files in names.items():
+        (root / d).mkdir(parents=True)
+        for f in files:
+            (root / d / f).write_bytes(b"\xff\xd8\xff")
+    (root / "n01" / "sub").mkdir()
+    (root / "n01" / "sub" / "deep.jpg").write_bytes(b"\xff\xd8\xff")
+    monkeypatch.chdir(tmp_path)
+    where = Path("tree") if relative else root
+    ours = make_list(where, tmp_path / "ours")
+    subprocess.run([PY, str(im2rec_path()), "--list", "--recursive", str(tmp_path / "ref"), str(where)],
+                   check=True, capture_output=True)
+    assert ours.read_bytes() == (tmp_path / "ref.lst").read_bytes()
+    assert len(read_lst(ours)) == 10
+
+
 @pytest.mark.parametrize("writer,threads", [("fast", 1), ("fast", 3), ("im2rec", 2)])
 def test_outputs_are_what_im2rec_writes(tmp_path, packed, writer, threads):
     wd0, r0 = packed
