@@ -460,9 +460,12 @@ def _write_fast(listing: Listing, root: Path, rec: Path, idx: Path, workers: int
             return b"".join(parts), [len(p) for p in parts]
 
         def work(w: int, send: Callable[[Any], None]) -> None:
+            """Batches w, w + workers, ...; to the parent only progress (~5 a second) and escaped batches:
+            a message per 512 KiB batch cost the parent ~2 us of CPU per image."""
             ring_in, ring_out = ring[w][0], ring[(w + 1) % workers][1]
             rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
             buf = bytearray(batch_bytes)  # one per worker, reused: no page faults on fresh memory per batch
+            unreported, last = 0, time.monotonic()
             for b in range(w, len(batches), workers):
                 lo, hi = batches[b]
                 data, written = build(lo, hi, rootfd, buf)
@@ -470,34 +473,41 @@ def _write_fast(listing: Listing, root: Path, rec: Path, idx: Path, workers: int
                 with contextlib.suppress(BrokenPipeError):
                     os.write(ring_out, struct.pack("<q", start + len(data)))
                 _pwrite_all(fd, data, start, rec)
-                send(("batch", b, start, len(data), written))
+                if written is not None:
+                    send(("escaped", b, start, written))
+                unreported += hi - lo
+                if time.monotonic() - last >= 0.2:
+                    send(("progress", unreported))
+                    unreported, last = 0, time.monotonic()
+            send(("progress", unreported))
 
-        placed: dict[int, tuple[int, int, list[int] | None]] = {}
+        escaped_batches: dict[int, tuple[int, list[int]]] = {}
 
         def on_message(_w: int, msg: tuple) -> None:
-            _, b, start, nbytes, written = msg
-            placed[b] = (start, nbytes, written)
-            tick(batches[b][1] - batches[b][0])
+            if msg[0] == "escaped":
+                escaped_batches[msg[1]] = (msg[2], msg[3])
+            else:
+                tick(msg[1])
 
         os.write(ring[0][1], struct.pack("<q", 0))
         try:
             run_forked(workers, work, on_message, name="pack worker")
+            # The end offset of the last batch, passed on to the worker that would have written the next.
+            end = struct.unpack("<q", read_exact(ring[len(batches) % workers][0], 8))[0]
         finally:
             for r, w in ring:
                 os.close(r)
                 os.close(w)
         escaped = 0
-        for b, (lo, hi) in enumerate(batches):
-            written = placed[b][2]
-            if written is not None:  # the rare batch with multi-part records: their sizes as written
-                escaped += int(np.count_nonzero(np.array(written) != rec_sizes[lo:hi]))
-                rec_sizes[lo:hi] = written
+        for b, (_, written) in escaped_batches.items():  # the rare multi-part records: their sizes as written
+            lo, hi = batches[b]
+            escaped += int(np.count_nonzero(np.array(written) != rec_sizes[lo:hi]))
+            rec_sizes[lo:hi] = written
         offsets = np.cumsum(rec_sizes) - rec_sizes
-        for b, (lo, hi) in enumerate(batches):
-            start, nbytes, _ = placed[b]
-            if start != offsets[lo] or start + nbytes != offsets[hi - 1] + rec_sizes[hi - 1]:
-                raise StageError(f"internal error: batch {b} of {rec} is at {start}..{start + nbytes}, "
-                                 f"expected {offsets[lo]}..{offsets[hi - 1] + rec_sizes[hi - 1]}")
+        wrong = [b for b, (start, _) in escaped_batches.items() if start != offsets[batches[b][0]]]
+        if wrong or end != int(rec_sizes.sum()):
+            raise StageError(f"internal error: the records of {rec} end at {end}, expected {int(rec_sizes.sum())}"
+                             + (f"; batch {wrong[0]} is misplaced" if wrong else ""))
         os.ftruncate(fd, int(rec_sizes.sum()))
     finally:
         os.close(fd)

@@ -214,6 +214,15 @@ def test_result_report_stamp_and_quirks(packed):
     assert r.manifest_digest == manifest_digest(df) and r.key == pack_key(r.manifest_digest)
 
 
+def test_progress_counts_every_record_once(tmp_path):
+    wd = make_workdir(tmp_path, classes=3, train=30, val=4)
+    calls = []
+    r = pack(wd, threads=2, progress=lambda done, total: calls.append((done, total)))
+    total = r.splits["train"].records + r.splits["val"].records
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+
+
 def test_labels_follow_manifest_when_val_lacks_a_class(tmp_path):
     wd = make_workdir(tmp_path, classes=4, val_skip={1})
     r = pack(wd)
