@@ -479,7 +479,8 @@ def _write_fast(listing: Listing, root: Path, rec: Path, idx: Path, workers: int
                 if time.monotonic() - last >= 0.2:
                     send(("progress", unreported))
                     unreported, last = 0, time.monotonic()
-            send(("progress", unreported))
+            if unreported:
+                send(("progress", unreported))
 
         escaped_batches: dict[int, tuple[int, list[int]]] = {}
 
@@ -822,6 +823,8 @@ def _pack_into(wd: Workdir, tmp: Path, splits: list[str], expected: dict[str, Sp
     done = [0, 0.0]
 
     def tick(n: int) -> None:
+        if not n:  # progress(0, total) is called once, before any record is read
+            return
         done[0] += n
         now = time.monotonic()
         if progress and (now - done[1] >= 0.2 or done[0] >= total):

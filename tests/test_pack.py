@@ -217,9 +217,11 @@ def test_result_report_stamp_and_quirks(packed):
 def test_progress_counts_every_record_once(tmp_path):
     wd = make_workdir(tmp_path, classes=3, train=30, val=4)
     calls = []
-    r = pack(wd, threads=2, progress=lambda done, total: calls.append((done, total)))
+    r = pack(wd, threads=3, progress=lambda done, total: calls.append((done, total)))  # val: 1 batch, 3 workers
     total = r.splits["train"].records + r.splits["val"].records
     assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert [d for d, _ in calls].count(0) == 1, "progress(0, total) means: listed, nothing read yet; only once"
+    assert len(set(calls)) == len(calls), f"a call without progress: {calls}"
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
 
 
