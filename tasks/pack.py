@@ -11,15 +11,17 @@ How:
   with its mxnet/cv2 imports stubbed out because listing never touches them: this saves ~3 s of imports
   per split and keeps the exact walk order, extension filter, `random.seed(100)` shuffle and line format).
 - Records are written by a pure-Python writer of the dmlc RecordIO format (tasks.recordio, including its
-  escaping of the magic word inside payloads) in N forked workers (tasks.workers): each builds a batch of
-  records in its one reused buffer from one `readv` per image, receives the batch's start offset from the
-  previous batch's worker (a ring of pipes), passes on its end offset, and `pwrite`s the batch in place.
-  Per image the manifest, .lst and offsets are kept as arrays, not Python objects. The output is the same bytes
-  im2rec writes (tests compare against the real im2rec.py), at close to `cat` speed. `writer="im2rec"`
-  runs the wheel's im2rec.py --pass-through instead, for audits; both go through the same verification.
+  escaping of the magic word inside payloads) in N forked workers (tasks.workers): each builds a 512 KiB
+  batch of records in its one reused buffer from one `readv` per image, receives the batch's start offset
+  from the previous batch's worker (a ring of pipes), passes on its end offset, and `pwrite`s the batch in
+  place. The output is the same bytes im2rec writes (tests compare against the real im2rec.py), at about
+  `cat` speed. `writer="im2rec"` runs the wheel's im2rec.py --pass-through instead, for audits; both go
+  through the same verification. Per image, the manifest, .lst and offsets are kept as arrays, not Python
+  objects (see "Memory" below).
 - Everything is written in recordio/.tmp-pack-*/, verified (count = .lst lines, every .idx offset at a
   record header whose id/label/length match the .lst and manifest, records contiguous to the end of the
-  file, a sample -- or all with full_check -- byte-identical to the source files), fsynced, and only then
+  file: checked as arrays over every record's header, one pread each; a sample -- or all with
+  full_check -- byte-identical to the source files), fsynced, and only then
   renamed into place. The stage's stamp is removed before any rename and written after the last, so a
   kill at any point leaves nothing that the cache or a re-run accepts; the next run removes the debris.
 """
