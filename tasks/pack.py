@@ -394,13 +394,14 @@ def _batches(rec_sizes) -> list[tuple[int, int]]:
     return out
 
 
-def _check_space(rec: Path, total: int) -> None:
-    """ENOSPC before any work rather than mid-way. A free-space check, not posix_fallocate: on ext4 a
-    preallocated file's unwritten extents made every write of it cost ~2x the kernel time (measured)."""
-    st = os.statvfs(rec.parent)
-    if total > st.f_bavail * st.f_frsize:
-        raise StageError(f"no space left on device while writing {rec} (needs {human_bytes(total)}, "
-                         f"{human_bytes(st.f_bavail * st.f_frsize)} free)")
+def _reserve_space(fd: int, rec: Path, total: int) -> None:
+    """ENOSPC now, before any work, rather than mid-way; and the space is ours. (Measured against a plain
+    free-space check at 512 KiB batches: no slower, kernel time 0.48-0.77 vs 0.56-0.63 s for 1.2 GB.)"""
+    if total:
+        try:
+            os.posix_fallocate(fd, 0, total)
+        except OSError as e:
+            raise StageError(f"{_write_error(e, rec)} (needs {human_bytes(total)})") from None
 
 
 def _write_fast(listing: Listing, root: Path, rec: Path, idx: Path, workers: int,
@@ -420,7 +421,7 @@ def _write_fast(listing: Listing, root: Path, rec: Path, idx: Path, workers: int
     total = int(ends[-1]) if len(ends) else 0
     fd = os.open(rec, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        _check_space(rec, total)
+        _reserve_space(fd, rec, total)
         ring = [os.pipe() for _ in range(workers)]
 
         def build(lo: int, hi: int, rootfd: int, buf: bytearray) -> tuple[Any, list[int] | None]:
