@@ -10,14 +10,16 @@ hide a missing component in CI either.
 """
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
 import subprocess
+import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, Iterable, NoReturn
 
 import pytest
 
@@ -123,3 +125,23 @@ class Receiver(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+def rewrite_first_class_tar(archive: Path, members_of: Callable[[tarfile.TarFile], Iterable[tuple[tarfile.TarInfo, bytes]]],
+                            fmt: int = tarfile.DEFAULT_FORMAT, encoding: str | None = None) -> tuple[tarfile.TarInfo, tarfile.TarFile]:
+    """Rewrite an ILSVRC train archive (a tar of per-class tars) with its first class tar rebuilt from
+    `members_of(inner)`'s (TarInfo, data) pairs, in tar format `fmt`. Returns the class member and the old inner tar."""
+    with tarfile.open(archive) as old:
+        members = [(m, old.extractfile(m).read()) for m in old]
+    m0, d0 = members[0]
+    inner = tarfile.open(fileobj=io.BytesIO(d0))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, **({"encoding": encoding} if encoding else {})) as out:
+        for m, data in members_of(inner):
+            out.addfile(m, io.BytesIO(data))
+    m0.size = len(buf.getvalue())
+    members[0] = (m0, buf.getvalue())
+    with tarfile.open(archive, "w") as new:
+        for m, d in members:
+            new.addfile(m, io.BytesIO(d))
+    return m0, inner

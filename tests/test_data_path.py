@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from conftest import ROOT
+from helpers import rewrite_first_class_tar
 from tasks.ilsvrc import TRAIN_TAR, VAL_TAR
 from tasks.synth import imagenet_size, synthesize
 
@@ -123,21 +124,14 @@ def test_verify_refuses_a_member_name_that_is_not_utf8(workdir_copy):
     from conftest import rn50
 
     raw = workdir_copy / "raw"
-    with tarfile.open(raw / TRAIN_TAR) as old:
-        members = [(m, old.extractfile(m).read()) for m in old]
-    m0, d0 = members[0]
-    inner = tarfile.open(fileobj=io.BytesIO(d0))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as out:
+
+    def first_name_latin1(inner):
         for i, m in enumerate(inner.getmembers()):
             data = inner.extractfile(m).read()
             m.name = m.name.replace(".JPEG", "_\xe9.JPEG") if i == 0 else m.name  # é as one latin-1 byte
-            out.addfile(m, io.BytesIO(data))
-    m0.size = len(buf.getvalue())
-    members[0] = (m0, buf.getvalue())
-    with tarfile.open(raw / TRAIN_TAR, "w") as new:
-        for m, d in members:
-            new.addfile(m, io.BytesIO(d))
+            yield m, data
+
+    rewrite_first_class_tar(raw / TRAIN_TAR, first_name_latin1, tarfile.GNU_FORMAT, encoding="latin-1")
     from tasks.common import file_digest
     from tasks.ilsvrc import write_fetch_record
 

@@ -17,6 +17,7 @@ import pytest
 import scipy.io
 
 from conftest import RN50, SMALL, rn50
+from helpers import rewrite_first_class_tar
 from tasks.ilsvrc import DEVKIT_TGZ, OFFICIAL_MD5, TRAIN_TAR, VAL_TAR, read_md5sums, write_fetch_record
 
 
@@ -254,19 +255,8 @@ def test_verify_devkit_without_ground_truth(workdir_copy):
 def test_verify_fails_when_counts_disagree_with_devkit(workdir_copy):
     """A train image missing from the archive breaks the devkit's per-class count: the suite says so."""
     raw = workdir_copy / "raw"
-    with tarfile.open(raw / TRAIN_TAR) as old:
-        members = [(m, old.extractfile(m).read()) for m in old]
-    m0, d0 = members[0]
-    inner_in = tarfile.open(fileobj=io.BytesIO(d0))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as inner_out:
-        for m in inner_in.getmembers()[1:]:
-            inner_out.addfile(m, inner_in.extractfile(m))
-    m0.size = len(buf.getvalue())
-    members[0] = (m0, buf.getvalue())
-    with tarfile.open(raw / TRAIN_TAR, "w") as new:
-        for m, d in members:
-            new.addfile(m, io.BytesIO(d))
+    rewrite_first_class_tar(raw / TRAIN_TAR,
+                            lambda inner: [(m, inner.extractfile(m).read()) for m in inner.getmembers()[1:]])
     _record_as_fetched(raw, TRAIN_TAR)
     proc = rn50("verify", workdir_copy)
     _one_line_error(proc, "expectations failed", "train_per_class")
@@ -546,22 +536,16 @@ def test_verify_reads_gnu_long_names_and_pax_headers(workdir_copy):
     verifies to the same images, the long name included."""
     raw = workdir_copy / "raw"
     with tarfile.open(raw / TRAIN_TAR) as outer:
-        members = [(m, outer.extractfile(m).read()) for m in outer]
-    m0, d0 = members[0]
-    inner = tarfile.open(fileobj=io.BytesIO(d0))
-    first = inner.getmembers()[0].name
+        first = tarfile.open(fileobj=outer.extractfile(next(iter(outer)))).getmembers()[0].name
     long_name = first.replace(".JPEG", "_" + "x" * 150 + ".JPEG")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as out:
+
+    def first_renamed(inner):
         for m in inner.getmembers():
             data = inner.extractfile(m).read()
             m.name = long_name if m.name == first else m.name
-            out.addfile(m, io.BytesIO(data))
-    m0.size = len(buf.getvalue())
-    members[0] = (m0, buf.getvalue())
-    with tarfile.open(raw / TRAIN_TAR, "w") as new:
-        for m, d in members:
-            new.addfile(m, io.BytesIO(d))
+            yield m, data
+
+    m0, _ = rewrite_first_class_tar(raw / TRAIN_TAR, first_renamed, tarfile.GNU_FORMAT)
     _retar(raw / VAL_TAR, tarfile.PAX_FORMAT, pax=True)
     for name in (TRAIN_TAR, VAL_TAR):
         _record_as_fetched(raw, name)
