@@ -395,6 +395,9 @@ def rank_env(inv: Inventory, ssh_bin: Path | None) -> dict[str, str]:
     return env
 
 
+_DEATH_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS}
+
+
 class _Streamer:
     """Splits horovodrun's prefixed output into per-rank logs, the launcher log and the task log."""
 
@@ -448,8 +451,13 @@ class _Streamer:
         host = self.hosts_of_rank.get(rank, "?")
         if code is None:
             return rank, code, "raised, then stopped by horovodrun"
-        if code < 0 or code in (128 + 9, 128 + 15):
+        # Through the launcher's `sh -c`, a rank that died by signal N exits 128+N: SIGKILL/SIGTERM (an OOM kill, a
+        # stop), or a native crash (SIGSEGV, SIGABRT, SIGBUS).
+        if code < 0 or code - 128 in _DEATH_SIGNALS:
             return rank, code, f"killed by signal {-code if code < 0 else code - 128}"
+        # MXNet's own SIGSEGV handler prints "Segmentation fault: 11" and exits 255 (or aborts, 134).
+        if any(line.startswith("Segmentation fault") for line in self.tail.get(rank, [])):
+            return rank, code, f"crashed in native code, exit {code}"
         if code == 255 and not is_local_name(host):
             return rank, code, "exit 255: the ssh session died with the rank"
         return rank, code, f"exit {code}"
@@ -469,7 +477,7 @@ class _Streamer:
         if blamed is None or blamed[1] is None:
             return False
         rank, _, reason = blamed
-        return (reason.startswith(("killed by signal", "exit 255"))
+        return (reason.startswith(("killed by signal", "exit 255", "crashed in native code"))
                 and not rank_logs.raised(self.tail.get(rank, [])))
 
     def _lost_peer(self, rank: int) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common import StageError
+from tasks.common import StageError, TransientError
 from tasks.inventory import Host, Inventory, load_inventory, parse_inventory
 from tasks.train import train as launch
 from tests.sshd_hosts import closed_loopback_port
@@ -76,7 +76,10 @@ def test_failing_rank_fails_stage_and_retry_is_clean(wd):
     assert (failed[0] / "FAILED").exists() and not (Path(ok.run_dir) / "FAILED").exists()
 
 
-def test_kill_one_rank_mid_run(wd, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_kill_one_rank_mid_run(wd, tmp_path, sig):
+    """A rank killed (an OOM kill) or crashed in native code (seen: a rare SIGSEGV in MXNet's start-up) is a
+    transient failure, which the train stage retries once; the surviving rank is torn down."""
     pids = tmp_path / "pids"
     pids.mkdir()
     inv = _local(PROBE_SLEEP="60", PROBE_PIDFILE_DIR=str(pids))
@@ -92,16 +95,17 @@ def test_kill_one_rank_mid_run(wd, tmp_path):
             time.sleep(0.1)
         time.sleep(0.5)
         killed["pid"] = int((pids / "rank1.pid").read_text())
-        os.kill(killed["pid"], signal.SIGKILL)
+        os.kill(killed["pid"], sig)
 
     t = threading.Thread(target=killer)
     t.start()
     started = time.time()
-    with pytest.raises(StageError) as e:
+    with pytest.raises(TransientError) as e:
         launch(wd, hosts=inv, entry=PROBE, timeout_s=120)
     t.join()
     assert time.time() - started < 50, "the surviving rank must be torn down, not left to sleep"
-    assert "rank 1 on localhost failed first (killed by signal 9)" in str(e.value)
+    why = "killed by signal 9" if sig == signal.SIGKILL else "crashed in native code, exit "  # MXNet's handler
+    assert f"rank 1 on localhost failed first ({why}" in str(e.value), str(e.value)
     (failed,) = list((wd / "runs").iterdir())
     assert (failed / "FAILED").exists() and "PROBE rank=1" in (failed / "rank1_0.log").read_text()
     ok = launch(wd, entry=PROBE, timeout_s=120)
