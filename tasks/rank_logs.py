@@ -20,6 +20,11 @@ def raised(lines: Iterable[str]) -> bool:
     return any(_EXCEPTION.match(line.strip()) for line in lines)
 
 
+def crashed(lines: Iterable[str]) -> bool:
+    """The rank crashed in native code: MXNet's SIGSEGV handler prints "Segmentation fault: 11", then exits."""
+    return any(line.strip().startswith("Segmentation fault") for line in lines)
+
+
 def lost_peer(lines: Iterable[str]) -> bool:
     """The rank only reports that another one went away."""
     return any(_PEER_LOST.search(line) for line in lines)

@@ -455,8 +455,7 @@ class _Streamer:
         # stop), or a native crash (SIGSEGV, SIGABRT, SIGBUS).
         if code < 0 or code - 128 in _DEATH_SIGNALS:
             return rank, code, f"killed by signal {-code if code < 0 else code - 128}"
-        # MXNet's own SIGSEGV handler prints "Segmentation fault: 11" and exits 255 (or aborts, 134).
-        if any(line.startswith("Segmentation fault") for line in self.tail.get(rank, [])):
+        if rank_logs.crashed(self.tail.get(rank, [])):
             return rank, code, f"crashed in native code, exit {code}"
         if code == 255 and not is_local_name(host):
             return rank, code, "exit 255: the ssh session died with the rank"
