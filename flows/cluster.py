@@ -18,7 +18,7 @@ import time
 from typing import Any, Iterator
 from uuid import UUID
 
-from flows.locks import boot_id, process_start_time
+from flows.locks import boot_id, holder_identity, process_start_time
 
 CLUSTER_LIMIT = "rn50-cluster"
 LEASE_S = 60.0  # the server's minimum lease
@@ -48,11 +48,8 @@ def holder_variable(name: str) -> str:
 
 
 def _me(lease_id: UUID) -> dict[str, Any]:
-    from os import getpid
-
-    pid = getpid()
-    return {"lease_id": str(lease_id), "host": socket.gethostname(), "boot_id": boot_id(), "pid": pid,
-            "pid_start": process_start_time(pid), "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    return {"lease_id": str(lease_id), **holder_identity(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
 def holder_is_gone(record: dict[str, Any]) -> bool:

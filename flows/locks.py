@@ -50,6 +50,12 @@ def process_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def holder_identity() -> dict[str, Any]:
+    """Who holds a lock or a lease: host, boot id, this process's pid and its start time."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot_id": boot_id(), "pid": pid, "pid_start": process_start_time(pid)}
+
+
 def _report(msg: str) -> None:
     """One line in the flow run's log when there is a run context, else in the process log."""
     try:
@@ -71,9 +77,7 @@ class LiveLockManager(FileSystemLockManager):
     # -- the lock file ------------------------------------------------------------------------------
 
     def _record(self, holder: str) -> dict[str, Any]:
-        pid = os.getpid()
-        return {"holder": holder, "expiration": time.time() + self.hold_s, "host": socket.gethostname(),
-                "boot_id": boot_id(), "pid": pid, "pid_start": process_start_time(pid)}
+        return {"holder": holder, "expiration": time.time() + self.hold_s, **holder_identity()}
 
     def _read(self, key: str) -> dict[str, Any] | None:
         try:
