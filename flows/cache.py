@@ -26,10 +26,24 @@ from tasks.common import Workdir, digest_of, relocatable
 SHARED = frozenset({"tasks.common", "tasks.paths"})
 
 
+def _parse(path: Path) -> ast.AST:
+    # CPython 3.11 before 3.11.8 keeps the AST converter's recursion depth in state shared by all threads
+    # (gh-106905): an ast.parse racing one in another thread of the flow-run process (Prefect's own) can fail
+    # with "AST constructor recursion depth mismatch". Seen once in a demo rerun after a cancel; parsing again
+    # gives the right tree, so the flow does not fail on an interpreter bug.
+    source = path.read_bytes()
+    for attempt in (1, 2, 3):
+        try:
+            return ast.parse(source, str(path))
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e) or attempt == 3:
+                raise
+
+
 def _tasks_imports(path: Path) -> set[str]:
     """The `tasks.*` modules a source file imports, at module level or inside functions."""
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+    for node in ast.walk(_parse(path)):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.startswith("tasks."))
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
