@@ -77,6 +77,7 @@ def _cli(args: argparse.Namespace) -> int:
             return _run_flow(args)
         finally:
             if server is not None:
+                _send_queued_logs_and_events()
                 server.terminate()
                 try:
                     server.wait(20)
@@ -85,6 +86,17 @@ def _cli(args: argparse.Namespace) -> int:
                 (Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser() / "pids"
                  / f"run-server-{os.getpid()}").unlink(missing_ok=True)
             os.environ.pop(TAG, None)
+
+
+def _send_queued_logs_and_events() -> None:
+    """Send what Prefect still queues in this process while the run's server is up. Left to Prefect's exit
+    hook, the logs went to a server already stopped, and `rn50 run` retried for over a minute before it
+    exited with "Error logging to API"."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=30)
 
 
 def _run_server():

@@ -250,7 +250,9 @@ def test_cancel_during_training_stops_every_rank_and_the_next_run_completes(pref
     flow_run_id = next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
 
     ranks = wait_for_ranks(wd)
-    time.sleep(3)  # well into the epoch loop
+    # Cancel inside the epoch loop: the rank processes exist a few seconds before MXNet has imported.
+    wait_for("rank 0 in its first epoch", lambda: any('"key": "epoch_start"' in log.read_text(errors="replace")
+                                                      for log in wd.glob("runs/*/rank0_0.log")), 120)
     cancel = subprocess.run([prefect, "flow-run", "cancel", flow_run_id], env=_env(prefect_server), cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
@@ -311,6 +313,8 @@ def test_sigkill_of_rn50_run_leaves_no_orphan_and_a_rerun_completes(demo_source,
     assert "broke the stale lock rn50-train-" in rerun.stdout + rerun.stderr
     # ... and took over the killed run's cluster slot at once rather than after its lease (flows/cluster.py).
     assert "released the cluster slot held by pid " in rerun.stdout + rerun.stderr
+    # Every log reached the run's own server before it was stopped (else Prefect retries for a minute at exit).
+    assert "Error logging to API" not in rerun.stderr, rerun.stderr[-3000:]
 
 
 # --- a worker that dies with its machine ----------------------------------------------------------
