@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 import random
 import resource
 import sys

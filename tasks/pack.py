@@ -320,7 +320,6 @@ def _listing(lst: Path, expected: SplitManifest, split: str) -> tuple[Listing, i
     come from the manifest; the .lst is rewritten (im2rec's format, same order) where its labels differ.
     Returns the listing, how many lines were relabelled, and the quirks by .lst position."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     keys, lst_labels, paths = read_lst_columns(lst)

@@ -395,7 +395,7 @@ def probe_data(spec: SlurmSpec, data_dir: str, expected: dict[str, dict[str, Any
                if ENV_KEY_RE.fullmatch(k)]
     script = "\n".join(["#!/bin/bash", "set -u", *exports, "export SLURM_EXPORT_ENV=ALL", shlex.join(step)]) + "\n"
     path = write_text_atomic(job_dir / "probe.sh", script)
-    argv = _sbatch_argv(spec, f"rn50-probe", out, job_dir, minutes=max(1, int(timeout_s // 60)), probe=True)
+    argv = _sbatch_argv(spec, "rn50-probe", out, job_dir, minutes=max(1, int(timeout_s // 60)), probe=True)
     job_id = _submit(argv + [str(path)])
     deadline = time.monotonic() + timeout_s
     try:

@@ -158,8 +158,8 @@ def host_key_problem(stderr: str, host: Host, known_hosts: Path) -> str | None:
     if _CHANGED not in stderr and _VERIFY_FAILED not in stderr:
         return None
     if host.host_key:
-        return (f"its host key is not the one the inventory pins (hosts: host_key:); if the host was "
-                f"reinstalled, check its new key and update the inventory")
+        return ("its host key is not the one the inventory pins (hosts: host_key:); if the host was "
+                "reinstalled, check its new key and update the inventory")
     return (f"host key changed: it no longer matches the key pinned in {known_hosts} on first contact; "
             f"if the host was reinstalled, check its new key, then "
             f"`ssh-keygen -R '{host.known_hosts_name}' -f {known_hosts}`")

@@ -11,7 +11,6 @@ compose .env, and key/credential files inside the very directories the images co
 """
 from __future__ import annotations
 
-import io
 import re
 import shutil
 import subprocess

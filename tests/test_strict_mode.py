@@ -3,7 +3,6 @@ with its reason. Checked on probe tests run by a real pytest in a subprocess wit
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
