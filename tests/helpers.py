@@ -39,6 +39,22 @@ def require(condition: object, what: str) -> None:
         missing(what)
 
 
+def trained_runs(workdir: Path) -> list[Path]:
+    """The run directories of `workdir` whose training succeeded. Any other run directory must be a failed
+    attempt that the train stage kept beside its retry (FAILED marker and status "failed"): a rank's rare
+    start-up crash is retried by Prefect, so "one training" means one succeeded run dir, not one dir."""
+    import json
+
+    done = []
+    for run_dir in sorted((Path(workdir) / "runs").iterdir()):
+        status = json.loads((run_dir / "status.json").read_text())["status"]
+        if status == "succeeded":
+            done.append(run_dir)
+        else:
+            assert status == "failed" and (run_dir / "FAILED").is_file(), (run_dir, status)
+    return done
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS's choice)."""
     with socket.socket() as s:

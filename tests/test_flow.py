@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import rn50
+from helpers import trained_runs
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def test_full_flow_runs_every_stage(first_run):
     assert out["stages"]["container"] == "Skipped"
     assert all(out["stages"][s] == "Completed" for s in EVERY), out["stages"]
     assert (wd / "archive" / "MANIFEST.json").is_file()
-    [run_dir] = list((wd / "runs").iterdir())
+    [run_dir] = trained_runs(wd)
     assert (run_dir / "result_0.txt").read_text().count('"key": "run_stop"') == 1
 
 
@@ -79,13 +80,13 @@ def test_second_run_is_all_cached_and_invalidation_reruns_only_what_changed(pref
 
 def test_rerun_train_reruns_train_and_what_follows_only(prefect_server, demo_source, first_run):
     wd, _ = first_run
-    before = set((wd / "runs").iterdir())
+    before = set(trained_runs(wd))
     out = run_flow(prefect_server, demo_source, wd, "--rerun", "train")
     assert out["returncode"] == 0, out
     assert {s: out["stages"][s] for s in ("fetch", "verify", "pack")} == dict.fromkeys(("fetch", "verify", "pack"), "Cached")
     assert {s: out["stages"][s] for s in ("train", "compliance", "archive")} == dict.fromkeys(
         ("train", "compliance", "archive"), "Completed")
-    assert len(set((wd / "runs").iterdir()) - before) == 1
+    assert len(set(trained_runs(wd)) - before) == 1
 
 
 def test_a_result_from_another_workdir_never_replaces_this_ones(prefect_server, demo_source, first_run, tmp_path):
@@ -119,7 +120,7 @@ def test_two_concurrent_runs_execute_each_stage_once(prefect_server, demo_source
     for stage in ("verify", "pack", "train"):
         states = sorted(r["stages"][stage] for r in results)
         assert states == ["Cached", "Completed"], (stage, states, results[0]["log"], results[1]["log"])
-    assert len(list((wd / "runs").iterdir())) == 1
+    assert len(trained_runs(wd)) == 1  # one rank set trained; the other run waited and took the cache
 
 
 def _last_line(stderr: str) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import rn50
-from helpers import free_port, prefect_api, stop_group
+from helpers import free_port, prefect_api, stop_group, trained_runs
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -108,6 +108,6 @@ def test_moved_workdir_and_copied_source_are_all_cached(prefect_server, tmp_path
     assert again["stages"] == {**dict.fromkeys(first["stages"], "Cached"), "container": "Skipped"}, again["stages"]
     # The cached results name the moved work dir: the flow's summary line points at the run and archive there.
     [line] = [ln for ln in again["output"].splitlines() if "time to train:" in ln]
-    [run_dir] = (moved / "runs").iterdir()
+    [run_dir] = trained_runs(moved)
     assert f"({run_dir}); archived to file://{moved}/archive" in line, line
     assert str(wd) not in again["output"], again["output"][-3000:]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, rn50
-from helpers import prefect_api
+from helpers import prefect_api, trained_runs
 from tasks.common import StageError
 
 pytestmark = pytest.mark.slow
@@ -189,7 +189,7 @@ def test_failed_nightly_posts_the_reason_to_the_webhook(ops):
     from tasks import nightly as N
 
     local, receiver, src, wd, _ = ops
-    [log] = sorted((wd / "runs").glob("*/result_0.txt"))
+    [log] = [run_dir / "result_0.txt" for run_dir in trained_runs(wd)]
     baseline_dir = N.baseline_location(f"file://{wd}/archive")
     N.run_nightly([log], baseline_dir)
     baseline = wd / "archive" / "nightly" / "baseline.json"

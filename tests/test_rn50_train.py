@@ -208,3 +208,26 @@ def test_one_rank_and_two_ranks_reach_the_same_accuracy(tmp_path):
         finals[np_] = [x["value"] for x in recs if x["key"] == "eval_accuracy"][-1]
     assert min(finals.values()) >= 0.759, finals
     assert abs(finals[1] - finals[2]) <= 0.08, finals
+
+
+def test_a_native_crash_prints_the_python_stack_then_mxnets_line():
+    """A rank that crashes in native code (seen: a rare start-up SIGSEGV of one rank) leaves every Python
+    thread's stack in its log, and MXNet's own handler still runs after it, so the launcher's crash rule
+    (tasks.rank_logs.crashed, "Segmentation fault" at the start of a line) still sees a crash.
+    Without report_native_crashes() the log holds only "Segmentation fault: 11" and no frame."""
+    from tasks.rank_logs import crashed
+
+    code = ("import mxnet\n"
+            "from rn50.train import report_native_crashes\n"
+            "report_native_crashes()\n"
+            "import faulthandler\n"
+            "def where_it_crashed():\n"
+            "    faulthandler._sigsegv()\n"
+            "where_it_crashed()\n")
+    proc = subprocess.run([PY, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert "Fatal Python error: Segmentation fault" in lines, proc.stderr[-2000:]
+    assert any("in where_it_crashed" in ln for ln in lines), proc.stderr[-2000:]
+    assert "Segmentation fault: 11" in lines and crashed(lines), proc.stderr[-2000:]
