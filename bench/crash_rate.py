@@ -1,0 +1,85 @@
+"""How often a training launch dies of a native crash: the rare start-up segfault of one rank.
+
+Runs the train stage's own launcher (tasks.train.train, real horovodrun and ranks) RUNS times on a
+work dir that already holds packed recordio/ (e.g. the demo's: `make demo`, then `--workdir .demo/work`),
+and counts succeeded runs, crashes (a transient failure naming a segfault or abort) and other failures.
+Each failed attempt keeps its run dir; its rank logs hold every Python thread's stack at the crash.
+Several copies in parallel (`--parallel`) load the machine the way the test suite does. Run from the repo root:
+
+    .venv/bin/python bench/crash_rate.py --workdir .demo/work --runs 100 --parallel 3
+
+Training is cut to `max_epochs` 3: the crash has only been seen in a rank's first seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def one_copy(workdir: Path, runs: int, config: str, tally: collections.Counter, crashes: list, lock) -> None:
+    from tasks.common import TransientError
+    from tasks.train import train
+
+    for _ in range(runs):
+        try:
+            res = train(workdir, config=config, extra_args=["--set", "max_epochs=3"], timeout_s=600)
+            outcome = res.status
+            shutil.rmtree(res.run_dir)  # a succeeded run says nothing more; keep the disk small
+        except TransientError as e:
+            crashed = any(w in str(e) for w in ("Segmentation fault", "Aborted", "signal 11", "signal 6"))
+            outcome = "crashed" if crashed else "transient"
+            if crashed:
+                with lock:
+                    crashes.append(str(e))
+        except Exception as e:  # noqa: BLE001 - counted and shown, the loop goes on
+            outcome = f"failed ({type(e).__name__})"
+            print(f"  {e}", file=sys.stderr)
+        with lock:
+            tally[outcome] += 1
+            done = sum(tally.values())
+        print(f"  {done}: {outcome}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, required=True, help="a work dir holding recordio/{train,val}.{rec,idx}")
+    ap.add_argument("--runs", type=int, default=50, help="launches per parallel copy (default 50)")
+    ap.add_argument("--parallel", type=int, default=1, help="copies at once, each in its own work dir (default 1)")
+    ap.add_argument("--config", default="cpu-demo", help="training config (default cpu-demo)")
+    args = ap.parse_args(argv)
+    rec = args.workdir / "recordio"
+    if not all((rec / f"{s}.{x}").is_file() for s in ("train", "val") for x in ("rec", "idx")):
+        print(f"crash_rate: {rec} has no packed train/val .rec/.idx (run `make demo` first)", file=sys.stderr)
+        return 2
+
+    tally: collections.Counter = collections.Counter()
+    crashes: list[str] = []
+    lock = threading.Lock()
+    threads = []
+    for n in range(args.parallel):
+        # One work dir per copy: the train stage's lock would otherwise run them one after the other.
+        wd = Path(args.workdir).resolve().parent / f"crash-rate-{n}"
+        (wd / "recordio").mkdir(parents=True, exist_ok=True)
+        for f in rec.iterdir():
+            if f.is_file() and not (wd / "recordio" / f.name).exists():
+                shutil.copyfile(f, wd / "recordio" / f.name)
+        threads.append(threading.Thread(target=one_copy, args=(wd, args.runs, args.config, tally, crashes, lock)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = sum(tally.values())
+    print(f"{total} launches: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())))
+    for c in crashes:
+        print(f"  crash: {c}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
