@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def one_copy(workdir: Path, runs: int, config: str, tally: collections.Counter, crashes: list, lock) -> None:
+    from tasks import rank_logs
     from tasks.common import TransientError
     from tasks.train import train
 
@@ -32,11 +33,14 @@ def one_copy(workdir: Path, runs: int, config: str, tally: collections.Counter, 
             outcome = res.status
             shutil.rmtree(res.run_dir)  # a succeeded run says nothing more; keep the disk small
         except TransientError as e:
-            crashed = any(w in str(e) for w in ("Segmentation fault", "Aborted", "signal 11", "signal 6"))
+            # The attempt just kept (run ids sort by time); a crash by the launcher's own rule.
+            failed = sorted((workdir / "runs").glob("*/FAILED"))[-1].parent
+            crashed = any(rank_logs.crashed(log.read_text(errors="replace").splitlines())
+                          for log in failed.glob("rank*.log"))
             outcome = "crashed" if crashed else "transient"
             if crashed:
                 with lock:
-                    crashes.append(str(e))
+                    crashes.append(f"{failed}: {e}")
         except Exception as e:  # noqa: BLE001 - counted and shown, the loop goes on
             outcome = f"failed ({type(e).__name__})"
             print(f"  {e}", file=sys.stderr)
@@ -64,11 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = []
     for n in range(args.parallel):
         # One work dir per copy: the train stage's lock would otherwise run them one after the other.
-        wd = Path(args.workdir).resolve().parent / f"crash-rate-{n}"
-        (wd / "recordio").mkdir(parents=True, exist_ok=True)
-        for f in rec.iterdir():
-            if f.is_file() and not (wd / "recordio" / f.name).exists():
-                shutil.copyfile(f, wd / "recordio" / f.name)
+        wd = args.workdir.resolve().parent / f"crash-rate-{n}"
+        shutil.copytree(rec, wd / "recordio", dirs_exist_ok=True)
         threads.append(threading.Thread(target=one_copy, args=(wd, args.runs, args.config, tally, crashes, lock)))
     for t in threads:
         t.start()

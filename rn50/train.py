@@ -353,7 +353,7 @@ def report_native_crashes() -> None:
     """On SIGSEGV/SIGBUS/SIGABRT, print every Python thread's stack to stderr (the rank log), then hand the
     signal on to the handler installed before (MXNet's, which prints "Segmentation fault: 11" and aborts).
     Call it after mxnet is imported, so MXNet's handler is the one chained. A rare start-up crash of one rank
-    (seen about once in 100 runs on the 2-core box) says no more than "Segmentation fault: 11" without it."""
+    (about once in 200 runs on the 2-core box) says no more than "Segmentation fault: 11" without it."""
     import faulthandler
 
     faulthandler.enable(file=sys.stderr, all_threads=True)

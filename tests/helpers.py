@@ -11,6 +11,7 @@ hide a missing component in CI either.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -43,8 +44,6 @@ def trained_runs(workdir: Path) -> list[Path]:
     """The run directories of `workdir` whose training succeeded. Any other run directory must be a failed
     attempt that the train stage kept beside its retry (FAILED marker and status "failed"): a rank's rare
     start-up crash is retried by Prefect, so "one training" means one succeeded run dir, not one dir."""
-    import json
-
     done = []
     for run_dir in sorted((Path(workdir) / "runs").iterdir()):
         status = json.loads((run_dir / "status.json").read_text())["status"]
@@ -96,7 +95,6 @@ def prefect_api(api_url: str, method: str, path: str, body: dict | None = None, 
     A 503 (Prefect's answer while a busy server's SQLite is locked) is retried with backoff, as Prefect's own
     client does. `auth`: "user:password" for a server with basic auth."""
     import base64
-    import json
     import time
     import urllib.error
     import urllib.request
