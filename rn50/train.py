@@ -162,6 +162,7 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
     from mxnet import gluon
 
     from rn50 import data as rdata
+    from rn50 import timing
     from rn50.mllog import RunLogger
 
     report_native_crashes()
@@ -174,6 +175,8 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
     ckpt = Checkpoints(Path(out) / "checkpoints" / f"run_{run_index}")
     resume_from = ckpt.latest() if resume else None
     log = RunLogger(Path(out) / f"result_{run_index}.txt", rank, append=resume_from is not None)
+    timings = timing.TimingLog(Path(out), run_index, rank, append=resume_from is not None)
+    clock = timing.EpochClock(mx.nd.waitall)
     if rank == 0 and not resume:
         ckpt.clear()  # a fresh attempt never inherits a previous attempt's state
     if resume_from is not None:
@@ -229,10 +232,13 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
         for epoch in range(block_first, block_last + 1):
             log.start("epoch_start", metadata={"epoch_num": epoch})
             stats = train_one_epoch(net, trainer, loss_fn, train_loader, steps_per_epoch, cfg, classes, ctx,
-                                    say=say, epoch=epoch)
-            total = float(hvd.allreduce(mx.nd.array([stats["img_per_s"]], ctx=ctx), op=hvd.Sum, name="ips").asscalar())
+                                    say=say, epoch=epoch, clock=clock)
+            ranks = timing.gather_json(timing.rank_record(epoch, rank, local_rank, stats), hvd, mx, "timing")
+            total = sum(r["img_per_s"] for r in ranks)
             log.end("epoch_stop", metadata={"epoch_num": epoch, "throughput_img_per_s_per_rank": round(stats["img_per_s"], 2),
                                             "throughput_img_per_s_total": round(total, 2)})
+            log.tracked_stats(epoch, total)
+            timings.write(ranks)
             say(f"epoch {epoch}: loss {stats['loss']:.4f} lr {trainer.learning_rate:.4g} {stats['seconds']:.1f}s "
                 f"{stats['img_per_s']:.1f} img/s/rank (rank 0) {total:.1f} img/s total")
 
@@ -264,9 +270,10 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
 
 
 def train_one_epoch(net, trainer, loss_fn, loader, steps: int, cfg: Dict, classes: int, ctx,
-                    say=None, epoch: int = 0) -> Dict[str, float]:
+                    say=None, epoch: int = 0, clock=None) -> Dict[str, float]:
     """`steps` optimizer steps over batches from `loader` (every rank takes the same number, or the
-    allreduce would hang). Returns this rank's mean loss, seconds and images/s."""
+    allreduce would hang). Returns this rank's mean loss, seconds and images/s; with `clock` (an
+    rn50.timing.EpochClock) also its step-time, data-wait and allreduce figures."""
     import mxnet as mx
     from mxnet import autograd
 
@@ -275,19 +282,38 @@ def train_one_epoch(net, trainer, loss_fn, loader, steps: int, cfg: Dict, classe
     batch = cfg["batch_size"]
     t0 = time.time()
     loss_sum = mx.nd.zeros((1,), ctx=ctx)
-    for step, (x, y) in enumerate(loader.batches(steps)):
+    if clock is not None:
+        clock.reset()
+    batches = loader.batches(steps)
+    for step in range(steps):
+        if clock is not None:
+            clock.begin()
+        x, y = next(batches)
+        if clock is not None:
+            clock.fetched()
         target = smoothed_labels(y, classes, cfg["label_smoothing"], dtype="float32")
         with autograd.record():
             out = net(x).astype("float32", copy=False)
             loss = loss_fn(out, target)
         loss.backward()
-        trainer.step(batch)
+        if clock is None:
+            trainer.step(batch)
+        else:  # trainer.step split in its two halves, so the allreduce can be timed
+            clock.computed()
+            trainer.allreduce_grads()
+            clock.reduced()
+            trainer.update(batch)
         loss_sum += loss.mean()
         if say is not None and cfg["log_every"] and (step + 1) % cfg["log_every"] == 0:
             say(f"  epoch {epoch} step {step + 1}/{steps} lr {trainer.learning_rate:.4g}")
     mean_loss = float(loss_sum.asscalar()) / steps  # also waits for the epoch's work
+    if clock is not None:
+        clock.end()
     seconds = time.time() - t0
-    return {"loss": mean_loss, "seconds": seconds, "img_per_s": steps * batch / seconds}
+    stats = {"loss": mean_loss, "seconds": seconds, "img_per_s": steps * batch / seconds}
+    if clock is not None:
+        stats.update(clock.summary(batch, seconds))
+    return stats
 
 
 def evaluate(net, loader, n_val: int, rank: int, size: int, batch: int, ctx, hvd):

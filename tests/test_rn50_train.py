@@ -59,6 +59,12 @@ def test_cpu_run_converges_and_passes_the_4_0_0_checker(rec8, tmp_path):
     epochs = [x for x in recs if x["key"] == "epoch_stop"]
     assert all(x["metadata"]["throughput_img_per_s_total"] > 0 for x in epochs)
     assert [x["metadata"]["epoch_num"] for x in epochs] == list(range(1, len(epochs) + 1))
+    # tracked_stats after every epoch_stop, as NVIDIA's logs: the epoch's aggregate img/s.
+    keys = [x["key"] for x in recs]
+    tracked = [x for x in recs if x["key"] == "tracked_stats"]
+    assert [x["metadata"]["step"] for x in tracked] == [x["metadata"]["epoch_num"] for x in epochs]
+    assert all(keys[keys.index("tracked_stats", i) - 1] == "epoch_stop" for i in range(len(keys)) if keys[i] == "tracked_stats")
+    assert [round(x["value"]["throughput"], 2) for x in tracked] == [x["metadata"]["throughput_img_per_s_total"] for x in epochs]
     # The official checker; its exit code is the verdict.
     chk = subprocess.run([PY, "-m", "mlperf_logging.compliance_checker", "--usage", "training",
                           "--ruleset", "4.0.0", str(log)], cwd=tmp_path, capture_output=True, text=True)
@@ -92,6 +98,17 @@ def test_two_gloo_ranks(rec, tmp_path):
     # Every val image was scored once, across both ranks (the loop raises otherwise).
     assert "(32/32)" in r.stdout or "/32)" in r.stdout
     assert "img/s total" in r.stdout
+    # Per-rank timing, gathered to rank 0: one line per rank and epoch, beside (not in) the MLPerf log.
+    timing = [json.loads(l) for l in (out / "timing" / "run_3.jsonl").read_text().splitlines()]
+    assert [(t["epoch"], t["rank"]) for t in timing] == [(e, r) for e, _ in evals for r in (0, 1)]
+    assert len({t["pid"] for t in timing}) == 2 and all(t["host"] == os.uname().nodename for t in timing)
+    totals = {x["metadata"]["epoch_num"]: x["metadata"]["throughput_img_per_s_total"] for x in recs if x["key"] == "epoch_stop"}
+    for t in timing:
+        assert t["steps"] == 96 // 16 and t["images"] == t["steps"] * 8  # 4 x 24 train images, GBS 16
+        assert t["step_ms_p50"] <= t["step_ms_p95"] <= t["step_ms_max"] and t["img_per_s"] > 0
+        assert 0 < t["data_wait_s"] + t["compute_s"] + t["allreduce_s"] <= t["seconds"]
+    for e, total in totals.items():
+        assert abs(sum(t["img_per_s"] for t in timing if t["epoch"] == e) - total) < 0.1
 
 
 def test_timed_config_never_resumes(rec, tmp_path):

@@ -1,0 +1,139 @@
+"""Per-rank step timing, gathered to rank 0 at every epoch's end: RUN_DIR/timing/run_<N>.jsonl.
+
+One JSON line per rank and epoch (outside what the MLPerf checker reads; tasks/health.py reads it):
+  run_index, epoch, rank, local_rank, host, steps, images, seconds, img_per_s (images / epoch wall time),
+  own_img_per_s (images / (data wait + compute): the rank's own speed, without waiting for its peers),
+  step_ms_p50 / _p95 / _max, data_wait_s, compute_s, allreduce_s and their fractions of the epoch.
+
+Data-parallel ranks move in lock step, so img_per_s is the same on every rank; a slow rank shows as a
+low own_img_per_s while its peers' allreduce_s grows (they wait for it inside the allreduce).
+
+A step is split at two engine syncs (`mx.nd.waitall()`): after backward (data wait + compute) and after
+the gradient allreduce (Horovod's in-place allreduce, waited for). The update of step k runs while step
+k+1 waits for its compute. Step time is begin-to-begin, so the steps add up to the epoch.
+Ranks are gathered with one allgather of JSON bytes per epoch (no shared file system needed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+
+def timing_path(out: Path, run_index: int) -> Path:
+    return Path(out) / "timing" / f"run_{run_index}.jsonl"
+
+
+def percentile(values: List[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, -(-len(s) * q // 100) - 1))
+    return s[int(k)]
+
+
+class EpochClock:
+    """Marks of one rank's steps within an epoch. `wait` blocks until the engine is idle."""
+
+    def __init__(self, wait: Callable[[], None], clock: Callable[[], float] = time.perf_counter):
+        self._wait, self._now = wait, clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps: List[float] = []
+        self.data: List[float] = []
+        self.compute: List[float] = []
+        self.allreduce: List[float] = []
+        self._begin: Optional[float] = None
+        self._mark = 0.0
+
+    def _lap(self) -> float:
+        now = self._now()
+        lap, self._mark = now - self._mark, now
+        return lap
+
+    def begin(self) -> None:
+        """Start of a step, before its batch is fetched."""
+        now = self._now()
+        if self._begin is not None:
+            self.steps.append(now - self._begin)
+        self._begin = self._mark = now
+
+    def fetched(self) -> None:
+        self.data.append(self._lap())
+
+    def computed(self) -> None:
+        self._wait()
+        self.compute.append(self._lap())
+
+    def reduced(self) -> None:
+        self._wait()
+        self.allreduce.append(self._lap())
+
+    def end(self) -> None:
+        """After the last step: waits for its update, closes its step time."""
+        self._wait()
+        if self._begin is not None:
+            self.steps.append(self._now() - self._begin)
+        self._begin = None
+
+    def summary(self, batch: int, seconds: float) -> Dict[str, float]:
+        n = len(self.steps)
+        images = n * batch
+        data, compute, reduce = sum(self.data), sum(self.compute), sum(self.allreduce)
+        own = data + compute
+        return {
+            "steps": n, "images": images, "seconds": round(seconds, 6),
+            "img_per_s": round(images / seconds, 3) if seconds > 0 else 0.0,
+            "own_img_per_s": round(images / own, 3) if own > 0 else 0.0,
+            "step_ms_p50": round(1000 * percentile(self.steps, 50), 3) if n else 0.0,
+            "step_ms_p95": round(1000 * percentile(self.steps, 95), 3) if n else 0.0,
+            "step_ms_max": round(1000 * max(self.steps), 3) if n else 0.0,
+            "data_wait_s": round(data, 6), "compute_s": round(compute, 6), "allreduce_s": round(reduce, 6),
+            "data_wait_frac": round(data / seconds, 4) if seconds > 0 else 0.0,
+            "allreduce_frac": round(reduce / seconds, 4) if seconds > 0 else 0.0,
+        }
+
+
+def gather_json(obj: Dict, hvd, mx, name: str) -> List[Dict]:
+    """Every rank's `obj`, in rank order (JSON bytes through two allgathers; one rank: no collective)."""
+    if hvd.size() == 1:
+        return [obj]
+    import numpy as np
+
+    data = json.dumps(obj, sort_keys=True).encode()
+    sizes = hvd.allgather(mx.nd.array([len(data)], dtype="int64"), name=f"{name}.n").asnumpy()
+    blob = hvd.allgather(mx.nd.array(np.frombuffer(data, dtype=np.uint8), dtype="uint8"), name=f"{name}.b")
+    raw = blob.asnumpy().tobytes()
+    out, at = [], 0
+    for n in sizes.tolist():
+        out.append(json.loads(raw[at:at + int(n)].decode()))
+        at += int(n)
+    return out
+
+
+class TimingLog:
+    """RUN_DIR/timing/run_<N>.jsonl, written by rank 0 ("w" for a fresh attempt, "a" on resume)."""
+
+    def __init__(self, out: Path, run_index: int, rank: int, append: bool = False):
+        self.path = timing_path(out, run_index)
+        self.run_index = run_index
+        self.enabled = rank == 0
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a" if append else "w"):
+                pass
+
+    def write(self, records: List[Dict]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            for r in records:
+                f.write(json.dumps(dict(r, run_index=self.run_index), sort_keys=True) + "\n")
+
+
+def rank_record(epoch: int, rank: int, local_rank: int, stats: Dict[str, float]) -> Dict:
+    keep = {k: v for k, v in stats.items() if k not in ("loss",)}
+    return dict(keep, epoch=epoch, rank=rank, local_rank=local_rank, host=socket.gethostname(), pid=os.getpid())
