@@ -13,7 +13,7 @@ import tasks.archive
 import tasks.compliance
 import tasks.pack
 import tasks.verify
-from flows import cache, stages
+from flows import cache, stages, team
 from flows.cache import code_version as code
 from flows.cli import STAGES
 from flows.config import known_pipelines, load_pipeline
@@ -55,6 +55,7 @@ def rn50(source: Optional[str] = None, workdir: Optional[str] = None, pipeline: 
     """
     cfg = load_pipeline(pipeline, source=source, workdir=workdir)
     wd = Workdir(cfg["workdir"])
+    team.check_team(wd.root)  # a worker of a team: the work dir and cache records are the shared ones
     run = stages.Runner(wd, rerun or ())
     f, p, c, t, q, a = (cfg[s] for s in ("fetch", "pack", "container", "train", "compliance", "archive"))
 

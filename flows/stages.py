@@ -28,16 +28,17 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.states import Completed
 
+from flows import team
 from flows.cluster import CLUSTER_LIMIT, cluster_slot
-from flows.locks import LiveLockManager
 from tasks.common import Workdir, is_transient, rebased, relocatable, write_stamp
 
 LOCKS = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser() / "rn50-locks"
 
 
 def _policy(stage: str) -> CacheKeyFnPolicy:
+    # File locks in LOCKS on one machine; Redis locks when the worker is one of a team (flows/team.py).
     return CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: f"rn50-{stage}-{params['key']}").configure(
-        isolation_level="SERIALIZABLE", lock_manager=LiveLockManager(LOCKS))
+        isolation_level="SERIALIZABLE", lock_manager=team.lock_manager(LOCKS))
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -149,7 +150,7 @@ def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries
         run.__name__, run.__doc__ = fn.__name__, fn.__doc__
         return task(name=name, retries=retries, retry_delay_seconds=[2, 10, 30], cache_policy=_policy(name),
                     retry_condition_fn=retry_if_transient, persist_result=True, result_serializer="json",
-                    log_prints=True)(run)
+                    result_storage=team.result_storage(), log_prints=True)(run)
 
     return deco
 
@@ -369,26 +370,29 @@ def _train(workdir: str, config: str, hosts: str | None, runs: int, image: str |
     table = _EpochTable(Workdir(workdir).runs)
     table.start()
     try:
-        with cluster_slot(cluster_limit):
-            return launch(workdir, hosts=hosts, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed,
-                          on_job=slurm_job_reporter())
+        return launch(workdir, hosts=hosts, config=config, runs=runs, image=image, timeout_s=timeout_s, seed=seed,
+                      slot=lambda: cluster_slot(cluster_limit), on_handle=job_reporter())
     finally:
         table.stop.set()
         table.publish()
 
 
-def slurm_job_reporter() -> Callable[[str, str], None]:
-    """With the Slurm launcher: every state change of the batch job in the stage log and in a table artifact."""
+def job_reporter() -> Callable[[dict], None]:
+    """What names the launcher's work outside this process (a Slurm job id and its state), on every change: in the
+    stage log and in a table artifact."""
     from prefect.logging import get_run_logger
 
     rows: list[dict] = []
 
-    def on_job(job_id: str, state: str) -> None:
-        rows.append({"job_id": job_id, "state": state, "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-        get_run_logger().info("train: slurm job %s is %s", job_id, state)
-        create_table_artifact(rows, key="slurm-job", description=f"Slurm job {job_id}: {state}")
+    def on_handle(facts: dict) -> None:
+        if "job_state" not in facts or (rows and rows[-1]["state"] == facts["job_state"]):
+            return
+        rows.append({"job_id": facts.get("job_id"), "state": facts["job_state"],
+                     "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        get_run_logger().info("train: slurm job %s is %s", facts.get("job_id"), facts["job_state"])
+        create_table_artifact(rows, key="slurm-job", description=f"Slurm job {facts.get('job_id')}: {facts['job_state']}")
 
-    return on_job
+    return on_handle
 
 
 train = stage("train", outputs=lambda wd, r: [r["run_dir"]], retries=1)(_train)
