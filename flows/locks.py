@@ -6,16 +6,22 @@ those locks without an expiry when, as here, the transaction gives no `hold_time
 Prefect 3.8): a holder killed by `kill -9`, or by a cancel that kills the flow-run process, leaves a lock
 that blocks that cache key forever.
 
-`LiveLockManager` records who holds a lock (host, boot id, pid and the pid's start time) and keeps an
-expiry that a heartbeat thread renews while the holder lives. A lock is stale, and is broken with one
-log line, when
-  - its holder ran on this machine (same boot) and that process is gone, or
-  - its expiry passed without renewal (a holder on another host that died, or hung for `hold_s`).
+`LiveLockManager` records who holds a lock (host, boot id, PID namespace, pid and the pid's start time) and
+keeps an expiry that a heartbeat thread renews while the holder lives. A lock is stale, and is broken with
+one log line, when
+  - its holder ran on this machine (same boot) in this PID namespace and that process is gone, or
+  - its expiry passed without renewal (a holder on another host or in another PID namespace -- a container
+    that shares the host name -- that died, or one that hung for `hold_s`).
 The lock file is created with its content in one step (link of a finished temp file), so a reader never
-sees a half-written lock.
+sees a half-written lock. Judging a lock and breaking it, renewing it and releasing it each happen under an
+flock of one file in the lock directory (GUARD): two waiters that found the same lock stale cannot break it
+in turn (the second would remove the lock the first has just taken), and a late renewal cannot overwrite
+the lock of the holder that came next.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -24,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect.locking.filesystem import FileSystemLockManager
 
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 HOLD_S = 120.0  # a lock not renewed for this long is stale, wherever its holder ran
 RENEW_S = 20.0
+GUARD = ".rn50-guard"  # in the lock directory; never a lock itself (those are <key>.lock)
 
 
 def boot_id() -> str:
@@ -50,10 +57,28 @@ def process_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def pid_namespace() -> int | None:
+    """The inode of this process's PID namespace: containers that share a host name (and the boot id) but
+    not a PID namespace see different processes under the same pid."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def holder_identity() -> dict[str, Any]:
-    """Who holds a lock or a lease: host, boot id, this process's pid and its start time."""
+    """Who holds a lock or a lease: host, boot id, PID namespace, this process's pid and its start time."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot_id": boot_id(), "pid": pid, "pid_start": process_start_time(pid)}
+    return {"host": socket.gethostname(), "boot_id": boot_id(), "pid_ns": pid_namespace(), "pid": pid,
+            "pid_start": process_start_time(pid)}
+
+
+def pid_is_ours(record: dict[str, Any]) -> bool:
+    """The recorded pid names a process this one can look up: same host, same boot, same PID namespace.
+    A record without a namespace (another version, another OS) is judged like one from another host."""
+    ns = pid_namespace()
+    return (ns is not None and record.get("pid_ns") == ns and record.get("host") == socket.gethostname()
+            and record.get("boot_id") == boot_id())
 
 
 def _report(msg: str) -> None:
@@ -116,7 +141,7 @@ class LiveLockManager(FileSystemLockManager):
             except FileNotFoundError:
                 return None
             return f"an unrenewed lock without a live holder record, {age:.0f} s old" if age > self.hold_s else None
-        if rec.get("boot_id") == boot_id() and rec.get("host") == socket.gethostname():
+        if pid_is_ours(rec):
             pid = rec.get("pid")
             if isinstance(pid, int) and process_start_time(pid) != rec.get("pid_start"):
                 return f"its holder (pid {pid} on {rec['host']}) is gone"
@@ -124,18 +149,38 @@ class LiveLockManager(FileSystemLockManager):
             return f"its holder ({rec.get('host', '?')} pid {rec.get('pid', '?')}) stopped renewing it"
         return None
 
-    def _break_if_stale(self, key: str) -> bool:
-        reason = self.stale_reason(key)
-        if reason is None:
-            return False
-        path = self._lock_path_for_key(key)
-        # Rename first: of several waiters that all found it stale, exactly one breaks it.
-        grave = path.with_name(f".broken-{path.name}.{os.getpid()}.{threading.get_ident()}")
+    @contextlib.contextmanager
+    def _guarded(self, deadline: float | None = None) -> Iterator[bool]:
+        """Hold the lock directory's guard (an exclusive flock of GUARD) for the block; True once held, False
+        if `deadline` (monotonic) passed first. Held for a read and a rename or unlink, so polling is cheap."""
+        fd = os.open(self.lock_files_directory / GUARD, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.rename(path, grave)
-        except FileNotFoundError:
-            return True
-        grave.unlink(missing_ok=True)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() > deadline:
+                        yield False
+                        return
+                    time.sleep(0.01)
+            yield True
+        finally:
+            os.close(fd)  # closing the only descriptor of this open file drops the flock
+
+    def _break_if_stale(self, key: str, deadline: float | None = None) -> bool:
+        """Remove the lock on `key` if it is stale: True if it is gone (broken here or meanwhile released)."""
+        path = self._lock_path_for_key(key)
+        with self._guarded(deadline) as held:
+            # Judged and removed under the guard: what is removed is the record judged, not one that another
+            # waiter wrote after breaking the same stale lock, nor one its holder has just renewed.
+            reason = self.stale_reason(key) if held else None
+            if reason is None:
+                return False
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return True
         self._locks.pop(key, None)
         _report(f"broke the stale lock {path.name}: {reason}")
         return True
@@ -157,7 +202,7 @@ class LiveLockManager(FileSystemLockManager):
             rec = self._read(key)
             if rec and rec.get("holder") == holder:
                 return True
-            if not self._break_if_stale(key):
+            if not self._break_if_stale(key, deadline):
                 if deadline is not None and time.monotonic() > deadline:
                     return False
                 time.sleep(0.2)
@@ -169,10 +214,10 @@ class LiveLockManager(FileSystemLockManager):
         return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
 
     def release_lock(self, key: str, holder: str) -> None:
-        rec = self._read(key)
-        if not rec or rec.get("holder") != holder:
-            raise ValueError(f"No lock held by {holder} for transaction with key {key}")
-        with self._mutex:  # the heartbeat never re-creates a released lock
+        with self._mutex, self._guarded():  # the heartbeat never re-creates a released lock
+            rec = self._read(key)
+            if not rec or rec.get("holder") != holder:
+                raise ValueError(f"No lock held by {holder} for transaction with key {key}")
             self._held.pop(key, None)
             self._lock_path_for_key(key).unlink(missing_ok=True)
         self._locks.pop(key, None)
@@ -212,7 +257,10 @@ class LiveLockManager(FileSystemLockManager):
         while True:
             time.sleep(self.renew_s)
             with self._mutex:
-                for key, holder in self._held.items():
-                    rec = self._read(key)
-                    if rec and rec.get("holder") == holder:
-                        self._write(self._lock_path_for_key(key), self._record(holder), exclusive=False)
+                if not self._held:
+                    continue
+                with self._guarded():  # taken after _mutex, as in release_lock
+                    for key, holder in self._held.items():
+                        rec = self._read(key)
+                        if rec and rec.get("holder") == holder:
+                            self._write(self._lock_path_for_key(key), self._record(holder), exclusive=False)

@@ -107,13 +107,13 @@ def _dead_pid() -> int:
 
 
 def test_a_lock_whose_holder_died_is_broken_with_one_log_line(tmp_path, caplog):
-    from flows.locks import LiveLockManager, boot_id, process_start_time
+    from flows.locks import LiveLockManager, boot_id, pid_namespace, process_start_time
 
     locks = LiveLockManager(tmp_path)
     dead = _dead_pid()
     (tmp_path / "k.lock").write_text(json.dumps({
         "holder": "someone", "expiration": time.time() + 3600, "host": os.uname().nodename,
-        "boot_id": boot_id(), "pid": dead, "pid_start": "1"}))
+        "boot_id": boot_id(), "pid_ns": pid_namespace(), "pid": dead, "pid_start": "1"}))
     t0 = time.monotonic()
     with caplog.at_level("WARNING"):
         assert locks.acquire_lock("k", holder="me", acquire_timeout=10)
