@@ -28,13 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / "infra" / "compose" / "env.example"
 DOCKERFILE = ROOT / "infra" / "compose" / "Dockerfile"
-SERVICES = {"check-secrets", "postgres", "prefect-server", "s3", "deploy", "worker"}
+SERVICES = {"check-secrets", "postgres", "prefect-server", "s3", "redis", "deploy", "worker"}
 SECRETS = ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_SOURCE_ACCESS_KEY",
-           "S3_SOURCE_SECRET_KEY", "S3_ARCHIVE_ACCESS_KEY", "S3_ARCHIVE_SECRET_KEY")
+           "S3_SOURCE_SECRET_KEY", "S3_ARCHIVE_ACCESS_KEY", "S3_ARCHIVE_SECRET_KEY", "REDIS_PASSWORD")
 # What a team sets in .env (env.example leaves the secrets empty): long random-looking values.
 STRONG = {"POSTGRES_PASSWORD": "pg-4f1d2c3b4a59687f", "PREFECT_AUTH_STRING": "rn50:pf-8e7d6c5b4a392817",
           "S3_SECRET_KEY": "adm-0a1b2c3d4e5f6a7b", "S3_SOURCE_SECRET_KEY": "src-1b2c3d4e5f6a7b8c",
-          "S3_ARCHIVE_SECRET_KEY": "arc-2c3d4e5f6a7b8c9d"}
+          "S3_ARCHIVE_SECRET_KEY": "arc-2c3d4e5f6a7b8c9d", "REDIS_PASSWORD": "rds-3d4e5f6a7b8c9d0e"}
 
 
 def compose_command() -> list[str] | None:
@@ -108,18 +108,20 @@ def test_services_ports_and_healthchecks(config):
     assert set(services) == SERVICES
     assert published(services["prefect-server"]) == {4200: 4200}
     assert published(services["s3"]) == {8333: 8333}
+    assert published(services["redis"]) == {6379: 6379}  # workers on other machines take their locks there
     for internal in ("check-secrets", "postgres", "deploy", "worker"):
         assert not published(services[internal]), f"{internal} must not publish ports"
-    for name in ("postgres", "prefect-server", "s3", "worker"):
+    for name in ("postgres", "prefect-server", "s3", "redis", "worker"):
         hc = services[name].get("healthcheck")
         assert hc and hc["test"][0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
     assert services["deploy"]["restart"] == "no" and services["check-secrets"]["restart"] == "no"
     conditions = {n: {d: c["condition"] for d, c in s.get("depends_on", {}).items()} for n, s in services.items()}
     checked = {"check-secrets": "service_completed_successfully"}
-    assert conditions["postgres"] == conditions["s3"] == checked
+    assert conditions["postgres"] == conditions["s3"] == conditions["redis"] == checked
     assert conditions["prefect-server"] == {**checked, "postgres": "service_healthy"}
     assert conditions["deploy"] == {**checked, "prefect-server": "service_healthy"}
-    assert conditions["worker"] == {**checked, "deploy": "service_completed_successfully", "s3": "service_healthy"}
+    assert conditions["worker"] == {**checked, "deploy": "service_completed_successfully", "s3": "service_healthy",
+                                    "redis": "service_healthy"}
     # Server, deploy and worker are one image built from the lock, so client and server versions match.
     builds = {n: (s["build"]["dockerfile"], s["image"]) for n, s in services.items() if "build" in s}
     assert set(builds) == {"check-secrets", "prefect-server", "deploy", "worker"}
@@ -153,10 +155,19 @@ def test_environment_wires_the_services_together(config):
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(worker)
     assert s3["S3_SECRET_KEY"] not in worker.values() and s3["S3_ACCESS_KEY"] not in worker.values()
     assert flag(s["s3"], "master.telemetry") == "false"
+    # Team mode: the worker takes its stage locks in the redis service, with its password; the cache records
+    # are on the shared file system, beside the team pipeline's work dir.
+    redis = urlsplit(worker["RN50_REDIS_URL"])
+    assert (redis.scheme, redis.hostname, redis.port, redis.password) == \
+           ("redis", "redis", int(s["redis"]["command"][s["redis"]["command"].index("--port") + 1]),
+            s["redis"]["environment"]["REDIS_PASSWORD"])
+    assert s["redis"]["environment"]["REDIS_PASSWORD"] == STRONG["REDIS_PASSWORD"]
+    assert worker["RN50_TEAM_RESULTS"].startswith("/data/work/")
     # The secrets check sees exactly the values the services get.
     assert {k: v for k, v in s["check-secrets"]["environment"].items()} == \
            {k: (server["PREFECT_SERVER_API_AUTH_STRING"] if k == "PREFECT_AUTH_STRING" else
-                pg["POSTGRES_PASSWORD"] if k == "POSTGRES_PASSWORD" else s3[k]) for k in SECRETS}
+                pg["POSTGRES_PASSWORD"] if k == "POSTGRES_PASSWORD" else
+                s["redis"]["environment"][k] if k == "REDIS_PASSWORD" else s3[k]) for k in SECRETS}
 
 
 def test_worker_polls_the_pool_the_deployments_use(config):
@@ -312,6 +323,7 @@ def test_ports_bind_loopback_unless_told_otherwise(config, tmp_path):
     services = config["services"]
     assert published(services["prefect-server"], with_ip=True) == {4200: ("127.0.0.1", 4200)}
     assert published(services["s3"], with_ip=True) == {8333: ("127.0.0.1", 8333)}
+    assert published(services["redis"], with_ip=True) == {6379: ("127.0.0.1", 6379)}
     bare = tmp_path / "no-bind"
     bare.mkdir()
     proc = compose_config(env_file(bare, drop=("RN50_BIND",)))  # not even set: the file's default
@@ -356,7 +368,9 @@ def test_example_secrets_are_refused(config, tmp_path):
                               (dict(PREFECT_AUTH_STRING="rn50:tooshort"), "the password is shorter than 16"),
                               (dict(PREFECT_AUTH_STRING="no-colon-0123456789"), "PREFECT_AUTH_STRING must be user:password"),
                               (dict(S3_ARCHIVE_ACCESS_KEY="rn50-source"), "must differ"),
-                              (dict(POSTGRES_PASSWORD="p@ss/word:0123456789"), "POSTGRES_PASSWORD may hold only")):
+                              (dict(POSTGRES_PASSWORD="p@ss/word:0123456789"), "POSTGRES_PASSWORD may hold only"),
+                              (dict(REDIS_PASSWORD="short-redis"), "REDIS_PASSWORD is shorter than 16"),
+                              (dict(REDIS_PASSWORD="red:is@pass/word0123"), "REDIS_PASSWORD may hold only")):
         check = _check_secrets(config, **override)
         assert check.returncode != 0 and message in check.stderr, (override, check.stderr)
     ok = _check_secrets(config)
@@ -417,7 +431,9 @@ def test_team_pipeline_config_loads_and_uses_the_buckets(config):
            {k: sorted(v) if isinstance(v, dict) else None for k, v in demo.items()}, "keys differ from demo.yaml"
     buckets = set(flag(config["services"]["s3"], "bucket").split(","))
     assert urlsplit(team["source"]).netloc in buckets and urlsplit(team["archive"]["uri"]).netloc in buckets
-    assert team["workdir"].startswith("/data/")  # on the worker's volume
+    assert team["workdir"].startswith("/data/work/")  # on the shared file system the worker mounts there
+    worker = config["services"]["worker"]
+    assert "/data/work" in {v["target"] if isinstance(v, dict) else v.split(":")[1] for v in worker["volumes"]}
     assert team["train"]["hosts"] == "/etc/rn50/hosts.yaml"
     assert team["container"]["runtime"] == "docker" and team["compliance"]["dataset"] == "imagenet"
 
@@ -546,3 +562,45 @@ def test_s3_start_refuses_values_that_would_break_its_config(config, tmp_path):
                               timeout=30)
         assert proc.returncode == 2 and message in proc.stderr, (override, proc.stderr)
         assert not (tmp_path / "id.json").exists()
+
+
+def test_redis_service_needs_its_password_and_hides_it(config, tmp_path):
+    """The compose redis service's entrypoint (redis-start.sh) and command line, run with Debian's
+    redis-server on a loopback port: a client without the password is refused, the worker's URL works, the
+    append-only file is on, and the password is on no command line."""
+    import redis as redis_py
+
+    from redis_server import redis_binary
+
+    redis_binary()
+    service = config["services"]["redis"]
+    port = free_port()
+    args = list(service["command"])
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--dir") + 1] = str(tmp_path)
+    entry = [a.replace("/etc/rn50/redis-start.sh", str(ROOT / "infra" / "compose" / "redis-start.sh"))
+             for a in service["entrypoint"]]
+    env = {"PATH": os.environ["PATH"], **service["environment"], "RN50_REDIS_CONF": str(tmp_path / "redis.conf")}
+    with open(tmp_path / "redis.log", "wb") as log:
+        proc = subprocess.Popen([*entry, *args, "--bind", "127.0.0.1"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        password = service["environment"]["REDIS_PASSWORD"]
+        url = config["services"]["worker"]["environment"]["RN50_REDIS_URL"].replace("@redis:6379/", f"@127.0.0.1:{port}/")
+        client = redis_py.Redis.from_url(url, socket_connect_timeout=2)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis_py.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+                time.sleep(0.1)
+        with pytest.raises(redis_py.AuthenticationError):
+            redis_py.Redis(host="127.0.0.1", port=port).ping()
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert password not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        assert oct((tmp_path / "redis.conf").stat().st_mode & 0o777) == "0o600"
+    finally:
+        stop_group(proc)
+

@@ -3,7 +3,7 @@
 
 Refused: anything containing `change-me`/`changeme`/`example`, and any secret shorter than 16 characters
 (`PREFECT_AUTH_STRING`'s password part; the S3 access keys are names, 3+ characters). Also checked: the
-characters each value may hold (POSTGRES_PASSWORD goes into a database URL) and that the three S3 identities
+characters each value may hold (POSTGRES_PASSWORD and REDIS_PASSWORD go into URLs) and that the three S3 identities
 differ. The message names the variable, never its value. Standard library only.
 Generate secrets with e.g. `openssl rand -hex 24` (or `python3 -c "import secrets; print(secrets.token_hex(24))"`).
 """
@@ -28,6 +28,7 @@ CHECKS = {
     "S3_SOURCE_SECRET_KEY": ("secret", SECRET),
     "S3_ARCHIVE_ACCESS_KEY": ("key", TOKEN),
     "S3_ARCHIVE_SECRET_KEY": ("secret", SECRET),
+    "REDIS_PASSWORD": ("secret", TOKEN),  # goes into RN50_REDIS_URL and Redis's config file
 }
 
 
