@@ -415,6 +415,83 @@ def test_kill9_mid_pack_then_rerun_completes(tmp_path):
     assert (wd.recordio / "train.rec").read_bytes() == Path(f"{ref}.rec").read_bytes()
 
 
+def _writes_to(pid: int, name: str) -> bool:
+    """The process holds a file called `name` open for writing (pack's writers share the .rec's descriptor;
+    the verification's workers are forked after the writer closed it)."""
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            if os.readlink(fd).endswith("/" + name):
+                flags = (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text().split("flags:")[1].split()[0]
+                if int(flags, 8) & os.O_ACCMODE == os.O_WRONLY:
+                    return True
+    except (OSError, IndexError, ValueError):
+        pass
+    return False
+
+
+def _written(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/io").read_text().split("wchar: ")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def test_a_writer_killed_mid_write_fails_pack_at_once_then_rerun_packs(tmp_path):
+    """A real SIGKILL of one of two forked writers while it still has batches to write. Its successor waits
+    on the ring for an offset that will never come: `rn50 pack` used to wait forever (with the stage lock's
+    heartbeat keeping every other run out); now it fails at once with one line naming the worker, leaves no
+    process and nothing accepted, and the rerun packs the bytes im2rec writes."""
+    wd = make_workdir(tmp_path, classes=4, train=500, val=20, size=110)  # ~45 MiB: ~45 batches per writer
+    train_bytes = int(manifest(wd).query("split == 'train'")["bytes"].sum())
+    caught = None
+    for attempt in range(6):
+        proc = subprocess.Popen([PY, "-m", "tasks.cli", "pack", str(wd.root), "--force", "--threads", "2"],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        workers: list[int] = []
+        try:
+            deadline = time.monotonic() + 120  # generous for a loaded box
+            while proc.poll() is None and time.monotonic() < deadline and not _writing(proc, wd):
+                time.sleep(0.002)
+            workers = _children(proc.pid)
+            for w in workers:  # frozen while judged: a writer cannot finish between the check and the kill
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w, signal.SIGSTOP)
+            victim = min(workers, key=_written, default=None)
+            if (proc.poll() is None and len(workers) == 2 and all(_writes_to(w, "train.rec") for w in workers)
+                    and _written(victim) < 0.4 * train_bytes):  # its share is half: batches are left
+                os.kill(victim, signal.SIGKILL)
+                t0 = time.monotonic()
+                for w in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w, signal.SIGCONT)
+                try:
+                    _, err = proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pytest.fail("rn50 pack still runs 30 s after one of its writers was killed: it is wedged")
+                caught = (time.monotonic() - t0, subprocess.CompletedProcess(proc.args, proc.returncode, "", err))
+                break
+            for w in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w, signal.SIGCONT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _reap(workers)
+    assert caught, "never caught a writer with batches left"
+    seconds, failed = caught
+    assert_one_line_error(failed, "pack worker ", " of 2 died (signal 9) without reporting")
+    assert seconds < 10, f"the failure took {seconds:.1f} s"
+    assert _no_process_mentions(str(wd.root)), "a writer outlived the failed pack"
+    assert read_stamp(wd, "pack") is None and not any((wd.recordio / o).exists() for o in OUTPUTS)
+    again = cli(str(wd.root), "--threads", "2", "--full-check")
+    assert again.returncode == 0, again.stderr
+    assert not list(wd.recordio.glob(".tmp-*")), "debris of the failed run was not removed"
+    ref = im2rec_reference(wd, "train", wd.recordio / "train.lst", tmp_path / "ref")
+    assert (wd.recordio / "train.rec").read_bytes() == Path(f"{ref}.rec").read_bytes()
+
+
 def test_kill9_during_repack_keeps_old_outputs_unaccepted(tmp_path):
     wd = make_workdir(tmp_path, classes=2, train=300, val=5, size=110)
     r = pack(wd)
