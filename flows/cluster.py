@@ -11,6 +11,7 @@ finds that process gone releases its lease with one log line. A holder on anothe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import socket
 import threading
@@ -100,20 +101,38 @@ def _acquire(client, name: str, log) -> UUID:
         time.sleep(min(max(retry_after, 1.0), POLL_S))
 
 
-def _renew(lease: UUID, stop: threading.Event, log) -> None:
+@dataclasses.dataclass
+class Lease:
+    """The held slot: `lost` is set when the server says the lease is gone (expired or revoked): the holder must
+    stop using the cluster at once, another run may already hold it."""
+
+    id: UUID
+    lost: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+def _renew(lease: Lease, stop: threading.Event, log, renew_s: float) -> None:
+    import httpx
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        while not stop.wait(RENEW_S):
+        while not stop.wait(renew_s):
             try:
-                client.renew_concurrency_lease(lease, lease_duration=LEASE_S)
+                client.renew_concurrency_lease(lease.id, lease_duration=LEASE_S)
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code == 410:
+                    log.error("train: the cluster lease %s has ended on the server (410 Gone): the run is stopped, "
+                              "another run may now hold the cluster", lease.id)
+                    lease.lost.set()
+                    return
+                log.warning("train: could not renew the cluster lease (%s); retrying in %.0f s", e, renew_s)
             except Exception as e:  # noqa: BLE001 — keep trying while the lease still has time left
-                log.warning("train: could not renew the cluster lease (%s); retrying in %.0f s", e, RENEW_S)
+                log.warning("train: could not renew the cluster lease (%s); retrying in %.0f s", e, renew_s)
 
 
 @contextlib.contextmanager
-def cluster_slot(name: str = CLUSTER_LIMIT) -> Iterator[None]:
-    """Hold one slot of the global concurrency limit `name` for the duration of the block."""
+def cluster_slot(name: str = CLUSTER_LIMIT, renew_s: float = RENEW_S) -> Iterator[Lease]:
+    """Hold one slot of the global concurrency limit `name` for the duration of the block; yields the Lease,
+    whose `lost` event the train stage watches."""
     from prefect.client.orchestration import get_client
     from prefect.logging import get_run_logger
     from prefect.variables import Variable
@@ -123,20 +142,20 @@ def cluster_slot(name: str = CLUSTER_LIMIT) -> Iterator[None]:
     log.info("train: waiting for the cluster (global concurrency limit %r)", name)
     t0 = time.monotonic()
     with get_client(sync_client=True) as client:
-        lease = _acquire(client, name, log)
+        lease = Lease(_acquire(client, name, log))
         stop = threading.Event()
-        renewer = threading.Thread(target=_renew, args=(lease, stop, log), name="cluster-lease", daemon=True)
+        renewer = threading.Thread(target=_renew, args=(lease, stop, log, renew_s), name="cluster-lease", daemon=True)
         try:
-            Variable.set(holder_variable(name), _me(lease), overwrite=True)
+            Variable.set(holder_variable(name), _me(lease.id), overwrite=True)
             renewer.start()
             log.info("train: the cluster is ours (waited %.0f s)", time.monotonic() - t0)
-            yield
+            yield lease
         finally:
             stop.set()
             if renewer.is_alive():
                 renewer.join(timeout=30)
             with contextlib.suppress(Exception):
                 current = Variable.get(holder_variable(name), default=None)
-                if isinstance(current, dict) and current.get("lease_id") == str(lease):
+                if isinstance(current, dict) and current.get("lease_id") == str(lease.id):
                     Variable.unset(holder_variable(name))
-            client.release_concurrency_slots_with_lease(lease)
+            client.release_concurrency_slots_with_lease(lease.id)

@@ -2,7 +2,7 @@
 
 An inventory is YAML (configs/inventory/*.yaml or any path):
 
-    launcher: ssh              # how ranks are started on the hosts (only `ssh` today: horovodrun over SSH)
+    launcher: ssh              # optional: this file is for the ssh launcher (tasks/launch/ssh.py)
     runtime: local | docker    # ranks run directly on the host, or inside the node container (infra/start-node.sh)
     controller: gloo | mpi
     interface: eth0            # one NIC name common to all hosts
@@ -24,13 +24,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tasks import paths
+from tasks import launch
 from tasks.common import StageError
 
 DEFAULT_MIN_FREE_BYTES = 1 << 30
-# How the ranks are started on the hosts: horovodrun over SSH. (A hosts file saying `launcher: slurm` never
-# reaches this parser: tasks.train hands it to tasks.slurm.)
-LAUNCHERS = ("ssh",)
 RUNTIMES = ("local", "docker")
 CONTROLLERS = ("gloo", "mpi")
 
@@ -40,7 +37,6 @@ HOST_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])
 USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 IFACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,14}")  # Linux IFNAMSIZ - 1
 CONTAINER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # Docker's container-name rule
-ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]+")  # a command name or an absolute path, one shell word
 HOST_KEY_RE = re.compile(r"((?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,3})(?: [^\x00-\x1f\x7f]*)?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -197,21 +193,15 @@ def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
     if dup:
         raise StageError(f"{source}: host(s) {dup} listed twice; give one entry with the total slots")
     launcher = doc.get("launcher", "ssh")
-    if launcher not in LAUNCHERS:
-        raise StageError(f"{source}: launcher must be one of {', '.join(LAUNCHERS)}, not {_show(launcher)}")
+    if launcher != "ssh":
+        raise StageError(f"{source}: an inventory of hosts is for `launcher: ssh`, not {_show(launcher)}")
     runtime = doc.get("runtime", "local")
     if runtime not in RUNTIMES:
         raise StageError(f"{source}: runtime must be `local` or `docker`, not {_show(runtime)}")
     controller = doc.get("controller", "gloo")
     if controller not in CONTROLLERS:
         raise StageError(f"{source}: controller must be `gloo` or `mpi`, not {_show(controller)}")
-    env = doc.get("env") or {}
-    if not isinstance(env, dict):
-        raise StageError(f"{source}: `env:` must be a mapping of NAME: value")
-    for k, v in env.items():
-        _match(ENV_KEY_RE, k, "env key", source, "a variable name ([A-Za-z_][A-Za-z0-9_]*)")
-        if not isinstance(v, (str, int, float, bool)) or "\x00" in str(v):
-            raise StageError(f"{source}: env.{k} must be a string or number without NUL bytes")
+    env = launch.check_env(doc.get("env"), source)
     top_iface = doc.get("interface")
     if top_iface:
         _match(IFACE_RE, top_iface, "interface", source, "a network interface name")
@@ -227,33 +217,16 @@ def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
         opt["python"] = _match(PYTHON_RE, doc["python"], "python", source, "an interpreter name or path")
     container = _match(CONTAINER_RE, doc.get("container", "rn50-node"), "container", source, "a container name")
     min_free = _int(doc.get("min_free_bytes", DEFAULT_MIN_FREE_BYTES), "min_free_bytes", source, 0)
-    profile = doc.get("env_profile", "gpu" if runtime == "docker" else "cpu")
-    if not isinstance(profile, str) or _CONTROL.search(profile):
-        raise StageError(f"{source}: env_profile {_show(profile)} is not a profile name or path")
+    profile = launch.check_env_profile(doc.get("env_profile", "gpu" if runtime == "docker" else "cpu"), source)
     return Inventory(
         hosts=tuple(hosts),
         runtime=runtime,
         controller=controller,
         interface=next(iter(ifaces), None),
         env_profile=profile,
-        env=tuple(sorted((str(k), str(v)) for k, v in env.items())),
+        env=env,
         container=container,
         min_free_bytes=min_free,
         launcher=launcher,
         **opt,
     )
-
-
-def read_env_file(profile: str) -> dict[str, str]:
-    """KEY=VALUE lines (the format the Dockerfile's entrypoint sources); `#` comments, no expansion."""
-    path = paths.resolve("env", profile)
-    out = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        k, sep, v = line.partition("=")
-        if not sep or not ENV_KEY_RE.fullmatch(k.strip()):
-            raise StageError(f"{path}:{n}: expected NAME=value, got {line!r}")
-        out[k.strip()] = v.strip().strip('"').strip("'")
-    return out

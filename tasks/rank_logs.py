@@ -30,6 +30,17 @@ def lost_peer(lines: Iterable[str]) -> bool:
     return any(_PEER_LOST.search(line) for line in lines)
 
 
+def machine(line: str) -> bool:
+    """A line for programs, not people: the MLPerf log's `:::MLLOG {json}` lines."""
+    return ":::MLLOG" in line
+
+
+def alarming(line: str) -> bool:
+    """A line a person should see from any rank: an exception, a crash, a warning or an error."""
+    s = line.strip()
+    return bool(_EXCEPTION.match(s) or _FATAL.search(s) or re.search(r"\b(warning|error)\b", s, re.I)) and not machine(s)
+
+
 def last_error(lines: Iterable[str]) -> str:
     """The line a human would quote: a traceback's exception line, a crash, else the last line (launcher
     chatter such as `srun:` lines left out)."""

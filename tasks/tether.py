@@ -12,11 +12,14 @@ Two mechanisms, used together:
   SIGTERM first (horovodrun tears down its ssh sessions and remote ranks on SIGTERM), SIGKILL after a
   grace period. Grandchildren inherit the token with the environment, so this reaches what
   PR_SET_PDEATHSIG cannot (ranks started by horovodrun, the uvicorn server Prefect starts).
+  It can also run commands the owner registered (`Tether.on_death(argv)`), for what is not a process here:
+  `scancel JOBID` for a Slurm batch job.
   On a normal exit the owner calls `Tether.close()`, which stops the watchdog without killing anything.
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import secrets
 import signal
@@ -98,6 +101,12 @@ class Tether:
     def env(self, base: dict[str, str]) -> dict[str, str]:
         return {**base, TAG: self.token}
 
+    def on_death(self, argv: list[str]) -> None:
+        """Should the owner die, the watchdog also runs `argv` (no shell; bounded to 60 s) after its kills."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"run " + json.dumps(list(argv)).encode() + b"\n")
+        self.proc.stdin.flush()
+
     def close(self) -> None:
         """The owner is done: stop the watchdog, kill nothing."""
         if self.proc.poll() is None:
@@ -121,9 +130,11 @@ class Tether:
 
 
 def _watch(parent: int, token: str, grace_s: float) -> int:
-    """Wait until `parent` dies (our parent pid changes) or says "done" on stdin."""
+    """Wait until `parent` dies (our parent pid changes) or says "done" on stdin; `run ARGV-JSON` lines
+    register commands to run after the kills."""
     import select
 
+    commands: list[list[str]] = []
     poll = select.poll()
     poll.register(sys.stdin.fileno(), select.POLLIN | select.POLLHUP)
     while os.getppid() == parent:
@@ -131,11 +142,20 @@ def _watch(parent: int, token: str, grace_s: float) -> int:
             line = sys.stdin.readline()
             if line.strip() == "done":
                 return 0
+            if line.startswith("run "):
+                commands.append([str(a) for a in json.loads(line[4:])])
+                continue
             # EOF without "done": the parent is dying (its end of the pipe closed); fall through.
             break
     while os.getppid() == parent:  # the pipe closes a moment before the parent is reaped
         time.sleep(0.2)
     kill_tagged(token, grace_s)
+    for argv in commands:
+        try:
+            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            pass
     return 0
 
 

@@ -47,7 +47,7 @@ def trained_runs(workdir: Path) -> list[Path]:
     done = []
     for run_dir in sorted((Path(workdir) / "runs").iterdir()):
         status = json.loads((run_dir / "status.json").read_text())["status"]
-        if status == "succeeded":
+        if status == "success":
             done.append(run_dir)
         else:
             assert status == "failed" and (run_dir / "FAILED").is_file(), (run_dir, status)

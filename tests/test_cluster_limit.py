@@ -97,21 +97,24 @@ def test_a_killed_holder_s_slot_is_taken_over_at_once_on_its_machine(server):
 
 JOB_ARTIFACT = """
 from prefect import flow
-from flows.stages import slurm_job_reporter
+from flows.stages import job_reporter
 
 @flow(name="slurm-job-artifact")
 def report():
-    on_job = slurm_job_reporter()
-    on_job("4242", "PENDING")
-    on_job("4242", "RUNNING")
-    on_job("4242", "COMPLETED")
+    on_handle = job_reporter()
+    on_handle({"job_id": "4242"})
+    on_handle({"job_id": "4242", "job_state": "PENDING"})
+    on_handle({"job_id": "4242", "job_state": "PENDING"})
+    on_handle({"job_id": "4242", "job_state": "RUNNING"})
+    on_handle({"job_id": "4242", "job_state": "COMPLETED"})
 
 report()
 """
 
 
 def test_slurm_job_states_reach_the_stage_log_and_an_artifact(server):
-    """The train stage hands this callback to the Slurm launcher (tests/test_slurm.py drives it on a real cluster)."""
+    """The train stage hands this callback to the launcher's handle (tests/test_slurm.py drives it on a real
+    cluster): each state change once, in the stage log and the artifact."""
     env = {**os.environ, **{k: v for k, v in server.env().items() if k.startswith("PREFECT_")}}
     r = subprocess.run([sys.executable, "-c", JOB_ARTIFACT], env=env, cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
@@ -127,3 +130,32 @@ def test_slurm_job_states_reach_the_stage_log_and_an_artifact(server):
     rows = json.loads(json.loads(out.stdout))
     assert [(row["job_id"], row["state"]) for row in rows] == [("4242", "PENDING"), ("4242", "RUNNING"),
                                                               ("4242", "COMPLETED")]
+
+
+LOSE = """
+import sys
+from prefect import flow
+from prefect.client.orchestration import get_client
+from flows.cluster import cluster_slot
+
+@flow(name="lose-cluster")
+def lose(limit: str) -> None:
+    with cluster_slot(limit, renew_s=1.0) as lease:
+        with get_client(sync_client=True) as c:
+            c.release_concurrency_slots_with_lease(lease.id)  # the server ends the lease, as when it expires
+        print("LOST", lease.lost.wait(60))
+
+lose(sys.argv[1])
+"""
+
+
+def test_a_lease_the_server_ended_is_reported_lost(server):
+    """The server ends the holder's lease (expired, or revoked): the next renewal gets 410 Gone and the lease's
+    `lost` event is set, which the train stage turns into stopping the run (`lost-slot`, see
+    tests/test_launcher_conformance.py); before, the 410 was only logged and the run went on training."""
+    env = {**os.environ, **{k: v for k, v in server.env().items() if k.startswith("PREFECT_")}}
+    r = subprocess.run([sys.executable, "-c", LOSE, "rn50-cluster-lose"], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=180)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "LOST True" in out, out[-3000:]
+    assert "has ended on the server (410 Gone)" in out, out[-3000:]

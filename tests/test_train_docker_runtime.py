@@ -145,7 +145,7 @@ def test_docker_runtime_trains_inside_the_node_container(node):
                  timeout_s=600, extra_args=["--set", "max_epochs=2", "--set", "warmup_epochs=1"])
     elapsed = time.time() - t0
     run_dir = Path(res.run_dir)
-    assert res.status == "succeeded" and res.runtime == "docker" and res.image == node["image"] and res.np == 2
+    assert res.status == "success" and res.runtime == "docker" and res.image == node["image"] and res.np == 2
     text = Path(res.results[0]).read_text()
     # Two real epochs and an eval; run_stop's status is the real verdict: success exactly when an
     # eval reached cpu-demo's target.

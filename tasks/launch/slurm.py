@@ -1,7 +1,7 @@
-"""Slurm launcher for the train stage: `launcher: slurm` in the hosts file, ranks started by `srun` inside one
-batch job, no SSH between nodes.
+"""The `slurm` backend: `launcher: slurm` in the hosts file; one batch job runs the set's runs, ranks started by
+`srun` inside it, no SSH between nodes.
 
-Inventory (the file given to `--hosts` / the pipeline's `train.hosts`):
+Hosts file:
 
     launcher: slurm
     slurm:
@@ -10,10 +10,11 @@ Inventory (the file given to `--hosts` / the pipeline's `train.hosts`):
       ntasks_per_node: 8        # ranks per node (= GPUs per node on a GPU cluster); nodes x this must be
                                 # the config's global_batch_size / batch_size (else refused)
       time: "01:00:00"          # job time limit; must cover runs x the stage timeout
+      max_pending: "01:00:00"   # longest queue wait (Slurm time); then the job is cancelled, naming Slurm's reason
       account: null
       exclusive: true           # --exclusive (the default: a timed run shares no node)
       gpus_per_node: null       # set -> --gpus-per-node=N and a preflight check of the nodes' gres
-      extra_args: []            # more sbatch options, each one argv element starting with `--`
+      extra_args: []            # more sbatch options from SBATCH_OPTIONS only, each one `--name=value` element
       container_image: null     # set -> srun --container-image (Pyxis/Enroot); default: the image the
                                 # container stage built when one is given
       container_mounts: []      # extra SRC:DST mounts; the data dir and the work dir are always mounted
@@ -21,77 +22,73 @@ Inventory (the file given to `--hosts` / the pipeline's `train.hosts`):
     data_dir: /lustre/imagenet/recordio   # recordio as seen by the nodes (default WORKDIR/recordio)
     python: null                # interpreter on the nodes (default: this one; `python` in a container)
     interface: null             # HOROVOD_GLOO_IFACE / NCCL_SOCKET_IFNAME
-    env_profile: cpu            # configs/env/<profile>.env (gpu when a container image is used)
+    env_profile: cpu            # configs/env/<profile>.env (gpu when a container image is used), or a path
     env: {}
 
 Design choices
-- One batch job for the N runs of a set, not one job per run: one queue wait, and the N timed runs of
-  a submission set run back to back on the same exclusively held nodes, as NVIDIA's `run.sub` runs its
-  NEXP experiments in one allocation; another job cannot slip in between runs and skew the timings.
-  The price: the time limit must cover all N runs (preflight checks it), and a failed run ends the
-  job (later runs are not started; the stage fails as with SSH).
-- Rendezvous: Horovod's Gloo rendezvous driven from SLURM_* variables, in a static bash prelude each
-  rank runs before the rank program: HOROVOD_RANK/SIZE/LOCAL_RANK/CROSS_RANK/... come from
-  SLURM_PROCID/NTASKS/LOCALID/NODEID/NNODES; rank 0 starts Horovod's own RendezvousServer (the HTTP
-  KV store horovodrun runs) in the background on the launch node (the batch host, where block
-  distribution puts rank 0), bound to SLURM_LAUNCH_NODE_IPADDR; it publishes its port in the run
-  directory, which every node shares anyway (rank logs and result_<n>.txt are written there). This
-  needs nothing but Horovod with Gloo, so the CPU test path (Debian Slurm, no PMIx library) and a GPU
-  cluster run the same code; the NGC image's Horovod is built with Gloo as well as MPI, and NCCL
-  still carries the GPU allreduces. `mpi: pmix` switches to `srun --mpi=pmix` and HOROVOD_CONTROLLER=mpi
-  (the NGC way, for sites that prefer it); the prelude then only execs the rank.
-- Ranks: `srun --kill-on-bad-exit=1 [--container-image ...] bash -c PRELUDE ... python -m rn50.train
-  --config C --data D --out RUN_DIR --run-index N --seed S`, exactly the ssh launcher's rank contract;
-  srun writes each task's output to RUN_DIR/rank<r>_<n>.log, the batch script's own to
-  RUN_DIR/slurm-<jobid>.log. The batch script is generated with every value shlex-quoted; sbatch gets
-  an argv list, `--export=NONE` (the worker's credentials stay out of the job) and the rank environment
-  (allow-list + env profile + inventory env) as quoted exports in the script.
-- Preflight: nodes x ntasks_per_node against the config's world size (before slurmctld is asked anything),
-  the scheduler (`scontrol show partition/node`), then a one-task-per-node probe job in the ranks' environment
-  and container that checks the data dir from the compute nodes and, for a GPU config, GPUs >= ntasks_per_node,
-  the driver (`nvidia-smi -L`) and hvd.nccl_built() of the ranks' Python; every failure is one line, before the
-  real job.
-- Monitoring polls `scontrol show job`; `on_job(job_id, state)` is called on every state change (the
-  flow uses it for its log/artifact); any exception or signal while the job is queued or running
-  (SIGTERM, KeyboardInterrupt, Prefect's TerminationSignal, an exception raised by `on_job`) scancels
-  the job, waits (bounded) for it to end, and re-raises the original exception. A job that ends
-  FAILED, TIMEOUT, NODE_FAIL, CANCELLED, ... fails the stage with the state and the first failing
-  rank's error (one line).
+- One batch job for the N runs of a set, not one job per run: one queue wait, and the N timed runs of a
+  submission set run back to back on the same exclusively held nodes, as NVIDIA's `run.sub` runs its NEXP
+  experiments in one allocation. The price: the time limit must cover all N runs (checked before submitting),
+  and a failed run ends the job (later runs are not started).
+- sbatch options are data: the launcher decides partition, nodes, tasks, time, output, working directory and
+  environment; `extra_args` may only add options of SBATCH_OPTIONS, spelled in full (sbatch also reads an
+  unambiguous prefix such as `--exp` as `--export`: only exact names are accepted), and `--export=NONE` is the
+  last option, so the job never sees the worker's environment.
+- Rendezvous: Horovod's Gloo rendezvous driven from SLURM_* variables, in a static bash prelude each rank runs
+  before the rank program: HOROVOD_RANK/SIZE/LOCAL_RANK/CROSS_RANK/... come from SLURM_PROCID/NTASKS/LOCALID/
+  NODEID/NNODES; rank 0 starts Horovod's own RendezvousServer (the HTTP KV store horovodrun runs) in the
+  background on the launch node, bound to SLURM_LAUNCH_NODE_IPADDR, and publishes its port in the run directory,
+  which every node shares anyway. This needs nothing but Horovod with Gloo, so the CPU test path (Debian Slurm,
+  no PMIx library) and a GPU cluster run the same code; NCCL still carries the GPU allreduces. `mpi: pmix`
+  switches to `srun --mpi=pmix` and HOROVOD_CONTROLLER=mpi (the NGC way); the prelude then only execs the rank.
+- Ranks: `srun --kill-on-bad-exit=1 [--container-image ...] bash -c PRELUDE ... RANK ARGV`; srun writes each
+  task's output to rank<r>_<n>.log, the batch script's own to slurm-job.log. The batch script is generated with
+  every value shlex-quoted and exports the ranks' environment (tasks.launch.rank_environment).
+- Preflight: what slurmctld tells (`scontrol show partition/node`: state, nodes, CPUs, GPUs, time limits), then
+  a one-task-per-node probe job in the ranks' environment and container that checks the data dir from the
+  compute nodes and, for a GPU config, the GPUs, the driver and hvd.nccl_built(); every failure one line.
+- Watching: `scontrol show job` every poll_s; a job PENDING longer than max_pending is cancelled (the run holds
+  the cluster slot while it waits); a RUNNING job is bounded by runs x the stage timeout. The job id is
+  recorded (events.handle) and `scancel JOBID` registered with the stage's tether (events.on_death), so a
+  kill -9 of the launcher leaves no job behind.
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
-import hashlib
-import logging
-import os
 import re
-import secrets
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
+from tasks import launch as contract
 from tasks import rank_logs
-from tasks.inventory import ENV_KEY_RE
-from tasks.common import StageError, Workdir, file_digest, write_json_atomic, write_text_atomic
+from tasks.common import StageError, write_text_atomic
+from tasks.launch.probe import gpu_probe_script, gpu_problems
 
-log = logging.getLogger("tasks.train")  # the train stage's logger
-
-RECORDIO_FILES = ("train.rec", "train.idx", "val.rec", "val.idx")
-ENV_ALLOWLIST = ("HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TMPDIR", "TZ", "PYTHONPATH")
 TERMINAL = {"COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "CANCELLED", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
 DEFAULT_POLL_S = 5.0
+DEFAULT_MAX_PENDING = "01:00:00"
 CANCEL_WAIT_S = 30.0
 PROBE_TIMEOUT_S = 300.0
-STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STD_PATH = contract.STD_PATH
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+# The sbatch options `extra_args` may add: none of them changes what the launcher decided (partition, nodes,
+# tasks, time, output, working directory, environment, user, array, hold, script). Anything else — any other
+# option, a prefix, a short option — is refused.
+SBATCH_OPTIONS = frozenset({
+    "--acctg-freq", "--begin", "--comment", "--constraint", "--core-spec", "--cores-per-socket", "--cpu-freq",
+    "--cpus-per-task", "--deadline", "--exclude", "--gpu-bind", "--gpu-freq", "--gpus-per-task", "--gres",
+    "--gres-flags", "--hint", "--licenses", "--mail-type", "--mail-user", "--mcs-label", "--mem", "--mem-bind",
+    "--mem-per-cpu", "--mem-per-gpu", "--network", "--nice", "--nodelist", "--prefer", "--priority", "--profile",
+    "--qos", "--reservation", "--signal", "--sockets-per-node", "--spread-job", "--switches", "--thread-spec",
+    "--threads-per-core", "--tmp", "--wckey",
+})
+_OPTION = re.compile(r"(--[a-z][a-z-]*)(?:=([^\x00-\x1f\x7f]*))?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +110,7 @@ class SlurmSpec:
     env_profile: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     poll_s: float = DEFAULT_POLL_S
+    max_pending: str = DEFAULT_MAX_PENDING
 
     @property
     def ntasks(self) -> int:
@@ -122,28 +120,12 @@ class SlurmSpec:
     def time_s(self) -> float:
         return parse_time(self.time)
 
-
-# --- inventory ------------------------------------------------------------------------------------------
-
-
-def is_slurm(doc: Any) -> bool:
-    return isinstance(doc, dict) and doc.get("launcher") == "slurm"
+    @property
+    def max_pending_s(self) -> float:
+        return parse_time(self.max_pending)
 
 
-def is_slurm_file(path: Path | str) -> bool:
-    """True when the hosts file says `launcher: slurm` (errors are left to the loader that owns the file)."""
-    import yaml
-
-    try:
-        return is_slurm(yaml.safe_load(Path(path).read_text()))
-    except (OSError, yaml.YAMLError):
-        return False
-
-
-def load(path: Path | str) -> SlurmSpec:
-    from tasks.inventory import read_inventory_file
-
-    return parse(read_inventory_file(path), source=str(path))
+# --- the hosts file ------------------------------------------------------------------------------------
 
 
 def parse_time(value: str) -> float:
@@ -186,69 +168,84 @@ def _str(v: Any, what: str, source: str, pattern: re.Pattern | None = _NAME) -> 
     return v
 
 
-def parse(doc: Any, source: str = "inventory") -> SlurmSpec:
-    """Validate a `launcher: slurm` inventory as data; every error is one line naming the key."""
-    if not is_slurm(doc):
-        raise StageError(f"{source}: not a `launcher: slurm` inventory")
+def _time(s: dict, key: str, default: str, source: str) -> str:
+    value = str(s.get(key, default))
+    try:
+        if parse_time(value) <= 0:
+            raise ValueError(value)
+    except ValueError:
+        raise StageError(f"{source}: slurm.{key} {value[:40]!r} is not a Slurm time (e.g. 90, 01:30:00, "
+                         "1-00:00:00)") from None
+    return value
+
+
+def check_extra_args(value: Any, source: str) -> tuple[str, ...]:
+    """Each element one `--name` or `--name=value` with `name` spelled in full from SBATCH_OPTIONS."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise StageError(f"{source}: slurm.extra_args must be a list of sbatch options (`--name=value` strings)")
+    for a in value:
+        m = _OPTION.fullmatch(a)
+        if not m or m.group(1) not in SBATCH_OPTIONS:
+            raise StageError(f"{source}: slurm.extra_args: {a[:60]!r} is not one of the sbatch options it may add "
+                             "(spelled in full, as --name=value); the launcher sets partition, nodes, tasks, time, "
+                             "output, chdir and --export=NONE itself")
+    return tuple(value)
+
+
+def parse(doc: Any, source: str = "hosts file") -> SlurmSpec:
+    """Validate a `launcher: slurm` hosts file as data; every error is one line naming the key."""
+    if not isinstance(doc, dict) or doc.get("launcher") != "slurm":
+        raise StageError(f"{source}: not a `launcher: slurm` hosts file")
     known = {"launcher", "slurm", "data_dir", "python", "interface", "env_profile", "env", "runtime"}
     extra = set(doc) - known
     if extra:
-        raise StageError(f"{source}: unknown key(s) {sorted(extra)} for launcher: slurm (hosts come from Slurm)")
+        raise StageError(f"{source}: unknown key(s) {sorted(map(str, extra))} for launcher: slurm (hosts come from Slurm)")
     s = doc.get("slurm")
     if not isinstance(s, dict):
         raise StageError(f"{source}: launcher: slurm needs a `slurm:` mapping with at least partition and nodes")
     skeys = {"partition", "nodes", "ntasks_per_node", "time", "account", "exclusive", "gpus_per_node",
-             "extra_args", "container_image", "container_mounts", "mpi", "poll_s"}
+             "extra_args", "container_image", "container_mounts", "mpi", "poll_s", "max_pending"}
     extra = set(s) - skeys
     if extra:
-        raise StageError(f"{source}: unknown slurm key(s) {sorted(extra)}")
+        raise StageError(f"{source}: unknown slurm key(s) {sorted(map(str, extra))}")
     for req in ("partition", "nodes"):
         if s.get(req) is None:
             raise StageError(f"{source}: slurm.{req} is required")
-    partition = _str(s["partition"], "slurm.partition", source)
-    nodes = _int(s, "nodes", source)
-    tpn = _int(s, "ntasks_per_node", source, 1)
-    time_ = str(s.get("time", "01:00:00"))
-    try:
-        if parse_time(time_) <= 0:
-            raise ValueError(time_)
-    except ValueError:
-        raise StageError(f"{source}: slurm.time {time_!r} is not a Slurm time (e.g. 90, 01:30:00, 1-00:00:00)") from None
     exclusive = s.get("exclusive", True)
     if not isinstance(exclusive, bool):
         raise StageError(f"{source}: slurm.exclusive must be true or false")
-    extra_args = s.get("extra_args") or []
-    if not isinstance(extra_args, list) or not all(isinstance(a, str) and a.startswith("--") and "\n" not in a
-                                                   and "\0" not in a for a in extra_args):
-        raise StageError(f"{source}: slurm.extra_args must be a list of sbatch options, each starting with `--`")
     mounts = s.get("container_mounts") or []
     if not isinstance(mounts, list) or not all(isinstance(m, str) and ":" in m and "," not in m and "\n" not in m
-                                               for m in mounts):
+                                               and "\0" not in m for m in mounts):
         raise StageError(f"{source}: slurm.container_mounts must be a list of SRC:DST[:FLAGS] strings")
     mpi = s.get("mpi", "none")
     if mpi not in ("none", "pmix", "pmi2"):
         raise StageError(f"{source}: slurm.mpi must be none, pmix or pmi2, not {mpi!r}")
-    env = doc.get("env") or {}
-    if not isinstance(env, dict) or not all(ENV_KEY_RE.fullmatch(str(k)) for k in env):
-        raise StageError(f"{source}: `env:` must be a mapping of NAME: value")
     poll = s.get("poll_s", DEFAULT_POLL_S)
     if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0.1 <= poll <= 300:
         raise StageError(f"{source}: slurm.poll_s must be a number of seconds between 0.1 and 300")
     data_dir = doc.get("data_dir")
-    if data_dir is not None and (not isinstance(data_dir, str) or not data_dir.startswith("/")):
+    if data_dir is not None and (not isinstance(data_dir, str) or not data_dir.startswith("/")
+                                 or re.search(r"[\x00-\x1f\x7f]", data_dir)):
         raise StageError(f"{source}: data_dir must be an absolute path on the nodes")
+    # No env_profile: the stage picks gpu when the ranks run in an image, else cpu.
+    profile = doc.get("env_profile")
     return SlurmSpec(
-        partition=partition, nodes=nodes, ntasks_per_node=tpn, time=time_,
+        partition=_str(s["partition"], "slurm.partition", source), nodes=_int(s, "nodes", source),
+        ntasks_per_node=_int(s, "ntasks_per_node", source, 1), time=_time(s, "time", "01:00:00", source),
+        max_pending=_time(s, "max_pending", DEFAULT_MAX_PENDING, source),
         account=_str(s.get("account"), "slurm.account", source),
         exclusive=exclusive, gpus_per_node=_int(s, "gpus_per_node", source, None),
-        extra_args=tuple(extra_args),
+        extra_args=check_extra_args(s.get("extra_args"), source),
         container_image=_str(s.get("container_image"), "slurm.container_image", source,
                              re.compile(r"^[^\s'\"\\]+$")),
         container_mounts=tuple(mounts), mpi=mpi, data_dir=data_dir,
         python=_str(doc.get("python"), "python", source, re.compile(r"^[^\s'\"\\]+$")),
         interface=_str(doc.get("interface"), "interface", source),
-        env_profile=_str(doc.get("env_profile"), "env_profile", source, re.compile(r"^[^\s'\"\\]+$")),
-        env=tuple(sorted((str(k), str(v)) for k, v in env.items())), poll_s=float(poll),
+        env_profile=None if profile is None else contract.check_env_profile(profile, source),
+        env=contract.check_env(doc.get("env"), source), poll_s=float(poll),
     )
 
 
@@ -368,7 +365,7 @@ def check_scheduler(spec: SlurmSpec, timeout_s: float, runs: int) -> list[str]:
 
 
 # The probe each node runs: the recordio files must be readable there (size printed for comparison); with a
-# GPU script (tasks.train.gpu_probe_script, GPU configs only) also the GPUs, the driver and Horovod's NCCL.
+# GPU script (tasks.launch.probe, GPU configs only) also the GPUs, the driver and Horovod's NCCL.
 _PROBE = r'''d=$1 gpu=$2; shift 2; h=$(hostname)
 for f in "$@"; do
   if [ -r "$d/$f" ] && head -c 1 "$d/$f" >/dev/null 2>&1; then echo "rn50-probe $h ok $f $(stat -c %s "$d/$f")"
@@ -385,14 +382,12 @@ def probe_data(spec: SlurmSpec, data_dir: str, expected: dict[str, dict[str, Any
     """A short job, one task per node, in the ranks' environment `env` (and container), that checks the data
     dir from the compute nodes; with `gpu_python` (a GPU config) also GPUs >= ntasks_per_node, a working
     driver and hvd.nccl_built() in that interpreter, one line per failing node."""
-    from tasks.train import gpu_probe_script, gpu_problems
-
     out = job_dir / "probe.log"
     gpu = gpu_probe_script(gpu_python) if gpu_python else ""
     step = ["srun", "--ntasks-per-node=1", *_container_args(spec, image, data_dir, None), "sh", "-c", _PROBE,
-            "rn50-probe", data_dir, gpu, *RECORDIO_FILES]
-    exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted((env or {"PATH": STD_PATH}).items())
-               if ENV_KEY_RE.fullmatch(k)]
+            "rn50-probe", data_dir, gpu, *contract.RECORDIO_FILES]
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted((env or {"PATH": contract.STD_PATH}).items())
+               if contract.ENV_KEY_RE.fullmatch(k)]
     script = "\n".join(["#!/bin/bash", "set -u", *exports, "export SLURM_EXPORT_ENV=ALL", shlex.join(step)]) + "\n"
     path = write_text_atomic(job_dir / "probe.sh", script)
     argv = _sbatch_argv(spec, "rn50-probe", out, job_dir, minutes=max(1, int(timeout_s // 60)), probe=True)
@@ -510,7 +505,7 @@ def _container_args(spec: SlurmSpec, image: str | None, data_dir: str, workdir: 
 def _sbatch_argv(spec: SlurmSpec, name: str, output: Path, chdir: Path, minutes: int | None = None,
                  probe: bool = False) -> list[str]:
     argv = ["sbatch", "--parsable", f"--job-name={name}", f"--partition={spec.partition}",
-            f"--nodes={spec.nodes}", f"--output={output}", f"--chdir={chdir}", "--export=NONE"]
+            f"--nodes={spec.nodes}", f"--output={output}", f"--chdir={chdir}"]
     if probe:
         argv += ["--ntasks-per-node=1", f"--time={minutes}"]
         if spec.gpus_per_node:  # where gres confines devices, a probe without GPUs would see none
@@ -524,7 +519,8 @@ def _sbatch_argv(spec: SlurmSpec, name: str, output: Path, chdir: Path, minutes:
         argv += list(spec.extra_args)
     if spec.account:
         argv.append(f"--account={spec.account}")
-    return argv
+    # Last, so that no option before it can undo it: the worker's environment (S3 keys, Prefect auth) stays out.
+    return argv + ["--export=NONE"]
 
 
 def _submit(argv: list[str]) -> str:
@@ -534,32 +530,16 @@ def _submit(argv: list[str]) -> str:
         raise StageError(f"sbatch refused the job: {_err(p)}")
     return job_id
 
-
-def rank_env(spec: SlurmSpec, python: str, containerized: bool) -> dict[str, str]:
-    from tasks.inventory import read_env_file
-
-    env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
-    # sbatch --export=NONE: the job starts with no PATH at all.
-    env["PATH"] = STD_PATH if containerized else f"{Path(python).parent}:{STD_PATH}"
-    if containerized:
-        env.pop("PYTHONPATH", None)  # the image's own
-    env.update(read_env_file(spec.env_profile or ("gpu" if containerized else "cpu")))
-    env.update(dict(spec.env))
-    if spec.interface:
-        env.setdefault("HOROVOD_GLOO_IFACE", spec.interface)
-        env.setdefault("NCCL_SOCKET_IFNAME", spec.interface)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["RN50_RDZV_PY"] = RDZV_PY
-    return env
+# --- the batch job -------------------------------------------------------------------------------------
 
 
 def batch_script(spec: SlurmSpec, run_dir: Path, job_dir: Path, env: dict[str, str], python: str,
                  rank_argvs: Sequence[Sequence[str]], container: Sequence[str]) -> str:
     """The job: export the rank environment, then one srun step per run; stop at the first failed run."""
     q = shlex.quote
-    lines = ["#!/bin/bash", f"# generated by rn50 (tasks/slurm.py) for {run_dir.name}", "set -u",
+    lines = ["#!/bin/bash", f"# generated by rn50 (tasks/launch/slurm.py) for {run_dir.name}", "set -u",
              "export SLURM_EXPORT_ENV=ALL  # sbatch --export=NONE would otherwise reach every srun"]
-    lines += [f"export {k}={q(v)}" for k, v in sorted(env.items()) if ENV_KEY_RE.fullmatch(k)]
+    lines += [f"export {k}={q(v)}" for k, v in sorted(env.items()) if contract.ENV_KEY_RE.fullmatch(k)]
     lines.append('echo "rn50: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (batch host $(hostname))"')
     step = ["srun", "--kill-on-bad-exit=1", f"--mpi={spec.mpi}", f"--ntasks={spec.ntasks}",
             f"--ntasks-per-node={spec.ntasks_per_node}", "--distribution=block", *container]
@@ -577,6 +557,8 @@ def batch_script(spec: SlurmSpec, run_dir: Path, job_dir: Path, env: dict[str, s
 
 
 _TASK_EXIT = re.compile(r"srun: error: (\S+): tasks? ([\d,\-]+): (Exited with exit code (\d+)|Killed|Terminated|.*)")
+
+
 def _ranks(spec: str) -> list[int]:
     out = []
     for part in spec.split(","):
@@ -585,12 +567,12 @@ def _ranks(spec: str) -> list[int]:
     return out
 
 
-def first_failure(run_dir: Path, job_log: Path, n: int) -> str | None:
-    """The rank that failed first in run n: the first `srun: error: NODE: task R: Exited` line whose rank did
-    not merely lose a peer; its last error line from rank<R>_<n>.log."""
+def first_failure(run_dir: Path, job_log: Path, n: int) -> contract.RankFailure | None:
+    """The rank that failed first in run n: the first `srun: error: NODE: task R: ...` line whose rank did not
+    merely lose a peer, with its last error line from rank<R>_<n>.log."""
     text = job_log.read_text(errors="replace") if job_log.exists() else ""
     start = text.find(f"rn50: run {n} starts")
-    exits = []
+    exits: list[tuple[int, str, str | None]] = []
     for ln in text[start if start >= 0 else 0:].splitlines():
         m = _TASK_EXIT.search(ln)
         if m and "Exited with exit code 0" not in ln:
@@ -603,240 +585,174 @@ def first_failure(run_dir: Path, job_log: Path, n: int) -> str | None:
     cands = [(r, node, why) for r, node, why in exits if not rank_logs.lost_peer(logs.get(r, []))]
     if not cands:
         # No srun verdict (e.g. scancel): blame a rank that printed an exception of its own.
-        cands = [(r, "?", "raised") for r in sorted(logs)
-                 if rank_logs.raised(logs[r]) and not rank_logs.lost_peer(logs[r])]
+        cands = [(r, "", None) for r in sorted(logs) if rank_logs.raised(logs[r]) and not rank_logs.lost_peer(logs[r])]
     if not cands and exits:
         cands = exits
     if not cands:
         return None
     r, node, why = cands[0]
-    err = rank_logs.last_error(logs.get(r, []))
-    where = f" on {node}" if node != "?" else ""
-    return f"rank {r}{where} failed first ({why.lower()})" + (f": {err}" if err else "")
-
-
-# --- launch ---------------------------------------------------------------------------------------------
+    lines = logs.get(r, [])
+    m = re.fullmatch(r"Exited with exit code (\d+)", why or "")
+    code = int(m.group(1)) if m else -9 if why == "Killed" else -15 if why == "Terminated" else None
+    kind, detail = contract.exit_kind(code, lines)
+    return contract.RankFailure(r, node, kind, why.lower() if why and code is not None and kind in (
+        contract.RAISED, contract.EXITED) else detail, rank_logs.last_error(lines))
 
 
 class _Tail:
-    """Streams new lines of the job's files into the stage log while the job runs."""
+    """Hands new lines of the job's files to the stage while the job runs."""
 
-    def __init__(self, logger: logging.Logger):
-        self.logger, self.pos = logger, {}
+    def __init__(self, events: contract.Events):
+        self.events, self.pos = events, {}
 
-    def poll(self, files: Sequence[Path], label: Callable[[Path], str]) -> None:
+    def poll(self, files: Sequence[Path], which: Any) -> None:
         for p in files:
             try:
                 with open(p, "r", errors="replace") as f:
                     f.seek(self.pos.get(p, 0))
                     chunk = f.read()
-                    # keep a partial last line for the next poll
-                    cut = chunk.rfind("\n") + 1
+                    cut = chunk.rfind("\n") + 1  # keep a partial last line for the next poll
                     self.pos[p] = self.pos.get(p, 0) + len(chunk[:cut].encode())
             except FileNotFoundError:
                 continue
+            run, rank = which(p)
             for ln in chunk[:cut].splitlines():
-                self.logger.info("[%s] %s", label(p), ln)
+                self.events.line(run, rank, ln)
 
 
-def _terminating_on_sigterm():
-    """For the CLI: SIGTERM raises SystemExit in the main thread (so the job is scancelled), unless someone
-    (Prefect's engine) already handles it."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+_RANK_LOG = re.compile(r"rank(\d+)_(\d+)\.log$")
 
 
-def launch(
-    workdir: Path | str,
-    spec: SlurmSpec,
-    config: str = "cpu-demo",
-    runs: int = 1,
-    image: str | None = None,
-    timeout_s: float = 6 * 3600,
-    seed: int | None = None,
-    entry: Sequence[str] | None = None,
-    extra_args: Sequence[str] = (),
-    logger: logging.Logger | None = None,
-    on_job: Callable[[str, str], None] | None = None,
-    probe_timeout_s: float = PROBE_TIMEOUT_S,
-):
-    """Preflight through Slurm, then one batch job whose srun steps run the `runs` runs of `rank program
-    --config C --data D --out RUN_DIR --run-index N --seed S` on nodes x ntasks_per_node ranks, which must be
-    the config's global_batch_size / batch_size (refused before anything is submitted or written)."""
-    from rn50.config import needs_gpu
-    from tasks.train import TrainResult, expected_data, new_run_id, ranks_needed, slot_error, training_config
+class SlurmLauncher:
+    name = "slurm"
+    runtime = "slurm"
 
-    logger = logger or log
-    wd = Workdir(workdir)
-    if runs < 1:
-        raise StageError(f"--runs must be >= 1, not {runs}")
-    cfg = training_config(config, extra_args)
-    err = slot_error(cfg, spec.ntasks, f"slurm nodes x ntasks_per_node = {spec.nodes} x {spec.ntasks_per_node} =",
-                     f"set slurm.nodes x slurm.ntasks_per_node to {ranks_needed(cfg)}")
-    if err:
-        raise StageError(err)
-    containerized = bool(spec.container_image or image)
-    python = spec.python or ("python" if containerized else sys.executable)
-    if entry is None:
-        entry = [python, "-m", "rn50.train"]
-    data_dir = spec.data_dir or str(wd.recordio)
-    base_seed = seed if seed is not None else secrets.randbelow(2**31 - runs)
-    seeds = [base_seed + n for n in range(runs)]
-    expected = expected_data(wd.recordio)
-    data_digest = hashlib.sha256(repr(sorted(expected.items())).encode()).hexdigest()
+    def __init__(self, spec: SlurmSpec, source: str = "hosts file", probe_timeout_s: float = PROBE_TIMEOUT_S):
+        self.spec, self.source, self.probe_timeout_s = spec, source, probe_timeout_s
+        self.ranks = spec.ntasks
+        self.data_dir, self.env_profile, self.env, self.interface = (spec.data_dir, spec.env_profile, spec.env,
+                                                                     spec.interface)
+        self.python = spec.python or ("python" if spec.container_image else sys.executable)
+        self._job_id: str | None = None
+        self._node_list: list[str] = []
 
-    errors = check_scheduler(spec, timeout_s, runs)
-    if errors:
-        raise StageError("preflight failed: " + "; ".join(errors))
+    @classmethod
+    def parse(cls, doc: Any, source: str) -> "SlurmLauncher":
+        return cls(parse(doc, source), source)
 
-    run_id = new_run_id()
-    run_dir = wd.runs / run_id
-    job_dir = run_dir / ".slurm"
-    job_dir.mkdir(parents=True)
-    started = time.time()
-    status: dict[str, Any] = {
-        "run_id": run_id, "status": "running", "launcher": "slurm", "config": config, "np": spec.ntasks,
-        "runs": runs, "seeds": seeds, "partition": spec.partition, "nodes": spec.nodes,
-        "ntasks_per_node": spec.ntasks_per_node, "image": spec.container_image or image,
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-    }
-    write_json_atomic(run_dir / "status.json", status)
-    restore = _terminating_on_sigterm()
-    job_id: str | None = None
-    job_log = run_dir / "slurm-job.log"
-    try:
-        env = rank_env(spec, python, containerized)
-        errors = probe_data(spec, data_dir, expected, job_dir, image, probe_timeout_s, env=env,
-                            gpu_python=python if needs_gpu(cfg) else None)
-        if errors:
-            raise StageError("preflight failed: " + "; ".join(errors))
-        container = _container_args(spec, image, data_dir, str(wd.root))
-        rank_argvs = [list(entry) + ["--config", config, "--data", data_dir, "--out", str(run_dir),
-                                     "--run-index", str(n), "--seed", str(s)] + list(extra_args)
-                      for n, s in enumerate(seeds)]
-        script = batch_script(spec, run_dir, job_dir, env, python, rank_argvs, container)
+    def slots_text(self, need: int) -> tuple[str, str]:
+        s = self.spec
+        return (f"slurm nodes x ntasks_per_node = {s.nodes} x {s.ntasks_per_node} =",
+                f"set slurm.nodes x slurm.ntasks_per_node to {need}")
+
+    def hosts(self) -> list[str]:
+        return list(self._node_list)
+
+    def _python(self, job: contract.Job) -> str:
+        return self.spec.python or ("python" if self._image(job) else sys.executable)
+
+    def _image(self, job: contract.Job) -> str | None:
+        return self.spec.container_image or job.image
+
+    def environment(self, job: contract.Job) -> dict[str, str]:
+        env = dict(job.env)
+        containerized = bool(self._image(job))
+        # sbatch --export=NONE: the job starts with no PATH at all.
+        env.setdefault("PATH", STD_PATH if containerized else f"{Path(self._python(job)).parent}:{STD_PATH}")
+        if containerized:
+            env.pop("PYTHONPATH", None)  # the image's own
+        env["RN50_RDZV_PY"] = RDZV_PY
+        return env
+
+    def check(self, job: contract.Job) -> list[str]:
+        return check_scheduler(self.spec, job.timeout_s, job.runs)
+
+    def preflight(self, job: contract.Job) -> list[str]:
+        job_dir = job.out_dir / ".slurm"
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return probe_data(self.spec, job.data_dir, job.expected, job_dir, job.image, self.probe_timeout_s,
+                          env=self.environment(job), gpu_python=job.gpu_python)
+
+    def run(self, job: contract.Job, events: contract.Events) -> list[contract.RunOutcome]:
+        spec, run_dir = self.spec, job.out_dir
+        job_dir, job_log = run_dir / ".slurm", run_dir / "slurm-job.log"
+        container = _container_args(spec, job.image, job.data_dir, job.work_dir)
+        script = batch_script(spec, run_dir, job_dir, self.environment(job), self._python(job),
+                              [list(a) for a in job.argvs], container)
         script_path = write_text_atomic(job_dir / "job.sh", script)
-        argv = _sbatch_argv(spec, f"rn50-{run_id}", job_log, run_dir) + [str(script_path)]
-        logger.info("sbatch: %s", shlex.join(argv))
-        job_id = _submit(argv)
-        status["job_id"] = job_id
-        write_json_atomic(run_dir / "status.json", status)
-        logger.info("slurm job %s submitted (partition %s, %d node(s) x %d task(s))", job_id, spec.partition,
-                    spec.nodes, spec.ntasks_per_node)
-        state, info = _monitor(job_id, spec, run_dir, job_log, runs, timeout_s, logger, on_job, status)
-        if state != "COMPLETED":
-            n = _failed_run(job_dir, runs)
-            why = first_failure(run_dir, job_log, n) if n is not None else None
-            if not why:
-                why = rank_logs.last_error(job_log.read_text(errors="replace").splitlines()) if job_log.exists() else ""
-                why = why or (info or {}).get("Reason", "")
-            run_part = f"run {n}: " if n is not None else ""
-            raise StageError(f"slurm job {job_id} {state}: {run_part}{why}".rstrip(": "))
-        results = []
-        for n in range(runs):
-            result = run_dir / f"result_{n}.txt"
-            if not result.is_file():
-                raise StageError(f"run {n}: slurm job {job_id} COMPLETED but {result.name} was not written")
-            if "run_stop" not in result.read_text():
-                raise StageError(f"run {n}: {result.name} has no run_stop (the run did not finish)")
-            results.append(result)
-    except BaseException as e:
-        if job_id is not None:
+        argv = _sbatch_argv(spec, f"rn50-{job.run_id}", job_log, run_dir) + [str(script_path)]
+        events.line(0, None, f"sbatch: {shlex.join(argv)}")
+        self._job_id = job_id = _submit(argv)
+        events.on_death(["scancel", job_id])
+        events.handle(job_id=job_id)
+        events.line(0, None, f"slurm job {job_id} submitted (partition {spec.partition}, {spec.nodes} node(s) x "
+                             f"{spec.ntasks_per_node} task(s))")
+        state, info = self._watch(job, events, job_log)
+        outcomes = []
+        for n in range(job.runs):
+            rc = job_dir / f"run_{n}.rc"
+            if state == "COMPLETED" or (rc.exists() and rc.read_text().strip() == "0"):
+                outcomes.append(contract.RunOutcome(n, True))
+                continue
+            failure = first_failure(run_dir, job_log, n)
+            why = "" if failure else (rank_logs.last_error(job_log.read_text(errors="replace").splitlines())
+                                      if job_log.exists() else "") or (info or {}).get("Reason", "")
+            timed_out = state == "TIMEOUT" or getattr(self, "_timed_out", False)
+            if state == "NODE_FAIL" and failure is None:
+                failure = contract.RankFailure(-1, "", contract.NODE_FAILED, "a node failed", why)
+            outcomes.append(contract.RunOutcome(n, False, f"slurm job {job_id} {state}" + (f": {why}" if why else ""),
+                                                failure, timed_out))
+            break
+        return outcomes
+
+    def _watch(self, job: contract.Job, events: contract.Events, job_log: Path) -> tuple[str, dict | None]:
+        spec, run_dir, job_id = self.spec, job.out_dir, self._job_id
+        tail = _Tail(events)
+        last_state, info, running_since, pending_since = None, None, None, time.monotonic()
+        self._timed_out = False
+
+        def which(p: Path) -> tuple[int, int | None]:
+            m = _RANK_LOG.search(p.name)
+            return (int(m.group(2)), int(m.group(1))) if m else (0, None)
+
+        while True:
             info = job_info(job_id)
-            if info is not None and info.get("JobState") not in TERMINAL:
-                logger.warning("cancelling slurm job %s (%s)", job_id, type(e).__name__)
-                final = scancel(job_id)
-                status["job_state"] = final or "CANCELLED"
-                if on_job is not None and not isinstance(e, _CallbackError):
-                    try:
-                        on_job(job_id, status["job_state"])
-                    except Exception:  # the callback must not mask the original error
-                        pass
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        status.update(status="failed", error=msg, duration_s=round(time.time() - started, 3))
-        _finish(run_dir, status)
-        logger.error("train attempt %s failed (kept in %s): %s", run_id, run_dir, msg)
-        if isinstance(e, _CallbackError):
-            raise e.__cause__ from None
-        raise
-    finally:
-        if restore:
-            restore()
-    status.update(status="succeeded", duration_s=round(time.time() - started, 3),
-                  results=[p.name for p in results])
-    _finish(run_dir, status)
-    logs = [job_log] + sorted(run_dir.glob("rank*_*.log"))
-    return TrainResult(
-        run_id=run_id, run_dir=str(run_dir), status="succeeded", config=config, np=spec.ntasks,
-        hosts=status.get("hosts", []), runtime="slurm", image=spec.container_image or image, runs=runs, seeds=seeds,
-        results=[str(p) for p in results], result_md5={p.name: file_digest(p) for p in results},
-        logs=[str(p) for p in logs if p.exists()], data_digest=data_digest, duration_s=status["duration_s"],
-    )
+            state = info.get("JobState", "UNKNOWN") if info else None
+            if state is None:
+                # slurmctld forgot the job (MinJobAge passed between polls): judge by the run markers.
+                rcs = [run_dir / ".slurm" / f"run_{n}.rc" for n in range(job.runs)]
+                state = "COMPLETED" if all(p.exists() and p.read_text().strip() == "0" for p in rcs) else "FAILED"
+            if state != last_state:
+                reason = info.get("Reason") if info else None
+                events.line(0, None, f"slurm job {job_id}: {state}"
+                                     + (f" (reason {reason})" if reason not in (None, "None") else ""))
+                if info and info.get("NodeList") not in (None, "(null)", ""):
+                    self._node_list = hostnames(info["NodeList"])
+                events.handle(job_id=job_id, job_state=state)
+                last_state = state
+            if state == "RUNNING" and running_since is None:
+                running_since = time.monotonic()
+            tail.poll([job_log] + sorted(run_dir.glob("rank*_*.log")), which)
+            if state in TERMINAL:
+                return state, info
+            if state == "PENDING" and time.monotonic() - pending_since > spec.max_pending_s:
+                reason = (info or {}).get("Reason", "?")
+                scancel(job_id)
+                raise StageError(f"slurm job {job_id} still PENDING after slurm.max_pending {spec.max_pending} "
+                                 f"(Slurm's reason: {reason}); cancelled")
+            if running_since is not None and time.monotonic() - running_since > job.runs * job.timeout_s:
+                self._timed_out = True
+                scancel(job_id)
+            time.sleep(spec.poll_s)
 
+    def cancel(self) -> None:
+        if self._job_id is not None:
+            self.reap({"job_id": self._job_id})
 
-class _CallbackError(Exception):
-    """Carries an exception raised by on_job through the cancel path."""
-
-
-def _failed_run(job_dir: Path, runs: int) -> int | None:
-    """The first run that did not end with exit 0 (the job stops there), or None when all did."""
-    for n in range(runs):
-        rc = job_dir / f"run_{n}.rc"
-        if not rc.exists() or rc.read_text().strip() != "0":
-            return n
-    return None
-
-
-def _finish(run_dir: Path, status: dict[str, Any]) -> None:
-    write_json_atomic(run_dir / "status.json", status)
-    if status["status"] == "failed":
-        write_text_atomic(run_dir / "FAILED", status.get("error", "failed") + "\n")
-
-
-def _monitor(job_id: str, spec: SlurmSpec, run_dir: Path, job_log: Path, runs: int, timeout_s: float,
-             logger: logging.Logger, on_job, status: dict[str, Any]) -> tuple[str, dict | None]:
-    tail = _Tail(logger)
-    last_state, info, running_since = None, None, None
-    pattern = re.compile(r"rank(\d+)_(\d+)\.log$")
-
-    def label(p: Path) -> str:
-        m = pattern.search(p.name)
-        return f"run {m.group(2)} rank {m.group(1)}" if m else f"job {job_id}"
-
-    while True:
+    def reap(self, handle: dict[str, Any]) -> None:
+        job_id = str(handle.get("job_id") or "")
+        if not job_id.isdigit():
+            return
         info = job_info(job_id)
-        state = info.get("JobState", "UNKNOWN") if info else None
-        if state is None:
-            # slurmctld forgot the job (MinJobAge passed between polls): judge by the run markers.
-            rcs = [run_dir / ".slurm" / f"run_{n}.rc" for n in range(runs)]
-            state = "COMPLETED" if all(p.exists() and p.read_text().strip() == "0" for p in rcs) else "FAILED"
-        if state != last_state:
-            logger.info("slurm job %s: %s%s", job_id, state,
-                        f" (reason {info.get('Reason')})" if info and info.get("Reason") not in (None, "None") else "")
-            if info and info.get("NodeList") not in (None, "(null)", ""):
-                status["hosts"] = hostnames(info["NodeList"])
-            status["job_state"] = state
-            write_json_atomic(run_dir / "status.json", status)
-            if on_job is not None:
-                try:
-                    on_job(job_id, state)
-                except BaseException as e:
-                    if isinstance(e, Exception):
-                        raise _CallbackError(str(e)) from e
-                    raise
-            last_state = state
-        if state == "RUNNING" and running_since is None:
-            running_since = time.monotonic()
-        tail.poll([job_log] + sorted(run_dir.glob("rank*_*.log")), label)
-        if state in TERMINAL:
-            return state, info
-        if running_since is not None and time.monotonic() - running_since > runs * timeout_s:
+        if info is not None and info.get("JobState") not in TERMINAL:
             scancel(job_id)
-            raise StageError(f"slurm job {job_id}: timed out after {runs * timeout_s:.0f} s; cancelled")
-        time.sleep(spec.poll_s)
