@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import socket
 import threading
 import time
 from typing import Any, Iterator
 from uuid import UUID
 
-from flows.locks import boot_id, holder_identity, pid_is_ours, process_start_time
+from tasks.holder import holder_identity, holder_is_gone
 
 CLUSTER_LIMIT = "rn50-cluster"
 LEASE_S = 60.0  # the server's minimum lease
@@ -51,20 +50,6 @@ def holder_variable(name: str) -> str:
 def _me(lease_id: UUID) -> dict[str, Any]:
     return {"lease_id": str(lease_id), **holder_identity(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-
-
-def holder_is_gone(record: dict[str, Any]) -> bool:
-    """True when the recorded holder ran on this machine and that process no longer exists (or the machine
-    rebooted since). A holder on another host, or in another PID namespace (a container that shares the
-    host name), is never judged from here: its lease ends when it stops renewing."""
-    if record.get("host") != socket.gethostname():
-        return False
-    if record.get("boot_id") != boot_id():
-        return True
-    if not pid_is_ours(record):
-        return False
-    pid = record.get("pid")
-    return not isinstance(pid, int) or process_start_time(pid) != record.get("pid_start")
 
 
 def _release_if_holder_gone(client, name: str, log) -> None:

@@ -25,7 +25,6 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -34,51 +33,13 @@ from typing import Any, Iterator
 
 from prefect.locking.filesystem import FileSystemLockManager
 
+from tasks.holder import boot_id, holder_identity, pid_is_ours, pid_namespace, process_start_time  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 HOLD_S = 120.0  # a lock not renewed for this long is stale, wherever its holder ran
 RENEW_S = 20.0
 GUARD = ".rn50-guard"  # in the lock directory; never a lock itself (those are <key>.lock)
-
-
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def process_start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): pid + this is unique."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def pid_namespace() -> int | None:
-    """The inode of this process's PID namespace: containers that share a host name (and the boot id) but
-    not a PID namespace see different processes under the same pid."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def holder_identity() -> dict[str, Any]:
-    """Who holds a lock or a lease: host, boot id, PID namespace, this process's pid and its start time."""
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "boot_id": boot_id(), "pid_ns": pid_namespace(), "pid": pid,
-            "pid_start": process_start_time(pid)}
-
-
-def pid_is_ours(record: dict[str, Any]) -> bool:
-    """The recorded pid names a process this one can look up: same host, same boot, same PID namespace.
-    A record without a namespace (another version, another OS) is judged like one from another host."""
-    ns = pid_namespace()
-    return (ns is not None and record.get("pid_ns") == ns and record.get("host") == socket.gethostname()
-            and record.get("boot_id") == boot_id())
 
 
 def _report(msg: str) -> None:
