@@ -2,15 +2,19 @@
 
 One JSON line per rank and epoch (outside what the MLPerf checker reads; tasks/health.py reads it):
   run_index, epoch, rank, local_rank, host, steps, images, seconds, img_per_s (images / epoch wall time),
-  own_img_per_s (images / (data wait + compute): the rank's own speed, without waiting for its peers),
-  step_ms_p50 / _p95 / _max, data_wait_s, compute_s, allreduce_s and their fractions of the epoch.
+  sampled_steps, own_img_per_s (images / (data wait + compute): the rank's own speed, without waiting for
+  its peers), step_ms_p50 / _p95 / _max, data_wait_s, compute_s, allreduce_s (sums over the sampled steps)
+  and data_wait_frac / allreduce_frac (of the sampled steps' time).
 
 Data-parallel ranks move in lock step, so img_per_s is the same on every rank; a slow rank shows as a
 low own_img_per_s while its peers' allreduce_s grows (they wait for it inside the allreduce).
 
-A step is split at two engine syncs (`mx.nd.waitall()`): after backward (data wait + compute) and after
-the gradient allreduce (Horovod's in-place allreduce, waited for). The update of step k runs while step
-k+1 waits for its compute. Step time is begin-to-begin, so the steps add up to the epoch.
+Sampled, so that it stays cheap: one step in `every` (16; more often when an epoch is short, so that it
+has at least `min_samples`) runs instrumented, the others run as before (trainer.step, no syncs). An
+instrumented step syncs the engine (`mx.nd.waitall()`) before its batch is fetched, after backward
+(data wait + compute), after the gradient allreduce (trainer.step split in allreduce_grads + update) and
+after the update: its step time and parts are exact, at the price of the overlap of the next batch's
+fetch with its compute. Fractions are of the instrumented steps' time. bench/rank_timing.py measures the cost.
 Ranks are gathered with one allgather of JSON bytes per epoch (no shared file system needed).
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 
 def timing_path(out: Path, run_index: int) -> Path:
@@ -35,19 +39,26 @@ def percentile(values: List[float], q: float) -> float:
 
 
 class EpochClock:
-    """Marks of one rank's steps within an epoch. `wait` blocks until the engine is idle."""
+    """Marks of one rank's instrumented steps within an epoch. `wait` blocks until the engine is idle."""
 
-    def __init__(self, wait: Callable[[], None], clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, wait: Callable[[], None], every: int = 16, min_samples: int = 4,
+                 clock: Callable[[], float] = time.perf_counter):
         self._wait, self._now = wait, clock
-        self.reset()
+        self.every, self.min_samples = every, min_samples
+        self.reset(0)
 
-    def reset(self) -> None:
+    def reset(self, steps: int) -> None:
+        """Start an epoch of `steps` steps."""
+        self._every = max(1, min(self.every, steps // self.min_samples)) if self.every > 0 else 0
         self.steps: List[float] = []
         self.data: List[float] = []
         self.compute: List[float] = []
         self.allreduce: List[float] = []
-        self._begin: Optional[float] = None
-        self._mark = 0.0
+        self._begin = self._mark = 0.0
+
+    def sampled(self, step: int) -> bool:
+        """Whether step `step` (0-based) of the epoch is instrumented (never the first: it warms up)."""
+        return self._every > 0 and step > 0 and step % self._every == 0
 
     def _lap(self) -> float:
         now = self._now()
@@ -55,11 +66,9 @@ class EpochClock:
         return lap
 
     def begin(self) -> None:
-        """Start of a step, before its batch is fetched."""
-        now = self._now()
-        if self._begin is not None:
-            self.steps.append(now - self._begin)
-        self._begin = self._mark = now
+        """Before the step's batch is fetched: the work of earlier steps is finished first."""
+        self._wait()
+        self._begin = self._mark = self._now()
 
     def fetched(self) -> None:
         self.data.append(self._lap())
@@ -72,28 +81,25 @@ class EpochClock:
         self._wait()
         self.allreduce.append(self._lap())
 
-    def end(self) -> None:
-        """After the last step: waits for its update, closes its step time."""
+    def updated(self) -> None:
         self._wait()
-        if self._begin is not None:
-            self.steps.append(self._now() - self._begin)
-        self._begin = None
+        self.steps.append(self._now() - self._begin)
 
-    def summary(self, batch: int, seconds: float) -> Dict[str, float]:
+    def summary(self, batch: int, seconds: float, steps: int) -> Dict[str, float]:
         n = len(self.steps)
-        images = n * batch
-        data, compute, reduce = sum(self.data), sum(self.compute), sum(self.allreduce)
+        total, data, compute, reduce = sum(self.steps), sum(self.data), sum(self.compute), sum(self.allreduce)
         own = data + compute
         return {
-            "steps": n, "images": images, "seconds": round(seconds, 6),
-            "img_per_s": round(images / seconds, 3) if seconds > 0 else 0.0,
-            "own_img_per_s": round(images / own, 3) if own > 0 else 0.0,
+            "steps": steps, "images": steps * batch, "seconds": round(seconds, 6),
+            "img_per_s": round(steps * batch / seconds, 3) if seconds > 0 else 0.0,
+            "sampled_steps": n,
+            "own_img_per_s": round(n * batch / own, 3) if own > 0 else 0.0,
             "step_ms_p50": round(1000 * percentile(self.steps, 50), 3) if n else 0.0,
             "step_ms_p95": round(1000 * percentile(self.steps, 95), 3) if n else 0.0,
             "step_ms_max": round(1000 * max(self.steps), 3) if n else 0.0,
             "data_wait_s": round(data, 6), "compute_s": round(compute, 6), "allreduce_s": round(reduce, 6),
-            "data_wait_frac": round(data / seconds, 4) if seconds > 0 else 0.0,
-            "allreduce_frac": round(reduce / seconds, 4) if seconds > 0 else 0.0,
+            "data_wait_frac": round(data / total, 4) if total > 0 else 0.0,
+            "allreduce_frac": round(reduce / total, 4) if total > 0 else 0.0,
         }
 
 

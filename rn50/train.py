@@ -283,36 +283,36 @@ def train_one_epoch(net, trainer, loss_fn, loader, steps: int, cfg: Dict, classe
     t0 = time.time()
     loss_sum = mx.nd.zeros((1,), ctx=ctx)
     if clock is not None:
-        clock.reset()
+        clock.reset(steps)
     batches = loader.batches(steps)
     for step in range(steps):
-        if clock is not None:
+        timed = clock is not None and clock.sampled(step)
+        if timed:
             clock.begin()
         x, y = next(batches)
-        if clock is not None:
+        if timed:
             clock.fetched()
         target = smoothed_labels(y, classes, cfg["label_smoothing"], dtype="float32")
         with autograd.record():
             out = net(x).astype("float32", copy=False)
             loss = loss_fn(out, target)
         loss.backward()
-        if clock is None:
-            trainer.step(batch)
-        else:  # trainer.step split in its two halves, so the allreduce can be timed
+        if timed:  # trainer.step in its two halves, so that the allreduce is timed apart
             clock.computed()
             trainer.allreduce_grads()
             clock.reduced()
             trainer.update(batch)
+            clock.updated()
+        else:
+            trainer.step(batch)
         loss_sum += loss.mean()
         if say is not None and cfg["log_every"] and (step + 1) % cfg["log_every"] == 0:
             say(f"  epoch {epoch} step {step + 1}/{steps} lr {trainer.learning_rate:.4g}")
     mean_loss = float(loss_sum.asscalar()) / steps  # also waits for the epoch's work
-    if clock is not None:
-        clock.end()
     seconds = time.time() - t0
     stats = {"loss": mean_loss, "seconds": seconds, "img_per_s": steps * batch / seconds}
     if clock is not None:
-        stats.update(clock.summary(batch, seconds))
+        stats.update(clock.summary(batch, seconds, steps))
     return stats
 
 
