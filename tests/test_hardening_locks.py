@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from conftest import ROOT
@@ -46,6 +47,33 @@ def test_two_waiters_that_judged_one_stale_lock_never_both_hold_it(tmp_path):
     assert json.loads(lock.read_text())["holder"] == holders[0]
     {"A": a, "B": b}[holders[0]].release_lock("k", holders[0])
     assert not lock.exists()
+
+
+def test_a_late_renewal_never_overwrites_the_next_holders_lock(tmp_path):
+    """A holder's heartbeat reads its lock, finds it its own, and rewrites it with a new expiry. If the lock
+    expired (the holder was stalled) and a waiter broke and took it between that read and that write, the
+    heartbeat used to overwrite the waiter's lock: two holders. Forced here by running the waiter inside the
+    heartbeat's read; the renewal and the break now exclude each other."""
+    lock = tmp_path / "k.lock"
+    holder = LiveLockManager(tmp_path, hold_s=0.2, renew_s=0.5)  # the lock expires between renewals
+    waiter = LiveLockManager(tmp_path)
+    waiter_got: list[bool] = []
+    read = holder._read
+
+    def read_then_let_the_waiter_in(key: str):
+        rec = read(key)
+        if threading.current_thread().name == "rn50-lock-heartbeat" and not waiter_got:
+            waiter_got.append(waiter.acquire_lock("k", holder="waiter", acquire_timeout=1))
+            done.set()
+        return rec
+
+    done = threading.Event()
+    holder._read = read_then_let_the_waiter_in
+    assert holder.acquire_lock("k", holder="first")
+    assert done.wait(30), "the heartbeat never renewed"
+    on_disk = json.loads(lock.read_text())["holder"]
+    assert not (waiter_got[0] and on_disk == "first"), "the late renewal overwrote the lock the waiter had taken"
+    (holder if on_disk == "first" else waiter).release_lock("k", on_disk)
 
 
 HOLDER = """
