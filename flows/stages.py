@@ -150,7 +150,7 @@ def stage(name: str, outputs: Callable[[Workdir, dict], Iterable[Path]], retries
         run.__name__, run.__doc__ = fn.__name__, fn.__doc__
         return task(name=name, retries=retries, retry_delay_seconds=[2, 10, 30], cache_policy=_policy(name),
                     retry_condition_fn=retry_if_transient, persist_result=True, result_serializer="json",
-                    result_storage=team.result_storage(), log_prints=True)(run)
+                    log_prints=True)(run)
 
     return deco
 

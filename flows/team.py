@@ -5,8 +5,10 @@ Team mode is on when `RN50_REDIS_URL` is set in the worker's environment (the co
 Prefect's local results. In team mode:
 
 - The work dir is a shared file system mounted at the same path on every worker (the training nodes read
-  the RecordIO from it too), and so is `RN50_TEAM_RESULTS`, where the stages' cache records (Prefect
-  results) live, so a run picked up by any worker finds every other worker's records. A shared directory
+  the RecordIO from it too), and so is Prefect's result storage (PREFECT_RESULTS_LOCAL_STORAGE_PATH), where
+  the stages' cache records live, so a run picked up by any worker finds every other worker's records. A
+  shared file system, not S3: the work dir must be on one anyway, so the records need no other service or
+  credential, and they live beside the data they describe. A shared directory
   carries a marker with an id written at its first use and recorded on the Prefect server; a worker whose
   directory at that path is not the shared one (a local disk, a missing mount) fails with one line.
 - Stage locks are `prefect-redis`'s RedisLockManager against the team's Redis, with an expiry renewed
@@ -33,7 +35,7 @@ from prefect_redis.locking import RedisLockManager
 from flows.locks import HOLD_S, RENEW_S, LiveLockManager, _report, holder_identity
 from tasks.common import StageError, TransientError
 
-REDIS_ENV, RESULTS_ENV = "RN50_REDIS_URL", "RN50_TEAM_RESULTS"
+REDIS_ENV, RESULTS_ENV = "RN50_REDIS_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"
 HOLD_ENV, RENEW_ENV = "RN50_LOCK_HOLD_S", "RN50_LOCK_RENEW_S"
 MARKER = ".rn50-share-id"
 POLL_S = 0.2
@@ -73,17 +75,14 @@ def lock_manager(file_locks: Path):
     return TeamLockManager(url, hold_s=hold, renew_s=renew)
 
 
-def result_storage():
-    """The stage tasks' result storage: the team's shared directory, or None (Prefect's local default).
+def results_dir() -> Path | None:
+    """Where the stages' cache records go when set for a team (Prefect's local result storage), else None:
+    Prefect's default, under this worker's own PREFECT_HOME."""
+    from prefect.settings import get_current_settings
 
-    A shared file system, not S3: the work dir must be on one anyway (nodes read the RecordIO from it), so
-    the cache records need no other service or credential, and they live and go with the data they describe."""
-    path = os.environ.get(RESULTS_ENV)
-    if redis_url() is None or not path:
-        return None
-    from prefect.filesystems import LocalFileSystem
-
-    return LocalFileSystem(basepath=path)
+    settings = get_current_settings()
+    path = Path(settings.results.local_storage_path).expanduser()
+    return None if path == Path(settings.home).expanduser() / "storage" else path
 
 
 def redis_where(url: str) -> str:
@@ -207,16 +206,10 @@ class TeamLockManager(RedisLockManager):
         with self._mutex:
             self._held[key] = holder
         self._start_heartbeat()
-        if waited_on and not (before.get("released") and before.get("holder") == waited_on.get("holder")):
+        if waited_on and not before.get("released"):  # it expired: a release would have said so
             _report(f"broke the stale lock {key} in Redis: its holder ({waited_on.get('host', '?')} pid "
                     f"{waited_on.get('pid', '?')}) stopped renewing it for {hold:g} s")
         return True
-
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
-        import anyio
-
-        return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
 
     def release_lock(self, key: str, holder: str) -> None:
         name = self._lock_name_for_key(key)
@@ -245,29 +238,15 @@ class TeamLockManager(RedisLockManager):
             current = self.client.get(self._lock_name_for_key(key))
         return current is not None and current.decode() == holder
 
-    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        # Not the base class's way (take and release a lock without expiry): a waiter that died between
-        # the two would wedge the key.
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_locked(key):
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_S)
-        return True
-
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        import anyio
-
-        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
+    # The file lock manager's own, on this class's is_locked, acquire_lock, _renew_forever: waiting polls
+    # is_locked (not the base class's way: take and release a lock without expiry, which a waiter that died
+    # in between would leave behind for good), the async forms run the sync ones in a thread.
+    aacquire_lock = LiveLockManager.aacquire_lock
+    wait_for_lock = LiveLockManager.wait_for_lock
+    await_for_lock = LiveLockManager.await_for_lock
+    _start_heartbeat = LiveLockManager._start_heartbeat
 
     # -- heartbeat -----------------------------------------------------------------------------------
-
-    def _start_heartbeat(self) -> None:
-        with self._mutex:
-            if self._heartbeat is None or not self._heartbeat.is_alive():
-                self._heartbeat = threading.Thread(target=self._renew_forever, name="rn50-redis-lock-heartbeat",
-                                                   daemon=True)
-                self._heartbeat.start()
 
     def renew(self) -> None:
         """One round of renewals of the locks this process holds."""
@@ -361,9 +340,9 @@ def check_team(workdir: Path) -> None:
     """In team mode: the work dir and the result storage are the team's shared ones. No-op otherwise."""
     if redis_url() is None:
         return
-    results = os.environ.get(RESULTS_ENV)
-    if not results:
+    results = results_dir()
+    if results is None:
         raise StageError(f"{REDIS_ENV} is set (team mode) but {RESULTS_ENV} is not: set it to a directory on "
                          "the shared file system, where every worker reads the stages' cache records")
     check_shared(Path(workdir), "the work dir")
-    check_shared(Path(results), f"the cache records' directory ({RESULTS_ENV})")
+    check_shared(results, f"the cache records' directory ({RESULTS_ENV})")

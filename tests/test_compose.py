@@ -162,7 +162,7 @@ def test_environment_wires_the_services_together(config):
            ("redis", "redis", int(s["redis"]["command"][s["redis"]["command"].index("--port") + 1]),
             s["redis"]["environment"]["REDIS_PASSWORD"])
     assert s["redis"]["environment"]["REDIS_PASSWORD"] == STRONG["REDIS_PASSWORD"]
-    assert worker["RN50_TEAM_RESULTS"].startswith("/data/work/")
+    assert worker["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith("/data/work/")
     # The secrets check sees exactly the values the services get.
     assert {k: v for k, v in s["check-secrets"]["environment"].items()} == \
            {k: (server["PREFECT_SERVER_API_AUTH_STRING"] if k == "PREFECT_AUTH_STRING" else

@@ -47,40 +47,40 @@ def _broke_lines(caplog) -> list[str]:
 
 
 def test_embedded_default_needs_no_redis(monkeypatch, tmp_path):
-    from flows import team
+    from flows import stages, team
     from flows.locks import LiveLockManager
 
     monkeypatch.delenv(team.REDIS_ENV, raising=False)
-    monkeypatch.setenv(team.RESULTS_ENV, str(tmp_path))  # ignored without Redis
     assert type(team.lock_manager(tmp_path)) is LiveLockManager
-    assert team.result_storage() is None
+    assert type(stages.fetch.cache_policy.lock_manager) is LiveLockManager  # as the stages got it at import
     team.check_team(tmp_path / "work")  # no-op: nothing written, no server asked
     assert not (tmp_path / "work").exists()
 
 
 def test_team_mode_settings(monkeypatch, tmp_path, redis):
-    from prefect.filesystems import LocalFileSystem
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
     from flows import team
     from tasks.common import StageError
 
     monkeypatch.setenv(team.REDIS_ENV, redis.url())
-    monkeypatch.setenv(team.RESULTS_ENV, str(tmp_path / "results"))
     monkeypatch.setenv(team.HOLD_ENV, "6")
     monkeypatch.setenv(team.RENEW_ENV, "1.5")
     m = team.lock_manager(tmp_path)
     assert type(m) is team.TeamLockManager and (m.hold_s, m.renew_s) == (6.0, 1.5)
-    storage = team.result_storage()
-    assert isinstance(storage, LocalFileSystem) and storage.basepath == str(tmp_path / "results")
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+        assert team.results_dir() == tmp_path / "results"
     monkeypatch.setenv(team.RENEW_ENV, "4")
     with pytest.raises(StageError, match="at most half of RN50_LOCK_HOLD_S"):
         team.lock_manager(tmp_path)
     monkeypatch.setenv(team.RENEW_ENV, "soon")
     with pytest.raises(StageError, match="RN50_LOCK_RENEW_S='soon': expected a number"):
         team.lock_manager(tmp_path)
-    monkeypatch.delenv(team.RESULTS_ENV)
-    with pytest.raises(StageError, match="RN50_TEAM_RESULTS is not"):
-        team.check_team(tmp_path / "work")
+    # Prefect's default, under this worker's own PREFECT_HOME: not a team's.
+    with temporary_settings(restore_defaults={PREFECT_RESULTS_LOCAL_STORAGE_PATH}):
+        assert team.results_dir() is None
+        with pytest.raises(StageError, match="PREFECT_RESULTS_LOCAL_STORAGE_PATH is not"):
+            team.check_team(tmp_path / "work")
 
 
 def test_lock_renewed_while_holder_lives_and_broken_after_kill(redis, caplog):
