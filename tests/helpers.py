@@ -40,6 +40,17 @@ def require(condition: object, what: str) -> None:
         missing(what)
 
 
+def fake_recordio(workdir: Path, rec_bytes: int = 1 << 20, val_bytes: int | None = None, records: int = 20) -> Path:
+    """A work dir whose recordio/ holds random .rec bytes and a plausible .idx: what the launcher checks and
+    copies, for rank programs that never read it (tests/hvd_probe.py)."""
+    rec = Path(workdir) / "recordio"
+    rec.mkdir(parents=True)
+    for split, n in (("train", rec_bytes), ("val", rec_bytes if val_bytes is None else val_bytes)):
+        (rec / f"{split}.rec").write_bytes(os.urandom(n))
+        (rec / f"{split}.idx").write_text("".join(f"{i}\t{i * 100}\n" for i in range(records)))
+    return Path(workdir)
+
+
 def trained_runs(workdir: Path) -> list[Path]:
     """The run directories of `workdir` whose training succeeded. Any other run directory must be a failed
     attempt that the train stage kept beside its retry (FAILED marker and status "failed"): a rank's rare

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import missing
+from helpers import fake_recordio, missing
 from tasks.common import StageError
 from tasks.launch import slurm
 from tasks.train import train
@@ -39,12 +39,7 @@ def _doc(**slurm_keys) -> dict:
 
 @pytest.fixture
 def wd(tmp_path):
-    rec = tmp_path / "wd" / "recordio"
-    rec.mkdir(parents=True)
-    for split in ("train", "val"):
-        (rec / f"{split}.rec").write_bytes(os.urandom(1 << 20))
-        (rec / f"{split}.idx").write_text("".join(f"{i}\t{i * 100}\n" for i in range(20)))
-    return tmp_path / "wd"
+    return fake_recordio(tmp_path / "wd", 1 << 20)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import fake_recordio
+
 from tasks.common import StageError
 from tasks.inventory import parse_inventory
 from tasks.train import train as launch
@@ -28,12 +30,7 @@ if _why:
 
 @pytest.fixture
 def wd(tmp_path):
-    rec = tmp_path / "wd" / "recordio"
-    rec.mkdir(parents=True)
-    for split in ("train", "val"):
-        (rec / f"{split}.rec").write_bytes(os.urandom(2 << 20))
-        (rec / f"{split}.idx").write_text("".join(f"{i}\t{i * 100}\n" for i in range(20)))
-    return tmp_path / "wd"
+    return fake_recordio(tmp_path / "wd", 2 << 20)
 
 
 def _inventory(h, port=None, **extra):
