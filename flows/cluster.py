@@ -4,9 +4,11 @@ The train stage's launch holds one slot of a Prefect global concurrency limit (`
 time-to-train figures of two runs sharing the nodes would both be wrong. The slot is held through a lease
 that the holder renews; the server frees the slot of a holder that stops renewing when the lease ends
 (60 s, the server's minimum). A run that was killed on this machine does not have to cost the next run that
-minute: the holder publishes who it is (host, boot id, pid and the pid's start time) in the Prefect variable
-`rn50_cluster_holder_<limit>` (visible on the UI's Variables page), and a waiting run on the same machine that
-finds that process gone releases its lease with one log line. A holder on another host is trusted to its lease.
+minute: the holder publishes who it is (tasks/holder.py: host, boot id, PID namespace, pid and its start time)
+in the Prefect variable `rn50_cluster_holder_<limit>` (visible on the UI's Variables page), and a waiting run on
+the same machine that finds that process gone releases its lease with one log line. A holder on another host or
+in another PID namespace is trusted to its lease. A holder whose lease the server ended (410 on renewal) is told
+through `Lease.lost`: the train stage stops its run rather than train beside the next holder.
 """
 from __future__ import annotations
 
