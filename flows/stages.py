@@ -430,6 +430,12 @@ def _compliance_artifacts(r: dict) -> None:
 
     create_table_artifact(table_rows(r), key="compliance", description=f"MLPerf compliance, ruleset {r['ruleset']}")
     create_markdown_artifact(Path(r["report_md"]).read_text(), key="compliance-report")
+    h = r.get("health") or {}
+    if "verdict" in h:  # the cluster's health: per-host table, and the report with its plot inline
+        from tasks import health
+
+        create_table_artifact(health.table_rows(h), key="cluster-health", description=h["verdict"])
+        create_markdown_artifact(health.markdown_with_plot(h), key="cluster-health-report")
 
 
 @stage("compliance", outputs=lambda wd, r: [r["report_json"], r["report_md"]], retries=0,

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from tasks import mlperf_logs, paths
+from tasks import health, mlperf_logs, paths
 from tasks.common import Result, StageError, Workdir, digest_of, file_digest, write_json_atomic, write_text_atomic
 
 BENCHMARK = "resnet"
@@ -96,6 +96,7 @@ class ComplianceResult(Result):
     report_md: str
     report_json: str
     key: str  # sha256 of (log digests, ruleset, dataset, system description, rcp version): the cache key
+    health: dict[str, Any] | None = None  # tasks.health.report (health.md/.json/.png beside report.md)
 
     def cli_json(self) -> dict[str, Any]:
         """The exact object `rn50 check --json` prints (contract in issue 6)."""
@@ -316,12 +317,14 @@ def check(
     system: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     rcp_version: str | None = None,
+    slow_host_threshold: float = health.SLOW_HOST_THRESHOLD,
 ) -> ComplianceResult:
     """Run the official checkers on LOGDIR/result_*.txt and write compliance reports.
 
     dataset: "imagenet" | "synthetic" | "auto" (imagenet iff every log records train_samples
     1,281,167 and eval_samples 50,000). RCPs apply to ImageNet only.
     rcp_version: RCP table to use; default = the ruleset when it has resnet RCPs (>= 1.0.0).
+    slow_host_threshold: the health report names a host this far below the hosts' median (tasks/health.py).
     """
     logdir = Path(logdir).resolve()
     if not logdir.is_dir():
@@ -331,6 +334,8 @@ def check(
         raise StageError(f"ruleset {ruleset!r} has no resnet benchmark in mlperf-logging; use one of {', '.join(known)}")
     if dataset not in ("auto", "imagenet", "synthetic"):
         raise StageError(f"dataset must be auto, imagenet or synthetic, not {dataset!r}")
+    if not (0 < slow_host_threshold < 1):
+        raise StageError(f"slow-host threshold must be in (0, 1), not {slow_host_threshold}")
     files = mlperf_logs.result_files(logdir)
     if not files:
         raise StageError(f"no result_*.txt in {logdir}")
@@ -348,7 +353,8 @@ def check(
         raise StageError(f"cannot write the report next to {out}: {e.strerror}") from e
 
     try:
-        result = _check_into(stage, out, logdir, files, ruleset, dataset, sys_name, sys_cfg, rcp_version, rcp_tables)
+        result = _check_into(stage, out, logdir, files, ruleset, dataset, sys_name, sys_cfg, rcp_version, rcp_tables,
+                             slow_host_threshold)
         # Swap the finished tree in whole (the result already names the final paths).
         old = None
         if out.exists():
@@ -377,7 +383,8 @@ def _relocate(obj: Any, old: str, new: str) -> Any:
 
 
 def _check_into(stage: Path, out: Path, logdir: Path, files: list[Path], ruleset: str, dataset: str,
-                sys_name: str, sys_cfg: dict, rcp_version: str | None, rcp_tables: set[str]) -> ComplianceResult:
+                sys_name: str, sys_cfg: dict, rcp_version: str | None, rcp_tables: set[str],
+                slow_host_threshold: float = health.SLOW_HOST_THRESHOLD) -> ComplianceResult:
     scratch = stage / "tool-logs"
     scratch.mkdir()
 
@@ -479,6 +486,10 @@ def _check_into(stage: Path, out: Path, logdir: Path, files: list[Path], ruleset
         set_passed=set_passed, set_reason=set_reason, set_time_to_train_min=set_ttt, rcp=rcp, package=package,
         out_dir=str(out), report_md=str(out / "report.md"), report_json=str(out / "report.json"), key=key,
     )
+    try:  # the cluster's health beside the verdict; a broken timing file does not change the verdict
+        result.health = health.report(logdir, stage, system=sys_cfg.get("system"), threshold=slow_host_threshold).to_dict()
+    except StageError as e:
+        result.health = {"error": str(e)}
     _relocate(result, str(stage), str(out))
     write_json_atomic(stage / "report.json", result.to_dict())
     write_text_atomic(stage / "report.md", render_markdown(result))
@@ -623,6 +634,9 @@ def render_markdown(r: ComplianceResult) -> str:
               f"ours {_fmt(r.set_time_to_train_min, 4)} min; agree: {_fmt(p['summarizer_agrees'])}"]
     else:
         L.append(f"- {p.get('reason', 'not generated')}")
+    h = r.health or {}
+    L += ["", "## Cluster health", "", f"- {h['verdict']} (health.md, health.png)" if "verdict" in h else
+          f"- no health report: {h.get('error', 'not made')}"]
     L += ["", "## Full tool output", ""]
     runs = [(v.file, v.checker.to_dict()) for v in r.logs]
     if rcp.get("run"):
@@ -651,6 +665,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--gate", nargs="?", const="flow", choices=GATES, default="set",
                    help="exit 1 with the one-line reason unless the runs pass: bare --gate (= flow) is the rn50 "
                         "flow's compliance gate (every log passes and converged; the MLPerf set rule for 5 runs); "
+    p.add_argument("--slow-host-threshold", type=float, default=health.SLOW_HOST_THRESHOLD,
+                   help="the health report names a host this far below the hosts' median img/s (default %(default)s)")
                         "set: the MLPerf set rule (the default); logs: every log passes the checker")
     p.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     p.set_defaults(run=_run)
@@ -658,7 +674,7 @@ def add_command(subparsers) -> None:
 
 def _run(args) -> int:
     r = check(args.logdir, ruleset=args.ruleset, dataset=args.dataset, system=args.system, out_dir=args.out,
-              rcp_version=args.rcp_version)
+              rcp_version=args.rcp_version, slow_host_threshold=args.slow_host_threshold)
     if args.json:
         print(json.dumps(r.cli_json()))
     else:

@@ -18,6 +18,12 @@ How N runs (seeds) are compared with the baseline's runs; each rule that fails i
   4. optional (`tolerance_curve`): the median accuracy-per-epoch curve below the baseline's by more than
      that at any epoch both evaluated. Off by default: early-epoch accuracy on a small set jumps by
      tenths between seeds, so only a generous tolerance is meaningful. The largest gap is always reported.
+  5. time and throughput (when the baseline has a performance history, `performance_history` in
+     baseline.json, the last PERF_KEEP accepted nights): the median time to train over runs more than
+     `tolerance_time` (15 %) above the history's median, the median steady aggregate img/s more than
+     `tolerance_throughput` (5 %) below it, or a host whose own img/s per rank (tasks/health.py: the
+     rank's speed without its wait for peers) is more than `host_drop` (5 %) below its own median over
+     the history: that host is named. A failing night is not accepted, so it never lowers the medians.
 The median curve: at each evaluated epoch, the median over runs; a run that has already stopped
 contributes its final accuracy (it stopped because it was done).
 
@@ -59,8 +65,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tasks import mlperf_logs, storage
-from tasks.common import Result, StageError, atomic_path, digest_of, file_digest, write_json_atomic, write_text_atomic
+from tasks import health, mlperf_logs, storage
+from tasks.common import Result, StageError, digest_of, file_digest, write_json_atomic, write_text_atomic
 
 TARGET = 0.759
 BASELINE_FILE = "baseline.json"
@@ -73,6 +79,7 @@ PASSING = ("pass", "no-baseline")
 FAILING = ("regressed", "no-comparable-baseline")
 # Logged facts that must agree for two sets of runs to be comparable.
 SETUP_KEYS = ("global_batch_size", "train_samples", "eval_samples", "opt_name")
+PERF_KEEP = 7  # accepted nights whose time, throughput and per-host speed the next night is judged against
 
 
 @dataclasses.dataclass
@@ -114,6 +121,14 @@ class NightlyResult(Result):
     accepted: str | None  # where the baseline was written, when this result was accepted
     key: str  # digest of the log digests, the baseline document, target and tolerances
     acceptance: dict[str, Any] | None = None  # {"by": user@host, "at", "forced", "why", "location"} once accepted
+    # This night's time to train, aggregate img/s and per-host own img/s per rank (medians over its runs),
+    # the baseline's history of them (oldest first), and the tolerances of rule 5.
+    performance: dict[str, Any] | None = None
+    performance_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tolerance_time: float = 0.15
+    tolerance_throughput: float = 0.05
+    host_drop: float = 0.05
+    perf_plot_png: str | None = None
 
     @property
     def regressed(self) -> bool:
@@ -338,18 +353,24 @@ def compare(
     context: dict[str, Any] | None = None,
     out_dir: str | os.PathLike | None = None,
     s3_options: dict[str, Any] | None = None,
+    tolerance_time: float = 0.15,
+    tolerance_throughput: float = 0.05,
+    host_drop: float = 0.05,
 ) -> NightlyResult:
     """Compare this night's runs with the baseline in `baseline_dir`; write the plot and report.
 
     Nothing is written until every log and the baseline have been read. Writes out_dir/convergence.png,
-    out_dir/nightly.json and out_dir/report.md. Does not raise on regression: read `verdict`/`reason`.
+    out_dir/performance.png, out_dir/nightly.json and out_dir/report.md. Does not raise on regression: read `verdict`/`reason`.
     """
     if not (0 < target <= 1):
         raise StageError(f"target must be in (0, 1], not {target}")
     if tolerance_epochs < 0 or tolerance_accuracy < 0 or (tolerance_curve is not None and tolerance_curve < 0):
         raise StageError("tolerances must be >= 0")
+    if not all(0 <= t < 1 for t in (tolerance_time, tolerance_throughput, host_drop)):
+        raise StageError("time, throughput and host tolerances must be fractions in [0, 1)")
     logs = expand_logs(run_logs)
     runs = [read_run(p) for p in logs]
+    perf = performance([health.run_performance(p) for p in logs])
     store = BaselineStore(baseline_dir, s3_options)
     base_doc = load_baseline(baseline_dir, s3_options)
     first_ever = base_doc is None and not store.has_history()
@@ -387,6 +408,8 @@ def compare(
                       + f"); {_FORCE_HINT} (the old one stays in history/)")
         else:
             failures = _judge(runs, cur, base, target, tolerance_epochs, tolerance_accuracy, tolerance_curve)
+            failures += judge_performance(perf, base_doc.get("performance_history") or [], tolerance_time,
+                                          tolerance_throughput, host_drop)
             gap = _largest_gap(cur["curve"], base["curve"])
             if failures:
                 verdict, reason = "regressed", "nightly regressed: " + "; ".join(failures)
@@ -404,7 +427,8 @@ def compare(
 
     out = Path(out_dir).resolve() if out_dir else default_out_dir(logs[0])
     key = digest_of({"logs": [r.sha256 for r in runs], "baseline": base_doc and base_doc["sha256"], "target": target,
-                     "tolerances": [tolerance_epochs, tolerance_accuracy, tolerance_curve], "context": context})
+                     "tolerances": [tolerance_epochs, tolerance_accuracy, tolerance_curve, tolerance_time,
+                                    tolerance_throughput, host_drop], "context": context})
     result = NightlyResult(
         verdict=verdict, reason=reason, target=target, tolerance_epochs=tolerance_epochs,
         tolerance_accuracy=tolerance_accuracy, tolerance_curve=tolerance_curve, runs=runs,
@@ -413,9 +437,12 @@ def compare(
         baseline_location=store.location,
         baseline=baseline, failures=failures, curve_gap=gap, context=setup, out_dir=str(out),
         plot_png=str(out / "convergence.png"), report_json=str(out / "nightly.json"), report_md=str(out / "report.md"),
-        accepted=None, key=key,
+        accepted=None, key=key, performance=perf,
+        performance_history=list((base_doc or {}).get("performance_history") or []), tolerance_time=tolerance_time,
+        tolerance_throughput=tolerance_throughput, host_drop=host_drop, perf_plot_png=str(out / "performance.png"),
     )
     plot(result, None, out / "convergence.png")
+    plot_performance(result, out / "performance.png")
     write_report(result)
     return result
 
@@ -443,6 +470,78 @@ def _judge(runs: list[RunCurve], cur: dict, base: dict, target: float, tol_e: fl
         if g and g["gap"] > tol_c:
             f.append(f"accuracy at epoch {_g(g['epoch'])} {g['gap']:.3f} below baseline (tolerance {_g(tol_c)})")
     return f
+
+
+def performance(per_run: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Medians over a night's runs of tasks.health.run_performance's figures (None: no run has any)."""
+    def med(xs):
+        xs = [x for x in xs if x is not None]
+        return round(statistics.median(xs), 4) if xs else None
+
+    hosts = sorted({h for r in per_run for h in r["hosts"]})
+    out = {"time_to_train_min": med([r["time_to_train_min"] for r in per_run]),
+           "img_per_s": med([r["img_per_s"] for r in per_run]),
+           "hosts": {h: med([r["hosts"].get(h) for r in per_run]) for h in hosts}}
+    return out if out["time_to_train_min"] is not None or out["img_per_s"] is not None or hosts else None
+
+
+def judge_performance(perf: dict[str, Any] | None, history: list[dict[str, Any]], tol_time: float,
+                      tol_throughput: float, host_drop: float) -> list[str]:
+    """Rule 5: time to train, aggregate throughput and each host against the medians of the history."""
+    if not perf or not history:
+        return []
+    f: list[str] = []
+
+    def past(get):
+        xs = [x for x in (get(h) for h in history) if isinstance(x, (int, float)) and x > 0]
+        return statistics.median(xs) if xs else None
+
+    t, t0 = perf.get("time_to_train_min"), past(lambda h: h.get("time_to_train_min"))
+    if t is not None and t0 and t > t0 * (1 + tol_time):
+        f.append(f"time to train {_g(t)} min vs recent median {_g(t0)} min (+{100 * (t / t0 - 1):.1f} %, "
+                 f"tolerance {100 * tol_time:g} %)")
+    x, x0 = perf.get("img_per_s"), past(lambda h: h.get("img_per_s"))
+    if x is not None and x0 and x < x0 * (1 - tol_throughput):
+        f.append(f"throughput {_g(x, 1)} img/s vs recent median {_g(x0, 1)} ({100 * (x / x0 - 1):.1f} %, "
+                 f"tolerance {100 * tol_throughput:g} %)")
+    for host, v in sorted((perf.get("hosts") or {}).items()):
+        v0 = past(lambda h: (h.get("hosts") or {}).get(host))
+        if v is not None and v0 and v < v0 * (1 - host_drop):
+            f.append(f"host {host} dropped: {_g(v, 1)} img/s per rank vs its recent median {_g(v0, 1)} "
+                     f"({100 * (v / v0 - 1):.1f} %, threshold {100 * host_drop:g} %)")
+    return f
+
+
+def plot_performance(result: NightlyResult | dict[str, Any], out_png: str | os.PathLike) -> Path:
+    """Time to train, aggregate img/s and each host's own img/s per rank over the accepted nights and this one."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    r = _as_dict(result)
+    nights = list(r.get("performance_history") or []) + ([dict(r["performance"], at="this night")]
+                                                        if r.get("performance") else [])
+    fig = Figure(figsize=(7, 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, 3, i) for i in (1, 2, 3)]
+    xs = list(range(1, len(nights) + 1))
+    colour = "#c0392b" if r["verdict"] in FAILING else "#1f77b4"
+    for ax, key, label in ((axes[0], "time_to_train_min", "time to train (min)"), (axes[1], "img_per_s", "img/s")):
+        pts = [(x, n.get(key)) for x, n in zip(xs, nights) if n.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=colour)
+        ax.set_title(label, fontsize=9)
+    for host in sorted({h for n in nights for h in (n.get("hosts") or {})}):
+        pts = [(x, n["hosts"][host]) for x, n in zip(xs, nights) if (n.get("hosts") or {}).get(host)]
+        axes[2].plot(*zip(*pts), marker=".", label=host)
+    axes[2].set_title("own img/s per rank, by host", fontsize=9)
+    if axes[2].lines:
+        axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("night (last = this one)", fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return health.save_png(fig, out_png)
 
 
 def _largest_gap(cur: list[list[float]], base: list[list[float]]) -> dict[str, float] | None:
@@ -507,6 +606,9 @@ def _accept(r: dict[str, Any], location: str | os.PathLike, force: bool, why: st
         "runs": [{k: x[k] for k in ("run_id", "log", "seed", "curve", "epochs_to_target", "final_accuracy",
                                     "status", "setup", "sha256")} for x in r["runs"]],
         "replaces": (r.get("baseline") or {}).get("accepted_at"),
+        "performance_history": (list(r.get("performance_history") or [])
+                                + ([{**r["performance"], "at": record["at"], "run_ids": run_ids}]
+                                   if r.get("performance") else []))[-PERF_KEEP:],
     }
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
     store.write(f"{HISTORY_DIR}{now.strftime('%Y%m%dT%H%M%SZ')}_{run_ids[0]}.json", data)
@@ -595,13 +697,7 @@ def plot(current: NightlyResult | dict[str, Any] | Sequence[RunCurve], baseline:
     ax.set_title(f"Nightly convergence: {title}", fontsize=11)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    out_png = Path(out_png)
-    try:  # also creates out_png's directory
-        with atomic_path(out_png, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", pil_kwargs={"optimize": True})
-    except OSError as e:
-        raise StageError(f"cannot write plot {out_png}: {e.strerror}") from None
-    return out_png
+    return health.save_png(fig, out_png)  # also creates out_png's directory
 
 
 def _run_rows(r: dict[str, Any]) -> list[str]:
@@ -615,7 +711,7 @@ def _run_rows(r: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _markdown(r: dict[str, Any], image: str) -> str:
+def _markdown(r: dict[str, Any], image: str, perf_image: str | None = None) -> str:
     b = r.get("baseline")
     L = [f"# Nightly convergence: **{r['verdict'].upper()}**", "", r["reason"], "",
          f"![convergence plot]({image})", "",
@@ -630,11 +726,20 @@ def _markdown(r: dict[str, Any], image: str) -> str:
         if r.get("curve_gap"):
             g = r["curve_gap"]
             L.append(f"- largest per-epoch shortfall against the baseline: {g['gap']:+.3f} at epoch {_g(g['epoch'])}")
+    perf, hist = r.get("performance"), r.get("performance_history") or []
+    if perf:
+        hosts = ", ".join(f"{h} {_g(v, 1)}" for h, v in (perf.get("hosts") or {}).items()) or "no per-rank timing"
+        L.append(f"- this night's performance: time to train {_g(perf.get('time_to_train_min'))} min, "
+                 f"{_g(perf.get('img_per_s'), 1)} img/s; own img/s per rank by host: {hosts} "
+                 f"(against the median of {len(hist)} accepted night(s); tolerances: time +{100 * r.get('tolerance_time', 0):g} %, "
+                 f"throughput -{100 * r.get('tolerance_throughput', 0):g} %, host -{100 * r.get('host_drop', 0):g} %)")
     L.append(f"- baseline location: `{r['baseline_location']}`" + (f"; accepted as the new baseline: `{r['accepted']}`"
                                                                     if r.get("accepted") else ""))
     acc = r.get("acceptance")
     if acc:
         L.append(f"- accepted by {acc['by']} at {acc['at']}" + (f", forced: {acc['why']}" if acc["forced"] else f" ({acc['why']})"))
+    if perf_image:
+        L += ["", f"![time to train, throughput and per-host speed over the nights]({perf_image})"]
     L += ["", *_run_rows(r), ""]
     return "\n".join(L)
 
@@ -643,12 +748,16 @@ def markdown_with_plot(result: NightlyResult | dict[str, Any]) -> str:
     """The report as Markdown with the plot embedded as a data: URI (for a Prefect markdown artifact)."""
     r = _as_dict(result)
     png = Path(r["plot_png"]).read_bytes()
-    return _markdown(r, "data:image/png;base64," + base64.b64encode(png).decode())
+    perf = r.get("perf_plot_png")
+    perf_uri = ("data:image/png;base64," + base64.b64encode(Path(perf).read_bytes()).decode()
+                if perf and Path(perf).exists() else None)
+    return _markdown(r, "data:image/png;base64," + base64.b64encode(png).decode(), perf_uri)
 
 
 def write_report(result: NightlyResult) -> None:
     try:
-        write_text_atomic(result.report_md, _markdown(result.to_dict(), Path(result.plot_png).name))
+        write_text_atomic(result.report_md, _markdown(result.to_dict(), Path(result.plot_png).name,
+                                                      Path(result.perf_plot_png).name if result.perf_plot_png else None))
         write_json_atomic(result.report_json, result.to_dict())
     except OSError as e:
         raise StageError(f"cannot write nightly report in {result.out_dir}: {e.strerror}") from None
@@ -672,6 +781,13 @@ def add_command(subparsers) -> None:
     p.add_argument("--force-accept", action="store_true",
                    help="a person makes this night the baseline whatever the verdict (needs --reason)")
     p.add_argument("--reason", default=None,
+    p.add_argument("--tolerance-time", type=float, default=0.15,
+                   help="median time to train may be this fraction above the recent nights' median (default %(default)s)")
+    p.add_argument("--tolerance-throughput", type=float, default=0.05,
+                   help="median img/s may be this fraction below the recent nights' median (default %(default)s)")
+    p.add_argument("--host-drop", type=float, default=0.05,
+                   help="fail naming a host whose own img/s per rank is this fraction below its recent median "
+                        "(default %(default)s)")
                    help="why this night is force-accepted; recorded in the history with user@host and the time")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(run=_run)
@@ -680,7 +796,8 @@ def add_command(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     r = run_nightly(args.logs, args.baseline, args.tolerance_epochs, args.tolerance_accuracy, args.target,
                     accept_on_pass=not args.no_accept, force_accept=args.force_accept, reason=args.reason,
-                    tolerance_curve=args.tolerance_curve, out_dir=args.out)
+                    tolerance_curve=args.tolerance_curve, out_dir=args.out, tolerance_time=args.tolerance_time,
+                    tolerance_throughput=args.tolerance_throughput, host_drop=args.host_drop)
     if args.json:
         print(json.dumps(r.to_dict()))
     else:
