@@ -662,11 +662,11 @@ def add_command(subparsers) -> None:
     p.add_argument("--system", default=None, help="system description: name in configs/systems/ or a .yaml path")
     p.add_argument("--out", default=None, help="report directory (default WORKDIR/compliance/<run-id>)")
     p.add_argument("--rcp-version", default=None, help="RCP table version (default: the ruleset's, if it has one)")
+    p.add_argument("--slow-host-threshold", type=float, default=health.SLOW_HOST_THRESHOLD,
+                   help="the health report names a host this far below the hosts' median img/s (default %(default)s)")
     p.add_argument("--gate", nargs="?", const="flow", choices=GATES, default="set",
                    help="exit 1 with the one-line reason unless the runs pass: bare --gate (= flow) is the rn50 "
                         "flow's compliance gate (every log passes and converged; the MLPerf set rule for 5 runs); "
-    p.add_argument("--slow-host-threshold", type=float, default=health.SLOW_HOST_THRESHOLD,
-                   help="the health report names a host this far below the hosts' median img/s (default %(default)s)")
                         "set: the MLPerf set rule (the default); logs: every log passes the checker")
     p.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     p.set_defaults(run=_run)

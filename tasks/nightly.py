@@ -776,11 +776,6 @@ def add_command(subparsers) -> None:
     p.add_argument("--tolerance-epochs", type=float, default=2)
     p.add_argument("--tolerance-accuracy", type=float, default=0.02)
     p.add_argument("--tolerance-curve", type=float, default=None, help="also fail on a per-epoch accuracy shortfall")
-    p.add_argument("--out", default=None, help="report directory (default WORKDIR/reports/nightly/<run-id>)")
-    p.add_argument("--no-accept", action="store_true", help="do not store a passing result as the new baseline")
-    p.add_argument("--force-accept", action="store_true",
-                   help="a person makes this night the baseline whatever the verdict (needs --reason)")
-    p.add_argument("--reason", default=None,
     p.add_argument("--tolerance-time", type=float, default=0.15,
                    help="median time to train may be this fraction above the recent nights' median (default %(default)s)")
     p.add_argument("--tolerance-throughput", type=float, default=0.05,
@@ -788,6 +783,11 @@ def add_command(subparsers) -> None:
     p.add_argument("--host-drop", type=float, default=0.05,
                    help="fail naming a host whose own img/s per rank is this fraction below its recent median "
                         "(default %(default)s)")
+    p.add_argument("--out", default=None, help="report directory (default WORKDIR/reports/nightly/<run-id>)")
+    p.add_argument("--no-accept", action="store_true", help="do not store a passing result as the new baseline")
+    p.add_argument("--force-accept", action="store_true",
+                   help="a person makes this night the baseline whatever the verdict (needs --reason)")
+    p.add_argument("--reason", default=None,
                    help="why this night is force-accepted; recorded in the history with user@host and the time")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(run=_run)
