@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "tasks.verify",
     "tasks.pack",
     "tasks.container",
+    "tasks.distribute",
     "tasks.train",
     "tasks.compliance",
     "tasks.archive",

@@ -7,6 +7,7 @@ An inventory is YAML (configs/inventory/*.yaml or any path):
     controller: gloo | mpi
     interface: eth0            # one NIC name common to all hosts
     data_dir / work_dir / python / env_profile / env / container / min_free_bytes
+    data_local: false          # true: data_dir is on each host's own disk; `rn50 distribute` copies recordio there
     known_hosts: /path         # where first-contact host keys are pinned (default WORKDIR/.ssh/known_hosts)
     hosts:
       - {host: node2, slots: 8, ssh_port: 22, user: root, key: ~/.ssh/id_ed25519, host_key: "ssh-ed25519 AAAA..."}
@@ -77,6 +78,7 @@ class Inventory:
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     launcher: str = "ssh"
     known_hosts: str | None = None  # pinned host keys; default WORKDIR/.ssh/known_hosts
+    data_local: bool = False  # data_dir is node-local (each host its own copy), not a shared file system
 
     @property
     def total_slots(self) -> int:
@@ -158,6 +160,16 @@ def _host_keys(value: Any, field: str, source: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def data_local(doc: dict, source: str) -> bool:
+    """The hosts file's `data_local:` (both launchers): true needs a data_dir, the place of each host's copy."""
+    value = doc.get("data_local", False)
+    if not isinstance(value, bool):
+        raise StageError(f"{source}: data_local must be true or false, not {_show(value)}")
+    if value and not doc.get("data_dir"):
+        raise StageError(f"{source}: data_local: true needs data_dir (where each host keeps its copy of recordio/)")
+    return value
+
+
 def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
     if not isinstance(doc, dict) or not isinstance(doc.get("hosts"), list) or not doc["hosts"]:
         raise StageError(f"{source}: needs a non-empty `hosts:` list of {{host, slots, ssh_port}}")
@@ -217,6 +229,7 @@ def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
         opt["python"] = _match(PYTHON_RE, doc["python"], "python", source, "an interpreter name or path")
     container = _match(CONTAINER_RE, doc.get("container", "rn50-node"), "container", source, "a container name")
     min_free = _int(doc.get("min_free_bytes", DEFAULT_MIN_FREE_BYTES), "min_free_bytes", source, 0)
+    opt["data_local"] = data_local(doc, source)
     profile = launch.check_env_profile(doc.get("env_profile", "gpu" if runtime == "docker" else "cpu"), source)
     return Inventory(
         hosts=tuple(hosts),

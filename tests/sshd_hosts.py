@@ -90,8 +90,10 @@ def _wait_port(addr: str, port: int, netns: str, timeout: float = 10.0) -> None:
 @contextlib.contextmanager
 def netns_host(workdir: Path, hostname: str = "rn50-node-b", ssh_port: int = 2222,
                hide: Sequence[Path] = (), key: Path | None = None, subnet: int | None = None,
-               node_etc: Path | None = None, node_env: dict[str, str] | None = None) -> Iterator[NetnsHost]:
-    """Start the host; `hide` lists directories that appear empty on it (tmpfs mounted over them).
+               node_etc: Path | None = None, node_env: dict[str, str] | None = None,
+               hide_size: str | None = None) -> Iterator[NetnsHost]:
+    """Start the host; `hide` lists directories that appear empty on it (tmpfs mounted over them, each at most
+    `hide_size` big when given, e.g. "2m": a small disk).
     Every start gets a fresh sshd host key; `subnet` reuses an earlier host's address (a reinstalled node).
 
     `node_etc`: start sshd the way the rn50 image does instead, with infra/entrypoint.sh (RN50_ETC=node_etc,
@@ -130,7 +132,8 @@ def netns_host(workdir: Path, hostname: str = "rn50-node-b", ssh_port: int = 222
         hosts_file = workdir / f"hosts_{tag}"
         hosts_file.write_text(f"127.0.0.1 localhost\n{addr} {hostname}\n")
         mounts = f"mount --bind {hosts_file} /etc/hosts && "
-        mounts += "".join(f"mount -t tmpfs rn50hide '{p}' && " for p in hide)
+        size = f"-o size={hide_size} " if hide_size else ""
+        mounts += "".join(f"mount -t tmpfs {size}rn50hide '{p}' && " for p in hide)
         start = f"exec {SSHD} -D -e -f {cfg}"
         if node_etc is not None:
             host_key = node_etc / "hostkeys" / "ssh_host_ed25519_key"

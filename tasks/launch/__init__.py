@@ -15,6 +15,11 @@ killed launcher, the ranks' environment) is written once, above the backends.
                              a RunOutcome per run started
     cancel()                 from any thread: stop every rank and job of the running job within 30 s
     reap(handle)             stop what a killed launcher left, from the handle it recorded (events.handle)
+    distribute(src, work_dir, expected, progress, parallel)
+                             put the recordio files of `src` onto every host's node-local `data_dir` (hosts
+                             file `data_local: true`), each copy proven by its full md5 (`expected`:
+                             source_digests()); one dict per host ({host, action, bytes_sent, files}); action
+                             `in-job` says the backend stages inside the training job instead (Slurm)
 
 `events` is the stage's: `line(run, rank, text)` streams output (rank None: the launcher's own), `handle(**facts)`
 records what names the running work outside this process (a Slurm job id) where the next run finds it, and
@@ -26,13 +31,16 @@ section (namespace, image, workers, slots per worker, resources, the data volume
 per run whose launcher pod runs the rank argv, records its name with `events.handle(mpijob=NAME)`, registers
 `kubectl delete mpijob NAME` with `events.on_death`, streams the pods' logs through `events.line` and maps the
 worker pods' termination reasons (Error, OOMKilled, a signal) to a RankFailure; `cancel` and `reap` delete the
-MPIJob. It is not built: no Kubernetes control plane runs on the machines this project is tested on.
+MPIJob. `distribute` would return `in-job`: with node-local data each worker pod gets an init container that runs
+STAGE_SH (the Slurm staging step's script) from the shared volume into an emptyDir or a local PersistentVolume
+before the rank starts, since pods may land on any node. It is not built: no Kubernetes control plane runs on the machines this project is tested on.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 import re
 import signal
@@ -40,7 +48,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence
 
 from tasks import paths, rank_logs
-from tasks.common import StageError, file_digest
+from tasks.common import StageError, file_digest, write_json_atomic
 
 # launcher: value -> "module:Class"; imported on use, so no backend imports another or the stage.
 BACKENDS = {"ssh": "tasks.launch.ssh:SshLauncher", "slurm": "tasks.launch.slurm:SlurmLauncher"}
@@ -126,6 +134,7 @@ class Launcher(Protocol):
     env: tuple[tuple[str, str], ...]
     interface: str | None
     runtime: str  # what TrainResult records: local | docker | slurm
+    data_local: bool  # data_dir is on each host's own disk (the distribute stage copies it there)
 
     @classmethod
     def parse(cls, doc: Any, source: str) -> "Launcher": ...
@@ -141,6 +150,9 @@ class Launcher(Protocol):
     def cancel(self) -> None: ...
 
     def reap(self, handle: dict[str, Any]) -> None: ...
+
+    def distribute(self, src: Path, work_dir: Path, expected: dict[str, dict[str, Any]],
+                   progress: Any = None, parallel: int = 4) -> list[dict[str, Any]]: ...
 
 
 # --- the hosts file ----------------------------------------------------------------------------------
@@ -298,3 +310,106 @@ def is_transient(failure: RankFailure | None) -> bool:
     """A rank killed, crashed in native code or lost with its node or session may be a node hiccup that a retry
     does not meet again; a rank that raised fails the same way again."""
     return failure is not None and failure.kind in TRANSIENT_KINDS
+
+
+# --- node-local copies of the data (the distribute stage) ------------------------------------------------
+
+MD5_CACHE = ".rn50-md5.json"  # beside the source files; hidden, so the archive stage leaves it out
+STAMPS = ".rn50-verified"  # under data_dir: one stamp per verified copy, "SIZE MTIME FULL_MD5"
+
+
+def source_digests(recordio: Path) -> dict[str, dict[str, Any]]:
+    """expected_data() plus every file's full md5 (`md5`), which proves a copy. Read once per file version: cached
+    in recordio/.rn50-md5.json under each file's size and mtime_ns, so a rerun does not re-read 140 GB."""
+    out = expected_data(recordio)
+    cache_path = recordio / MD5_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    changed = False
+    for name, exp in out.items():
+        st = (recordio / name).stat()
+        version = f"{st.st_size}:{st.st_mtime_ns}"
+        hit = cache.get(name)
+        if isinstance(hit, dict) and hit.get("version") == version and re.fullmatch(r"[0-9a-f]{32}", str(hit.get("md5"))):
+            exp["md5"] = hit["md5"]
+            continue
+        exp["md5"] = exp.get("md5") or file_digest(recordio / name)  # an .idx's is in expected_data already
+        cache[name], changed = {"version": version, "md5": exp["md5"]}, True
+    if changed:
+        write_json_atomic(cache_path, cache)
+    return out
+
+
+def node_specs(expected: dict[str, dict[str, Any]]) -> list[str]:
+    """NAME SIZE MD5 HEAD TAIL per file (`-`: no sample), the words NODE_SH's functions take."""
+    return [w for name, e in sorted(expected.items())
+            for w in (name, str(e["size"]), e["md5"], e.get("head_md5", "-"), e.get("tail_md5", "-"))]
+
+
+# POSIX sh functions run on a host, the same on every backend. A copy is written to DIR/.NAME.part (resumed from
+# its size), its full md5 checked, then renamed to DIR/NAME and stamped: a rank never sees half a file.
+# rn50_state: `have NAME stamp` when the file has its size, sampled digests (the preflight's rule) and a stamp
+# of its current size and mtime with the right md5 (seconds, whatever the size); `have NAME md5` when only the
+# stamp is off but a full md5 on the host matches (then stamped); else `need NAME PART_BYTES OLD_BYTES`.
+NODE_SH = r'''
+rn50_stamp() {
+  mkdir -p "$1/.rn50-verified" && echo "$(stat -c '%s %.9Y' "$1/$2") $3" > "$1/.rn50-verified/.$2.tmp" \
+    && mv -f "$1/.rn50-verified/.$2.tmp" "$1/.rn50-verified/$2"
+}
+rn50_state() {
+  _f="$1/$2" _p="$1/.$2.part"
+  _part=$(stat -c %s "$_p" 2>/dev/null || echo 0)
+  if [ "$_part" -gt "$3" ]; then rm -f "$_p"; _part=0; fi
+  _old=$(stat -c %s "$_f" 2>/dev/null || echo 0)
+  if [ -f "$_f" ] && [ "$_old" = "$3" ] \
+     && { [ "$5" = - ] || [ "$(head -c SAMPLE "$_f" | md5sum | cut -c1-32)" = "$5" ]; } \
+     && { [ "$6" = - ] || [ "$(tail -c SAMPLE "$_f" | md5sum | cut -c1-32)" = "$6" ]; }; then
+    if [ "$(cat "$1/.rn50-verified/$2" 2>/dev/null)" = "$(stat -c '%s %.9Y' "$_f") $4" ]; then
+      echo "have $2 stamp"; return 0
+    fi
+    if [ "$(md5sum < "$_f" | cut -c1-32)" = "$4" ]; then rn50_stamp "$1" "$2" "$4" && echo "have $2 md5"; return; fi
+  fi
+  echo "need $2 $_part $_old"
+}
+rn50_receive() {
+  rm -f "$1/$2" "$1/.rn50-verified/$2" && mkdir -p "$1" && truncate -s "$3" "$1/.$2.part" && cat >> "$1/.$2.part"
+}
+rn50_finish() {
+  _got=$(md5sum < "$1/.$2.part" | cut -c1-32)
+  if [ "$_got" != "$3" ]; then rm -f "$1/.$2.part"; echo "bad $2 $_got"; return 1; fi
+  rm -f "$1/.rn50-verified/$2" && mv -f "$1/.$2.part" "$1/$2" && rn50_stamp "$1" "$2" "$3" && echo "done $2"
+}
+rn50_free() {
+  _d=$1; while [ ! -d "$_d" ]; do _d=$(dirname "$_d"); done; df -PB1 "$_d" | awk 'NR==2 {print $4}'
+}
+_rn50_need() { _todo="$_todo $2 " _need=$((_need + $5 - $3)) _room=$((_room + $4)); }
+rn50_stage() {
+  _src=$1 _dir=$2; shift 2; _specs=$* _h=$(hostname) _todo= _need=0 _room=$(rn50_free "$_dir")
+  set -- $_specs
+  while [ $# -ge 5 ]; do
+    _st=$(rn50_state "$_dir" "$1" "$2" "$3" "$4" "$5")
+    echo "rn50-stage: $_h: $_st"
+    case $_st in need\ *) _rn50_need $_st "$2" ;; esac
+    shift 5
+  done
+  if [ "$_need" -gt "$_room" ]; then
+    echo "rn50-stage: error: node $_h: not enough space under $_dir: the copy needs $_need bytes, $_room are free"
+    return 3
+  fi
+  set -- $_specs
+  while [ $# -ge 5 ]; do
+    case "$_todo" in *" $1 "*)
+      _off=$(stat -c %s "$_dir/.$1.part" 2>/dev/null || echo 0)
+      tail -c +$((_off + 1)) "$_src/$1" | rn50_receive "$_dir" "$1" "$_off" \
+        || { echo "rn50-stage: error: node $_h: copying $_src/$1 to $_dir failed"; return 4; }
+      _r=$(rn50_finish "$_dir" "$1" "$3") \
+        || { echo "rn50-stage: error: node $_h: $_dir/$1: the copy's md5 is not the source's ($_r)"; return 5; }
+      echo "rn50-stage: $_h: copied $1 ($(($2 - _off)) bytes from offset $_off)" ;;
+    esac
+    shift 5
+  done
+}
+'''.replace("SAMPLE", str(SAMPLE_BYTES))

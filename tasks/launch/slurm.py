@@ -20,6 +20,7 @@ Hosts file:
       container_mounts: []      # extra SRC:DST mounts; the data dir and the work dir are always mounted
       mpi: none                 # none: Gloo rendezvous from SLURM_* (below); pmix|pmi2: MPI-built Horovod
     data_dir: /lustre/imagenet/recordio   # recordio as seen by the nodes (default WORKDIR/recordio)
+    data_local: false           # true: data_dir is node-local (e.g. /raid); the job stages recordio there first
     python: null                # interpreter on the nodes (default: this one; `python` in a container)
     interface: null             # HOROVOD_GLOO_IFACE / NCCL_SOCKET_IFNAME
     env_profile: cpu            # configs/env/<profile>.env (gpu when a container image is used), or a path
@@ -66,6 +67,7 @@ from typing import Any, Sequence
 from tasks import launch as contract
 from tasks import rank_logs
 from tasks.common import StageError, write_text_atomic
+from tasks.inventory import data_local
 from tasks.launch.probe import gpu_probe_script, gpu_problems
 
 TERMINAL = {"COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "CANCELLED", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -105,6 +107,7 @@ class SlurmSpec:
     container_mounts: tuple[str, ...] = ()
     mpi: str = "none"  # none | pmix | pmi2
     data_dir: str | None = None
+    data_local: bool = False  # stage WORKDIR/recordio to data_dir on each node, in the job, before the runs
     python: str | None = None
     interface: str | None = None
     env_profile: str | None = None
@@ -198,7 +201,7 @@ def parse(doc: Any, source: str = "hosts file") -> SlurmSpec:
     """Validate a `launcher: slurm` hosts file as data; every error is one line naming the key."""
     if not isinstance(doc, dict) or doc.get("launcher") != "slurm":
         raise StageError(f"{source}: not a `launcher: slurm` hosts file")
-    known = {"launcher", "slurm", "data_dir", "python", "interface", "env_profile", "env", "runtime"}
+    known = {"launcher", "slurm", "data_dir", "data_local", "python", "interface", "env_profile", "env", "runtime"}
     extra = set(doc) - known
     if extra:
         raise StageError(f"{source}: unknown key(s) {sorted(map(str, extra))} for launcher: slurm (hosts come from Slurm)")
@@ -241,7 +244,7 @@ def parse(doc: Any, source: str = "hosts file") -> SlurmSpec:
         extra_args=check_extra_args(s.get("extra_args"), source),
         container_image=_str(s.get("container_image"), "slurm.container_image", source,
                              re.compile(r"^[^\s'\"\\]+$")),
-        container_mounts=tuple(mounts), mpi=mpi, data_dir=data_dir,
+        container_mounts=tuple(mounts), mpi=mpi, data_dir=data_dir, data_local=data_local(doc, source),
         python=_str(doc.get("python"), "python", source, re.compile(r"^[^\s'\"\\]+$")),
         interface=_str(doc.get("interface"), "interface", source),
         env_profile=None if profile is None else contract.check_env_profile(profile, source),
@@ -632,6 +635,7 @@ class SlurmLauncher:
         self.ranks = spec.ntasks
         self.data_dir, self.env_profile, self.env, self.interface = (spec.data_dir, spec.env_profile, spec.env,
                                                                      spec.interface)
+        self.data_local = spec.data_local
         self.python = spec.python or ("python" if spec.container_image else sys.executable)
         self._job_id: str | None = None
         self._node_list: list[str] = []

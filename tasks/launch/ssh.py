@@ -9,6 +9,7 @@ horovodrun's prefixed stream into rank<r>_<n>.log; horovodrun's own lines go to 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -18,12 +19,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Sequence
 
 from tasks import launch as contract
 from tasks import rank_logs
-from tasks.common import StageError
+from tasks.common import StageError, TransientError
 from tasks.inventory import Host, Inventory, parse_inventory
 from tasks.launch.probe import gpu_probe_script, gpu_problems
 from tasks.ssh import (CONNECT_TIMEOUT_S, Remote, Trust, container_wrapper_script, host_key_problem, is_local,
@@ -50,7 +53,7 @@ class SshLauncher:
         self.ranks = inv.total_slots
         self.python = inv.python or ("python" if inv.runtime == "docker" else sys.executable)
         self.data_dir, self.env_profile, self.env = inv.data_dir, inv.env_profile, inv.env
-        self.interface, self.runtime = inv.interface, inv.runtime
+        self.interface, self.runtime, self.data_local = inv.interface, inv.runtime, inv.data_local
         self._trust: Trust | None = None
         self._proc: subprocess.Popen | None = None
         self._job: contract.Job | None = None
@@ -313,6 +316,143 @@ class SshLauncher:
                     remote.run(script, timeout=20)
                 except subprocess.TimeoutExpired:
                     log.warning("%s did not answer; its ranks end when their ssh session is gone", host.label)
+
+    # --- node-local data ---------------------------------------------------------------------------------
+
+    def distribute(self, src: Path, work_dir: Path, expected: dict[str, dict[str, Any]], progress: Any = None,
+                   parallel: int = 4) -> list[dict[str, Any]]:
+        """Copy `src`'s recordio files to data_dir on every host, `parallel` hosts at once, over the same pinned
+        SSH trust the runs use (this may be the first contact that pins a host's key). Per host: one call finds
+        what is there (NODE_SH rn50_state), free space is checked, then each missing, partial or wrong file is
+        streamed from its .part's size into `cat >> .part` and proven by a full md5 on the host before its
+        rename. progress(host, bytes_done, bytes_total)."""
+        known = self.known_hosts(str(work_dir))
+        if self.over_ssh():
+            prepare_known_hosts(known)
+        here, targets = False, []
+        for h in self.inv.hosts:  # one copy per machine: several local entries share this one's disk
+            if self.inv.runtime == "local" and is_local(h):
+                if here:
+                    continue
+                here = True
+            targets.append(h)
+        with tempfile.TemporaryDirectory(prefix="rn50-distribute-") as tmp:
+            trust = ssh_setup(Path(tmp), self.inv.hosts, known)
+            copy = _HostCopy(src, str(self.data_dir), expected, trust, self.inv.runtime, progress)
+            with ThreadPoolExecutor(max(1, min(parallel, len(targets)))) as pool:
+                futures = [pool.submit(copy.run, h) for h in targets]
+                done = [f.exception() or f.result() for f in futures]
+        errors = [e for e in done if isinstance(e, BaseException)]
+        for e in errors:
+            if not isinstance(e, StageError):
+                raise e
+        if errors:
+            kind = TransientError if all(isinstance(e, TransientError) for e in errors) else StageError
+            raise kind("; ".join(str(e) for e in errors))
+        return done
+
+
+class _HostCopy:
+    """Puts the source files onto one host's data_dir (SshLauncher.distribute)."""
+
+    CHUNK = 4 << 20
+
+    def __init__(self, src: Path, data_dir: str, expected: dict[str, dict[str, Any]], trust: Trust, runtime: str,
+                 progress: Any):
+        self.src, self.dir, self.expected, self.trust, self.runtime = src, data_dir, expected, trust, runtime
+        self.progress = progress or (lambda host, done, total: None)
+
+    def _call(self, remote: Remote, where: str, script: str, timeout: float, first: bool = False) -> list[str]:
+        try:
+            proc = remote.run(contract.NODE_SH + script, timeout=timeout, first_contact=first)
+        except subprocess.TimeoutExpired:
+            raise TransientError(f"{where}: no answer within {timeout:.0f} s") from None
+        if proc.returncode != 0:
+            raise _failure(proc.returncode, proc.stderr, remote, self.trust, where)
+        return proc.stdout.split("\n")
+
+    def run(self, host: Host) -> dict[str, Any]:
+        q, d = shlex.quote, self.dir
+        remote = Remote(host, self.trust.config, self.runtime)
+        where, t0 = f"host {host.label}", time.monotonic()
+        total = sum(e["size"] for e in self.expected.values())
+        # A full md5 on the host (a stamp that no longer matches) reads at disk speed; allow 20 MB/s.
+        check = "".join(f"rn50_state {q(d)} {' '.join(map(q, contract.node_specs({n: e})))}\n"
+                        for n, e in sorted(self.expected.items())) + f"echo free $(rn50_free {q(d)})"
+        lines = self._call(remote, where, check, 120 + total / 20e6, first=True)
+        files: dict[str, dict[str, Any]] = {}
+        free, need = 0, []
+        for ln in lines:
+            w = ln.split()
+            if len(w) == 3 and w[0] == "have":
+                files[w[1]] = {"action": f"verified ({w[2]})", "sent": 0}
+            elif len(w) == 4 and w[0] == "need" and w[1] in self.expected:
+                need.append((w[1], int(w[2]), int(w[3])))
+            elif len(w) == 2 and w[0] == "free" and w[1].isdigit():
+                free = int(w[1])
+        if len(files) + len(need) != len(self.expected):
+            raise StageError(f"{where}: could not read the state of {d} there: {' | '.join(lines)[:200]}")
+        to_send = sum(self.expected[n]["size"] - part for n, part, _ in need)
+        room = free + sum(old for _, _, old in need)  # a wrong file is removed before its copy is written
+        if to_send > room:
+            raise StageError(f"{where}: not enough space under {d}: the copy needs {to_send} bytes, {room} are free")
+        sent = 0
+        self.progress(host.label, 0, to_send)
+        for name, part, _ in need:
+            n = self._send(remote, where, name, part, lambda k: self.progress(host.label, sent + k, to_send))
+            sent += n
+            md5 = self.expected[name]["md5"]
+            out = self._call(remote, where, f"rn50_finish {q(d)} {name} {md5} || true",
+                             120 + self.expected[name]["size"] / 20e6)
+            if f"done {name}" not in out:
+                raise TransientError(f"{where}: the copy of {name} has md5 {(out[0].split() + ['?'] * 3)[2]} after "
+                                     f"the transfer, not {md5}; it was removed (a retry copies it again)")
+            files[name] = {"action": "copied", "sent": n, "resumed_from": part}
+        return {"host": host.label, "action": "copied" if need else "verified", "bytes_sent": sent,
+                "seconds": round(time.monotonic() - t0, 3), "files": files}
+
+    def _send(self, remote: Remote, where: str, name: str, offset: int, progress: Any) -> int:
+        """Stream src/name from `offset` into the host's .part (truncated to `offset` first); bytes sent."""
+        script = contract.NODE_SH + f"rn50_receive {shlex.quote(self.dir)} {name} {offset}"
+        sent = 0
+        with open(self.src / name, "rb") as f, tempfile.TemporaryFile() as err:
+            f.seek(offset)
+            proc = subprocess.Popen(remote.argv(script), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=err)
+            finished = False
+            try:
+                while chunk := f.read(self.CHUNK):
+                    proc.stdin.write(chunk)
+                    sent += len(chunk)
+                    progress(sent)
+                finished = True
+                proc.stdin.close()
+            except BrokenPipeError:
+                finished = True  # the remote end died: its exit code and stderr say why
+            finally:
+                if not finished:
+                    proc.kill()  # stopped on our side: what reached the .part is resumed next time
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
+                code = proc.wait()
+            if code != 0:
+                err.seek(0)
+                raise _failure(code, err.read().decode(errors="replace"), remote, self.trust, where,
+                               f"copying {name} to {self.dir} failed")
+        return sent
+
+
+def _failure(code: int, stderr: str, remote: Remote, trust: Trust, where: str, what: str = "") -> StageError:
+    """One line for a failed call on a host: a host key refused (not retried), the connection (transient), or the
+    command's own last line."""
+    if not remote.local:
+        key = host_key_problem(stderr, remote.host, trust.known_hosts)
+        if key:
+            return StageError(f"{where}: {key}")
+    msg = (stderr.strip().splitlines() or [f"exit {code}"])[-1]
+    if code == 255 and not remote.local:
+        return TransientError(f"{where}: ssh failed: {msg}")
+    return StageError(f"{where}: {what or 'the command failed'}: {msg}")
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
