@@ -37,7 +37,10 @@ def stage_states(flow_run_id) -> dict[str, str]:
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run the whole rn50 flow (cached stages are skipped)")
+    p = sub.add_parser("run", help="run the whole rn50 flow (cached stages are skipped)",
+                       description="Run the whole rn50 Prefect flow, fetch to archive, as one flow run: against "
+                                   "PREFECT_API_URL, or a Prefect server started for this run. A stage whose inputs "
+                                   "did not change is taken from the cache; the last line gives the result.")
     p.add_argument("source", nargs="?", help="archives: a directory, http(s):// or s3:// (default: the pipeline's)")
     p.add_argument("workdir", nargs="?", help="work directory (default: the pipeline's)")
     p.add_argument("--pipeline", default="demo", help="pipeline config name in configs/pipeline/ (default: demo)")

@@ -11,14 +11,16 @@ and the flow checks it again for a deployment run (`load_pipeline`).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks import paths
 from tasks.common import StageError
+from tasks.container import check_build_args
 
 PROJECT = paths.REPO
 
@@ -45,6 +47,15 @@ class ContainerConfig(_Section):
     build_args: Dict[str, str] = Field(default_factory=dict,
                                        description="extra Dockerfile ARGs (RUNTIME_ENV, APT_PACKAGES, PIP_INSTALL)")
     network: Optional[str] = Field(None, description="network of the build's RUN steps (e.g. host, none); null = the engine's default")
+
+    @field_validator("build_args")
+    @classmethod
+    def _no_provenance_override(cls, v: Dict[str, str]) -> Dict[str, str]:
+        try:
+            check_build_args(v)
+        except StageError as e:
+            raise ValueError(str(e)) from None
+        return v
 
 
 class TrainConfig(_Section):
@@ -118,6 +129,8 @@ def _explain(err: dict) -> str:
         field = _model_at(loc).model_fields.get(str(loc[-1]))
         what = f": {field.description}" if field is not None and field.description else ""
         return f"{key}: required value missing{what}"
+    if err["type"] == "value_error":  # our own validators' messages are whole sentences
+        return f"{key}: {err['ctx']['error']}"
     msg = err["msg"]
     msg = "expected " + msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
     return f"{key}: {msg}, got {err['input']!r}"
@@ -165,14 +178,27 @@ def load_pipeline(name_or_path: str, source: str | None = None, workdir: str | N
     if "://" not in source:
         source = str(PROJECT / source)  # absolute stays absolute: Path("/a") / "/b" == "/b"
     workdir = str(PROJECT / workdir)
-    return _fill({**cfg, "source": source, "workdir": workdir}, {"source": source, "workdir": workdir})
+    values = {"source": source, "workdir": workdir}
+    filled = {k: v if k in values else _fill(v, values, f"pipeline config {_where(path)}: {k}") for k, v in cfg.items()}
+    return {**filled, **values}
 
 
-def _fill(node: Any, values: dict[str, str]) -> Any:
+# A placeholder is `{...}` without braces inside; a lone `{` or `}` (e.g. in a path) is plain text.
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def _fill(node: Any, values: dict[str, str], where: str) -> Any:
+    """`node` with the literal placeholders {source} and {workdir} replaced. Not str.format: that reads
+    attributes ({workdir.__class__}) and chokes on braces in the values; any other placeholder is an error."""
     if isinstance(node, dict):
-        return {k: _fill(v, values) for k, v in node.items()}
+        return {k: _fill(v, values, f"{where}.{k}") for k, v in node.items()}
     if isinstance(node, list):
-        return [_fill(v, values) for v in node]
+        return [_fill(v, values, f"{where}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, str):
-        return node.format(**values)
+        def value(m: re.Match) -> str:
+            if m.group(1) not in values:
+                raise StageError(f"{where}: unknown placeholder {m.group(0)!r} (only {{source}} and {{workdir}} "
+                                 f"are filled in)")
+            return values[m.group(1)]
+        return _PLACEHOLDER.sub(value, node)
     return node

@@ -241,14 +241,19 @@ def archive(
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("archive", help="upload logs, reports, manifest (and checkpoints) to s3:// or file://",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("workdir")
+                              description="Copy what matters of WORKDIR (result logs, reports, the manifest and, if "
+                                          "asked, checkpoints) to URI, s3://bucket/prefix or file:///path; every "
+                                          "object is read back and its SHA-256 checked, and MANIFEST.json lists them.")
+    p.add_argument("workdir", help="work directory to archive")
     p.add_argument("uri", help="s3://bucket/prefix or file:///path")
     p.add_argument("--include-checkpoints", action="store_true", help="also upload runs/*/checkpoints/")
     p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
-    p.add_argument("--multipart-threshold-mb", type=float, default=DEFAULT_MULTIPART_THRESHOLD / 2**20)
-    p.add_argument("--part-size-mb", type=float, default=DEFAULT_PART_SIZE / 2**20)
-    p.add_argument("--retries", type=int, default=8)
+    p.add_argument("--multipart-threshold-mb", type=float, default=DEFAULT_MULTIPART_THRESHOLD / 2**20,
+                   help="S3: files at least this large go up in parts (default %(default)g)")
+    p.add_argument("--part-size-mb", type=float, default=DEFAULT_PART_SIZE / 2**20,
+                   help="S3: size of one part (default %(default)g)")
+    p.add_argument("--retries", type=int, default=8,
+                   help="retries of a transient failure (timeouts, 5xx, throttling; default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=_run)
 

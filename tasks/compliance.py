@@ -654,7 +654,10 @@ def render_markdown(r: ComplianceResult) -> str:
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("check", help="judge MLPerf result logs with the official mlperf-logging checkers",
-                              description=__doc__.split("\n\n")[0])
+                              description="Judge the MLPerf ResNet-50 result logs in LOGDIR with the official "
+                                          "mlperf-logging tools: each log against the ruleset, the set rule (5 runs, "
+                                          "olympic mean), the RCPs where they apply, and the submission package. "
+                                          "Writes report.md and report.json.")
     p.add_argument("logdir", help="directory holding result_*.txt")
     p.add_argument("--ruleset", default=DEFAULT_RULESET, help=f"training ruleset (default {DEFAULT_RULESET}, the newest with resnet)")
     p.add_argument("--dataset", default="auto", choices=["auto", "imagenet", "synthetic"],

@@ -41,6 +41,27 @@ _SECRET_NAME = re.compile(
     r"\.git-credentials|credentials(\.json)?|config\.json|.*\.secret|.*_secret)$", re.I)
 
 
+# Build args the build sets itself: the base image is container.from_image (pinned by digest where given) and the
+# content hash is the tag; both are recorded in the result and the image label, so a build arg may not change them.
+PINNED_ARGS = {"FROM_IMAGE_NAME": "container.from_image (rn50 build --from)", "RN50_CONTENT_HASH": "the build"}
+# Docker's predefined proxy args: they reach the RUN steps' network only, not the image or what is recorded.
+_PROXY_ARGS = {p for n in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY") for p in (n, n.lower())}
+
+
+def check_build_args(build_args: dict[str, str], root: Path = REPO) -> None:
+    """A one-line StageError for a build arg that would make the recorded provenance false: one the build pins,
+    or one infra/Dockerfile does not declare (BuildKit reads some, e.g. BUILDKIT_SYNTAX picks the frontend)."""
+    declared = set(re.findall(r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)", (root / "infra/Dockerfile").read_text(), re.M))
+    allowed = declared - set(PINNED_ARGS)
+    for k in build_args:
+        if k in PINNED_ARGS:
+            raise StageError(f"build arg {k} is set by {PINNED_ARGS[k]} and recorded as the image's provenance: "
+                             f"refusing to override it")
+        if k not in allowed | _PROXY_ARGS:
+            raise StageError(f"build arg {k!r} is not an ARG of infra/Dockerfile (expected one of: "
+                             f"{', '.join(sorted(allowed))}, or a proxy variable): refusing it")
+
+
 def is_secret_path(rel: Path | str) -> bool:
     """True for a path that looks like a key, a credential or a registry/cloud config (see _SECRET_NAME)."""
     parts = Path(rel).parts
@@ -170,6 +191,7 @@ def build_image(
     root = Path(root).resolve()
     started = time.time()
     build_args = {str(k): str(v) for k, v in (build_args or {}).items()}
+    check_build_args(build_args, root)
     chash = content_hash(root, from_image, build_args)
     name = f"{registry.rstrip('/')}/{repository}" if registry else repository
     tag = f"{name}:{chash}"
@@ -241,7 +263,10 @@ def build_image(
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("build", help="build the training image (content-addressed tag, cached)",
-                              description=build_image.__doc__)
+                              description="Build infra/Dockerfile through the Docker engine as rn50:<content hash> "
+                                          "(the hash covers the build context, the base image and the build args). "
+                                          "An image already carrying that tag, locally or in --registry, is reused and "
+                                          "nothing is built. Prints the result as JSON.")
     p.add_argument("--from", dest="from_image", default=DEFAULT_FROM, help=f"base image (default {DEFAULT_FROM})")
     p.add_argument("--registry", default=None, help="registry prefix, e.g. registry.example:5000/team")
     p.add_argument("--push", action="store_true", help="push the built image to --registry")

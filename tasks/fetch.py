@@ -381,9 +381,12 @@ def fetch(source: str, workdir: Path | str, md5_file: Path | str | None = None,
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fetch", help="download the three ILSVRC2012 archives into WORKDIR/raw and check their MD5s")
+    p = sub.add_parser("fetch", help="download the three ILSVRC2012 archives into WORKDIR/raw and check their MD5s",
+                       description="Bring the three ILSVRC2012 archives from SOURCE into WORKDIR/raw, checking each "
+                                   "one's MD5 while it streams. An interrupted download resumes; an archive whose "
+                                   "digest does not match is moved to WORKDIR/raw/rejected and never used.")
     p.add_argument("source", help="a directory, an http(s):// base URL, or s3://bucket/prefix")
-    p.add_argument("workdir", type=Path)
+    p.add_argument("workdir", type=Path, help="work directory (created if missing)")
     p.add_argument("--md5", type=Path, help="md5sum-format file of expected digests (default: the official ones)")
     p.set_defaults(run=_cli)
 

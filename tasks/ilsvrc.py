@@ -64,6 +64,14 @@ CLASS_TAR_CAP = 2 * GiB
 DEVKIT_UNPACKED_CAP = 64 * MiB
 # meta.mat: 1,860 synsets (1,000 leaves + 860 inner), each a few short fields and a gloss sentence.
 META_MAT_CAP = 16 * MiB
+# What meta.mat may declare: loadmat allocates a cell or struct array from its declared dimensions before it
+# reads one element (8 bytes a slot, one per element and field), and checks a struct's field names against each
+# other (quadratic: 20,000 fields in a 232-byte file took it 116 s). The real file is one 1,860 x 1 struct of
+# 8 fields (14,880 slots): 14,881 arrays nested 2 deep, none of more than a few hundred elements.
+META_MAT_ARRAYS = 1 << 16     # arrays in the file
+META_MAT_ELEMENTS = 1 << 20   # elements (struct: elements x fields) one array declares: at most 8 MiB of slots
+META_MAT_FIELDS = 64          # fields of one struct
+META_MAT_DEPTH = 4            # arrays nested in arrays (loadmat reads them recursively)
 # The ground truth: 50,000 lines, each an ILSVRC2012_ID of at most 4 digits: at most 250,000 bytes.
 GROUND_TRUTH_CAP = 1 * MiB
 # A pax or GNU long-name header's data (tarfile reads it whole): ILSVRC2012 member names are under 40 bytes.

@@ -768,13 +768,18 @@ def write_report(result: NightlyResult) -> None:
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("nightly", help="compare result logs' convergence with the stored nightly baseline",
-                              description=__doc__.split("\n\n")[0])
+                              description="Convergence regression: compare this night's result logs (epochs to the "
+                                          "target accuracy, final accuracy) with the last accepted night stored under "
+                                          "--baseline. Exit 1 if they regressed beyond the tolerances; a passing night "
+                                          "becomes the new baseline unless --no-accept.")
     p.add_argument("logs", nargs="+", help="result_*.txt files or run directories holding them")
     p.add_argument("--baseline", required=True,
                    help="baseline directory: a path, file:///dir or s3://bucket/prefix (for an archive URI A: A/nightly)")
-    p.add_argument("--target", type=float, default=TARGET)
-    p.add_argument("--tolerance-epochs", type=float, default=2)
-    p.add_argument("--tolerance-accuracy", type=float, default=0.02)
+    p.add_argument("--target", type=float, default=TARGET, help="target eval accuracy (default %(default)s)")
+    p.add_argument("--tolerance-epochs", type=float, default=2,
+                   help="median epochs to the target may be this many more than the baseline's (default %(default)s)")
+    p.add_argument("--tolerance-accuracy", type=float, default=0.02,
+                   help="median final accuracy may be this much lower than the baseline's (default %(default)s)")
     p.add_argument("--tolerance-curve", type=float, default=None, help="also fail on a per-epoch accuracy shortfall")
     p.add_argument("--tolerance-time", type=float, default=0.15,
                    help="median time to train may be this fraction above the recent nights' median (default %(default)s)")

@@ -892,8 +892,11 @@ def _markdown(r: PackResult) -> str:
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pack", help="pack extracted/ into unresized MXNet RecordIO (im2rec pass-through), verified")
-    p.add_argument("workdir", type=Path)
+    p = sub.add_parser("pack", help="pack extracted/ into unresized MXNet RecordIO (im2rec pass-through), verified",
+                       description="Pack the verified images of WORKDIR/extracted into WORKDIR/recordio/{train,val}."
+                                   "{lst,rec,idx}: the bytes MXNet's im2rec.py writes in pass-through mode (no resizing), "
+                                   "with the manifest's labels, then check the records against their source files.")
+    p.add_argument("workdir", type=Path, help="work directory that rn50 verify filled")
     p.add_argument("--threads", type=int, default=None, help="worker processes (default: all usable cores)")
     p.add_argument("--full-check", action="store_true", help="compare every record with its source file")
     p.add_argument("--force", action="store_true", help="repack even if the outputs are complete and current")

@@ -325,12 +325,16 @@ def synthesize(out: Path | str, classes: int = 10, train_per_class: int = 100, v
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="write a synthetic ILSVRC2012 (real archive layout and quirks, learnable images)")
-    p.add_argument("out", type=Path)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--train-per-class", type=int, default=100)
-    p.add_argument("--val-per-class", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("synth", help="write a synthetic ILSVRC2012 (real archive layout and quirks, learnable images)",
+                       description="Write a synthetic ILSVRC2012 into OUT: the three archives image-net.org hands out "
+                                   "(train tar of class tars, flat val tar, devkit with meta.mat and ground truth) and an "
+                                   "MD5SUMS, with the real set's quirks (a PNG saved as .JPEG, CMYK and grayscale JPEGs) "
+                                   "and images a network can learn. Use it as SOURCE for rn50 fetch or rn50 run.")
+    p.add_argument("out", type=Path, help="directory to write the archives and MD5SUMS into")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    p.add_argument("--train-per-class", type=int, default=100, help="train images per class (default 100)")
+    p.add_argument("--val-per-class", type=int, default=20, help="val images per class (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: every image is drawn from it (default 0)")
     p.add_argument("--profile", choices=PROFILES, default="small",
                    help="small: 64-112 px, ~4 KB images (default); imagenet: ILSVRC2012's sizes, ~110 KB images")
     p.add_argument("--workers", type=int, default=None, help="encoding processes for --profile imagenet")

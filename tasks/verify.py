@@ -26,6 +26,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import math
 import os
 import posixpath
 import queue
@@ -42,7 +43,8 @@ from typing import Any, BinaryIO, Callable, Optional
 from tasks.common import (Result, StageError, Workdir, atomic_path, digest_of, human_bytes, read_stamp, stamp_valid,
                           write_json_atomic, write_stamp, write_text_atomic)
 from tasks.ilsvrc import (ARCHIVE_CAP, ARCHIVES, CLASS_TAR_CAP, DEVKIT_GROUND_TRUTH, DEVKIT_META, DEVKIT_TGZ,
-                          DEVKIT_UNPACKED_CAP, GROUND_TRUTH_CAP, IMAGE_CAP, MANIFEST_COLUMNS, META_MAT_CAP, TAR_HEADER_CAP,
+                          DEVKIT_UNPACKED_CAP, GROUND_TRUTH_CAP, IMAGE_CAP, MANIFEST_COLUMNS, META_MAT_ARRAYS, META_MAT_CAP,
+                          META_MAT_DEPTH, META_MAT_ELEMENTS, META_MAT_FIELDS, TAR_HEADER_CAP,
                           TRAIN_TAR, VAL_NAME, VAL_TAR, manifest_digest, read_fetch_record)
 
 Progress = Callable[[str, int, Optional[int]], None]
@@ -410,6 +412,91 @@ def _mat_inflated_size(data: bytes, cap: int) -> int:
     return total
 
 
+# MAT v5 array classes ILSVRC2012's meta.mat may hold (its synsets are a struct of numbers and text); object,
+# sparse, function and opaque arrays are refused.
+_MX_CLASSES = {1: "cell", 2: "struct", 4: "char", 6: "double", 7: "single", 8: "int8", 9: "uint8", 10: "int16",
+               11: "uint16", 12: "int32", 13: "uint32", 14: "int64", 15: "uint64"}
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+
+
+def _mat_declaration_problem(data: bytes) -> str | None:
+    """What a v5 MAT file declares beyond ILSVRC2012's meta.mat (the bounds in tasks.ilsvrc), read from the
+    array headers before loadmat allocates from them; None if nothing (damage is left to loadmat to report).
+    Call it only on a file whose inflated size was checked: compressed elements are inflated here whole."""
+    if len(data) < 136:
+        return None
+    endian = "<" if data[126:128] == b"IM" else ">"
+    seen = {"arrays": 0}
+
+    def element(buf: bytes, pos: int) -> tuple[int, bytes, int] | None:
+        """(type, payload, next position) of the element at `pos`, None if it is cut off."""
+        if pos + 8 > len(buf):
+            return None
+        mtype, nbytes = struct.unpack(endian + "II", buf[pos:pos + 8])
+        if mtype >> 16:  # small data element: type and size share the first word, data in the second
+            return mtype & 0xFFFF, buf[pos + 4:pos + 4 + (mtype >> 16)], pos + 8
+        if pos + 8 + nbytes > len(buf):
+            return None
+        return mtype, buf[pos + 8:pos + 8 + nbytes], pos + 8 + nbytes + (-nbytes % 8)
+
+    def int32s(payload: bytes) -> tuple[int, ...]:
+        return struct.unpack(f"{endian}{len(payload) // 4}i", payload[:len(payload) // 4 * 4])
+
+    def matrix(buf: bytes, depth: int) -> str | None:
+        seen["arrays"] += 1
+        if seen["arrays"] > META_MAT_ARRAYS:
+            return f"more than {META_MAT_ARRAYS:,} arrays"
+        if depth > META_MAT_DEPTH:
+            return f"arrays nested more than {META_MAT_DEPTH} deep"
+        flags = element(buf, 0)
+        dims = flags and element(buf, flags[2])
+        name = dims and element(buf, dims[2])
+        if not name or len(flags[1]) < 4:
+            return None
+        cls, shape = struct.unpack(endian + "I", flags[1][:4])[0] & 0xFF, int32s(dims[1])
+        kind, size = _MX_CLASSES.get(cls), math.prod(shape)
+        declared = " x ".join(f"{d:,}" for d in shape)
+        if kind is None:
+            return f"an array of MATLAB class {cls} (object, sparse, function or opaque; ILSVRC2012's holds none)"
+        if min(shape, default=0) < 0 or size > META_MAT_ELEMENTS:
+            return f"a {declared} {kind} array, more than the {META_MAT_ELEMENTS:,} elements allowed for one array"
+        pos = name[2]
+        if kind == "struct":
+            length = element(buf, pos)
+            names = length and element(buf, length[2])
+            if not names or not int32s(length[1]) or int32s(length[1])[0] <= 0:
+                return None
+            fields = len(names[1]) // int32s(length[1])[0]
+            if fields > META_MAT_FIELDS:
+                return f"a struct of {fields:,} fields, more than the {META_MAT_FIELDS} allowed"
+            if size * fields > META_MAT_ELEMENTS:
+                return (f"a {declared} struct of {fields} fields, more than the {META_MAT_ELEMENTS:,} elements "
+                        f"allowed for one array")
+            pos = names[2]
+        elif kind != "cell":
+            return None  # numbers and text: loadmat sizes them from their data, not from the declaration
+        while (sub := element(buf, pos)) and sub[0] == _MI_MATRIX:
+            if problem := matrix(sub[1], depth + 1):
+                return problem
+            pos = sub[2]
+        return None
+
+    pos = 128
+    while pos + 8 <= len(data):
+        mtype, nbytes = struct.unpack(endian + "II", data[pos:pos + 8])
+        payload = data[pos + 8:pos + 8 + nbytes]
+        if mtype == _MI_COMPRESSED:
+            try:
+                inner = element(zlib.decompressobj().decompress(payload, META_MAT_CAP + 1), 0)
+            except zlib.error:
+                return None
+            mtype, payload = inner[:2] if inner else (0, b"")
+        if mtype == _MI_MATRIX and (problem := matrix(payload, 1)):
+            return problem
+        pos += 8 + nbytes  # top-level elements are not padded (as scipy.io reads them)
+    return None
+
+
 def read_devkit(path: Path) -> Devkit:
     """The devkit's classes, per-class train counts and per-val-image class, read from its .tar.gz with the
     decompressed stream, meta.mat and the ground truth each held to a cap (tasks.ilsvrc)."""
@@ -436,6 +523,9 @@ def read_devkit(path: Path) -> Devkit:
     if meta is not None and _mat_inflated_size(meta, META_MAT_CAP) > META_MAT_CAP:
         raise StageError(f"{path.name}: {DEVKIT_META} inflates to more than {human_bytes(META_MAT_CAP)}, the cap "
                          f"for it: refusing to load it")
+    if meta is not None and (problem := _mat_declaration_problem(meta)):
+        raise StageError(f"{path.name}: devkit meta.mat declares {problem}: refusing to load it (ILSVRC2012's "
+                         f"is one 1,860 x 1 struct of 8 fields)")
     if meta is None:
         raise StageError(f"{path.name}: devkit has no data/meta.mat")
     if gt is None:
@@ -758,8 +848,12 @@ def verify(workdir: Path | str, workers: int | None = None, progress: Progress |
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="extract the archives safely, build manifest.parquet and validate it")
-    p.add_argument("workdir", type=Path)
+    p = sub.add_parser("verify", help="extract the archives safely, build manifest.parquet and validate it",
+                       description="Extract the fetched archives of WORKDIR/raw into WORKDIR/extracted with every size "
+                                   "bounded, index every image into WORKDIR/manifest.parquet and hold it to the devkit "
+                                   "(classes, per-class counts, val labels). Reports go to WORKDIR/reports/verify.*; "
+                                   "nothing is left as verified unless every check passed.")
+    p.add_argument("workdir", type=Path, help="work directory that rn50 fetch filled")
     p.add_argument("--workers", type=int, default=None, help="processes for decoding checks (default: all cores)")
     p.set_defaults(run=_cli)
 
