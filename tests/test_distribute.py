@@ -194,3 +194,70 @@ def test_shared_or_unset_data_dir_is_skipped_with_its_reason(host_b, wd, data_di
 def test_data_local_is_validated_as_data(keys, needle):
     with pytest.raises(StageError, match=needle):
         parse_inventory({**keys, "hosts": [{"host": "a"}]}, "hosts.yaml")
+
+
+# --- Slurm: staging inside the training allocation --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory, nodes):
+    from tests import slurm_cluster
+
+    why = slurm_cluster.missing_requirements(two_nodes=True)
+    if why:
+        missing(f"no Slurm cluster here: {why}")
+    with slurm_cluster.slurm_cluster(tmp_path_factory.mktemp("slurm"), second_node=True, hide=[nodes]) as c:
+        yield c
+
+
+def _slurm_doc(data_dir: Path) -> dict:
+    return {"launcher": "slurm", "data_dir": str(data_dir), "data_local": True,
+            "slurm": {"partition": "debug", "nodes": 2, "ntasks_per_node": 1, "time": "30", "poll_s": 0.5}}
+
+
+def test_slurm_stages_on_each_node_inside_the_training_job(slurm, wd, data_dir, monkeypatch):
+    """The flow's stage only reads the source's digests; the training job's first step (one task per node) copies
+    recordio to each node's own data_dir, verified, and the ranks read it there; the next job finds the stamped
+    copies and copies nothing."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    res = distribute(wd, _slurm_doc(data_dir))
+    assert res.skipped and "inside the training job" in res.reason and res.hosts == []
+    assert json.loads((wd / "recordio" / ".rn50-md5.json").read_text())["train.rec"]["md5"] == _md5(
+        wd / "recordio" / "train.rec")
+
+    node_b = slurm.nodes[1]
+    b_dir = Path(f"/proc/{slurm.node_pids(node_b)[0]}/root") / data_dir.relative_to("/")
+    for n in (1, 2):
+        ran = train(wd, hosts=_slurm_doc(data_dir), entry=PROBE, timeout_s=300)
+        run_dir = Path(ran.run_dir)
+        job_id = json.loads((run_dir / "status.json").read_text())["handle"]["job_id"]
+        logs = {p.name: p.read_text() for p in run_dir.glob("stage_*.log")}
+        assert sorted(logs) == [f"stage_{node.name}.log" for node in slurm.nodes], logs
+        for node in slurm.nodes:
+            log = logs[f"stage_{node.name}.log"]
+            assert f"rn50-stage: {node.name}: in job {job_id}\n" in log, log  # the training job's own allocation
+            if n == 1:
+                assert f"rn50-stage: {node.name}: copied train.rec ({REC} bytes from offset 0)" in log, log
+            else:
+                assert "copied" not in log and log.count(" stamp\n") == len(FILES), log
+        assert "host=rn50-slurm-b" in (run_dir / "rank1_0.log").read_text()
+        _same_as_source(wd, data_dir)
+        _same_as_source(wd, b_dir)
+        assert b_dir.stat().st_dev != data_dir.stat().st_dev
+    assert slurm.squeue() == []
+
+
+def test_slurm_staging_without_room_fails_the_job_before_any_rank_in_one_line(slurm, wd, monkeypatch):
+    """A data_dir with no room on the nodes (here /proc, 0 bytes free): the staging step fails, naming each node
+    and the bytes, and no run starts."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    with pytest.raises(StageError) as e:
+        train(wd, hosts=_slurm_doc(Path("/proc/rn50-no-room")), entry=PROBE, timeout_s=300)
+    need = sum((wd / "recordio" / n).stat().st_size for n in FILES)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("run 0: slurm job ") and "staging the data failed: " in msg, msg
+    for node in slurm.nodes:
+        assert (f"node {node.name}: not enough space under /proc/rn50-no-room: the copy needs {need} bytes, "
+                "0 are free") in msg, msg
+    (run_dir,) = (wd / "runs").iterdir()
+    assert not list(run_dir.glob("rank*")) and slurm.squeue() == []
