@@ -99,6 +99,11 @@ def container_key(context_digest: str, settings: dict[str, Any]) -> str:
     return digest_of(["container", context_digest, settings])
 
 
+def distribute_key(packed: dict[str, Any], hosts_digest: str, code: str) -> str:
+    # The packed bytes and the hosts file's contents (its hosts, data_dir, data_local) decide every copy.
+    return digest_of(["distribute", packed["content_digest"], hosts_digest, code])
+
+
 def train_key(packed: dict[str, Any], image: dict[str, Any] | None, settings: dict[str, Any], training_code: str) -> str:
     return digest_of(["train", packed["content_digest"], (image or {}).get("tag"), settings, training_code])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tasks.common import StageError
 
-STAGES = ("fetch", "verify", "pack", "container", "train", "compliance", "archive")
+STAGES = ("fetch", "verify", "pack", "container", "distribute", "train", "compliance", "archive")
 NIGHTLY_STAGES = ("train-nightly", "nightly")
 
 

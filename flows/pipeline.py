@@ -11,6 +11,7 @@ from prefect.states import Failed
 
 import tasks.archive
 import tasks.compliance
+import tasks.distribute
 import tasks.pack
 import tasks.verify
 from flows import cache, stages, team
@@ -71,6 +72,12 @@ def rn50(source: Optional[str] = None, workdir: Optional[str] = None, pipeline: 
                     registry=c["registry"], push=c["push"], build_args=c["build_args"], network=c["network"])
     else:
         stages.skip.with_options(name="container")("no container runtime requested")
+    why_not = tasks.distribute.skip_reason(wd.root, t["hosts"])
+    if why_not:
+        stages.skip.with_options(name="distribute")(why_not)
+    else:
+        run(stages.distribute, cache.distribute_key(packed, file_digest(t["hosts"]), code(tasks.distribute)),
+            hosts=t["hosts"])
 
     launch = dict(config=t["config"], hosts=t["hosts"], image=image and image["tag"], timeout_s=60 * t["timeout_minutes"],
                   cluster_limit=t.get("cluster_limit", stages.CLUSTER_LIMIT))

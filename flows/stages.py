@@ -363,6 +363,22 @@ def container(workdir: str, from_image: str, registry: str | None, push: bool,
                        network_mode=network, log_path=Workdir(workdir).reports / "container-build.log")
 
 
+def _distribution_table(r: dict) -> None:
+    rows = [{"host": h["host"], "action": h["action"], "bytes_sent": h["bytes_sent"], "seconds": h["seconds"]}
+            for h in r["hosts"]]
+    if rows:
+        create_table_artifact(rows, key="distribution", description=f"recordio onto {r['data_dir']}: {r['reason']}")
+
+
+@stage("distribute", outputs=lambda wd, r: [], publish=_distribution_table)
+def distribute(workdir: str, hosts: str) -> Any:
+    from tasks.distribute import distribute as run
+
+    result = run(workdir, hosts=hosts, progress=_Progresses(lambda host: f"distribute: bytes to {host}"))
+    print(f"distribute: {'skipped: ' if result.skipped else ''}{result.reason}")
+    return result
+
+
 def _train(workdir: str, config: str, hosts: str | None, runs: int, image: str | None, timeout_s: float,
            seed: int | None = None, cluster_limit: str = CLUSTER_LIMIT) -> Any:
     from tasks.train import train as launch

@@ -38,6 +38,22 @@ class DistributeResult(Result):
     duration_s: float
 
 
+def _nothing_to_copy(wd: Workdir, launcher: Any) -> str | None:
+    if launcher is None:
+        return f"no hosts file: the ranks read {wd.recordio} on this machine"
+    if not launcher.data_dir:
+        return f"data_dir is unset: the ranks read the work dir's {wd.recordio}"
+    if not launcher.data_local:
+        return (f"data_local is false: {launcher.data_dir} is on a file system the hosts share "
+                "(set data_local: true in the hosts file when it is on each host's own disk)")
+    return None
+
+
+def skip_reason(workdir: Path | str, hosts: Path | str | None) -> str | None:
+    """Why the hosts file leaves nothing to distribute (the flow shows the stage as Skipped), or None."""
+    return _nothing_to_copy(Workdir(workdir), None if hosts is None else launch.load(hosts))
+
+
 def distribute(workdir: Path | str, hosts: Path | str | Any = None,
                progress: Callable[[str, int, int], None] | None = None,
                parallel: int = DEFAULT_PARALLEL) -> DistributeResult:
@@ -54,14 +70,10 @@ def distribute(workdir: Path | str, hosts: Path | str | Any = None,
         return DistributeResult(True, reason, getattr(launcher, "name", None), getattr(launcher, "data_dir", None),
                                 [], 0, {}, round(time.monotonic() - t0, 3))
 
-    if hosts is None:
-        return skipped(f"no hosts file: the ranks read {wd.recordio} on this machine")
-    launcher = launch.load(hosts)
-    if not launcher.data_dir:
-        return skipped(f"data_dir is unset: the ranks read the work dir's {wd.recordio}", launcher)
-    if not launcher.data_local:
-        return skipped(f"data_local is false: {launcher.data_dir} is on a file system the hosts share "
-                       "(set data_local: true in the hosts file when it is on each host's own disk)", launcher)
+    launcher = None if hosts is None else launch.load(hosts)
+    why = _nothing_to_copy(wd, launcher)
+    if why:
+        return skipped(why, launcher)
     expected = launch.source_digests(wd.recordio)
     records = launcher.distribute(wd.recordio, wd.root, expected, progress, parallel)
     md5 = {n: e["md5"] for n, e in sorted(expected.items())}

@@ -196,6 +196,59 @@ def test_data_local_is_validated_as_data(keys, needle):
         parse_inventory({**keys, "hosts": [{"host": "a"}]}, "hosts.yaml")
 
 
+# --- the flow's stage: cached, with bytes per host in the UI ---------------------------------------------
+
+
+_FLOW = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from prefect import flow, runtime
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from flows import stages
+
+@flow(name="distribute-only")
+def only(wd, hosts):
+    states = [stages.distribute("k-" + sys.argv[4], wd, hosts=hosts, return_state=True) for _ in range(2)]
+    return str(runtime.flow_run.id), [s.name for s in states], states[0].result()
+
+run_id, states, result = only(sys.argv[2], sys.argv[3])
+with get_client(sync_client=True) as c:
+    arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+print(json.dumps({"states": states, "result": result,
+                  "artifacts": [{"type": a.type, "key": a.key, "description": a.description, "data": a.data}
+                                for a in arts]}))
+"""
+
+
+def test_the_flow_stage_shows_bytes_per_host_and_is_cached(host_b, wd, data_dir, tmp_path):
+    """A real Prefect server: the stage's progress artifacts (one per host, bytes) reach 100 %, a table names
+    what each host got, and the second call with the same key is Cached without touching the hosts."""
+    from flows.local import LocalPrefect
+    from helpers import free_port
+
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(yaml.safe_dump(_doc(host_b, data_dir)))
+    local = LocalPrefect(tmp_path / "prefect-home", free_port())
+    local.start_server()
+    try:
+        p = subprocess.run([sys.executable, "-c", _FLOW, str(ROOT), str(wd), str(hosts), secrets.token_hex(4)],
+                           env={**local.env(), "RN50_STRICT": "1"}, capture_output=True, text=True, timeout=300)
+    finally:
+        local.down()
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["states"] == ["Completed", "Cached"]
+    b_label = f"{host_b.addr}:{host_b.ssh_port}"
+    bars = {a["description"]: a["data"] for a in out["artifacts"] if a["type"] == "progress"}
+    assert bars == {f"distribute: bytes to {host_b.local_addr}": 100.0, f"distribute: bytes to {b_label}": 100.0}
+    [table] = [a for a in out["artifacts"] if a["key"] == "distribution"]
+    assert {r["host"]: r["action"] for r in json.loads(table["data"])} == {host_b.local_addr: "copied",
+                                                                           b_label: "copied"}
+    assert out["result"]["bytes_sent"] == 2 * sum((wd / "recordio" / n).stat().st_size for n in FILES)
+    _same_as_source(wd, on_b(host_b, data_dir))
+
+
 # --- Slurm: staging inside the training allocation --------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ def first_run(prefect_server, demo_source, tmp_path_factory):
 def test_full_flow_runs_every_stage(first_run):
     wd, out = first_run
     assert out["returncode"] == 0 and out["state"] == "Completed", out
-    assert out["stages"]["container"] == "Skipped"
+    assert out["stages"]["container"] == out["stages"]["distribute"] == "Skipped"
     assert all(out["stages"][s] == "Completed" for s in EVERY), out["stages"]
     assert (wd / "archive" / "MANIFEST.json").is_file()
     [run_dir] = trained_runs(wd)
@@ -58,7 +58,8 @@ def test_full_flow_runs_every_stage(first_run):
 def test_second_run_is_all_cached_and_invalidation_reruns_only_what_changed(prefect_server, demo_source, first_run):
     wd, _ = first_run
     out = run_flow(prefect_server, demo_source, wd)
-    assert out["stages"] == {**{s: "Cached" for s in EVERY}, "container": "Skipped"}, out["stages"]
+    assert out["stages"] == {**{s: "Cached" for s in EVERY}, "container": "Skipped",
+                             "distribute": "Skipped"}, out["stages"]
 
     # Outputs deleted: the stage runs again; what it feeds is unchanged in content, so stays cached.
     (wd / "manifest.parquet").unlink()
@@ -100,7 +101,8 @@ def test_a_result_from_another_workdir_never_replaces_this_ones(prefect_server, 
     assert other["returncode"] == 0 and other["stages"]["train"] == "Completed", other
     out = run_flow(prefect_server, demo_source, wd)
     assert out["returncode"] == 0, out
-    assert out["stages"] == {**{s: "Cached" for s in EVERY}, "container": "Skipped"}, out["stages"]
+    assert out["stages"] == {**{s: "Cached" for s in EVERY}, "container": "Skipped",
+                             "distribute": "Skipped"}, out["stages"]
     run_dir = Path(read_stamp(Workdir(wd), "flow-train")["result"]["run_dir"])
     assert run_dir.parent == wd / "runs" and (run_dir / "result_0.txt").is_file()
     [line] = [ln for ln in out["output"].splitlines() if "time to train:" in ln]

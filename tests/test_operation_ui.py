@@ -39,7 +39,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-dev-shm-usage", "--no-proxy-server", "--window-size=1600,1700",
                   "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 STAGES = {"fetch": "Completed", "verify": "Completed", "pack": "Completed", "container": "Skipped",
-          "train": "Completed", "compliance": "Completed", "archive": "Completed"}
+          "distribute": "Skipped", "train": "Completed", "compliance": "Completed", "archive": "Completed"}
 ARTIFACTS = ("data-verification", "pack-report", "training-progress", "compliance", "archive-manifest")
 
 # Loopback only: never route these requests through a proxy from the environment.

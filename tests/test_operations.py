@@ -137,7 +137,8 @@ def test_parameters_are_typed_in_the_run_form(ops):
         any("demo" in (o.get("enum") or []) for o in props["pipeline"]["anyOf"]), props["pipeline"]
     assert {"type": "string"} in props["pipeline"]["anyOf"]  # a path to the team's config still fits
     [array] = [o for o in props["rerun"]["anyOf"] if o.get("type") == "array"]
-    assert array["items"]["enum"] == ["fetch", "verify", "pack", "container", "train", "compliance", "archive"]
+    assert array["items"]["enum"] == ["fetch", "verify", "pack", "container", "distribute", "train", "compliance",
+                                      "archive"]
 
 
 def test_unknown_key_fails_before_any_flow_run(ops, tmp_path):

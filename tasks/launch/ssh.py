@@ -10,6 +10,7 @@ horovodrun's prefixed stream into rank<r>_<n>.log; horovodrun's own lines go to 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -340,7 +341,8 @@ class SshLauncher:
             trust = ssh_setup(Path(tmp), self.inv.hosts, known)
             copy = _HostCopy(src, str(self.data_dir), expected, trust, self.inv.runtime, progress)
             with ThreadPoolExecutor(max(1, min(parallel, len(targets)))) as pool:
-                futures = [pool.submit(copy.run, h) for h in targets]
+                # Each thread in a copy of this one's context: the caller's (e.g. Prefect's run, for progress).
+                futures = [pool.submit(contextvars.copy_context().run, copy.run, h) for h in targets]
                 done = [f.exception() or f.result() for f in futures]
         errors = [e for e in done if isinstance(e, BaseException)]
         for e in errors:
@@ -397,7 +399,8 @@ class _HostCopy:
         if to_send > room:
             raise StageError(f"{where}: not enough space under {d}: the copy needs {to_send} bytes, {room} are free")
         sent = 0
-        self.progress(host.label, 0, to_send)
+        if need:
+            self.progress(host.label, 0, to_send)
         for name, part, _ in need:
             n = self._send(remote, where, name, part, lambda k: self.progress(host.label, sent + k, to_send))
             sent += n
