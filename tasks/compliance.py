@@ -689,6 +689,8 @@ def _run(args) -> int:
         if r.package.get("generated"):
             print(f"package checker: {'PASS' if r.package['passed'] else 'FAIL'} ({r.package['reason']})")
         print(f"report: {r.report_md}")
+        if r.health:
+            print(f"health: {r.health.get('verdict') or 'no report: ' + r.health.get('error', '')}")
     reason = gate(r, args.gate)
     if reason:
         print(f"rn50 check: gate {args.gate} failed: {reason}", file=sys.stderr)

@@ -174,3 +174,16 @@ def test_bad_timing_file_is_one_line_error(tmp_path, line, msg):
     with pytest.raises(StageError, match="own_img_per_s must be a finite number"):
         health.report(good, tmp_path / "g" / "out")
     assert not (tmp_path / "g" / "out").exists()  # nothing half-written
+
+
+def test_rn50_check_writes_and_prints_the_health_report(tmp_path):
+    run = _run_dir(tmp_path, {"node-a": [100] * 4, "node-b": [101] * 4, "node-c": [60] * 4})
+    r = subprocess.run([sys.executable, "-m", "tasks.cli", "check", str(run), "--slow-host-threshold", "0.25"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "health: slow host: node-c at 60 img/s per rank, 40.0 % below the hosts' median 100" in r.stdout, r.stdout + r.stderr
+    out = tmp_path / "compliance" / "r1"
+    assert json.loads((out / "report.json").read_text())["health"]["slowest_host"] == "node-c"
+    assert "## Cluster health" in (out / "report.md").read_text() and (out / "health.png").exists()
+    bad = subprocess.run([sys.executable, "-m", "tasks.cli", "check", str(run), "--slow-host-threshold", "1.5"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("slow-host threshold must be in (0, 1), not 1.5")
