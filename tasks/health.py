@@ -358,6 +358,11 @@ def plot(r: HealthResult | dict[str, Any], out_png: str | Path) -> Path:
     if r["hosts"]:
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
+    return save_png(fig, out_png)
+
+
+def save_png(fig, out_png: str | Path) -> Path:
+    """A matplotlib figure to a PNG, atomically (its directory created); a one-line error if it cannot be."""
     out_png = Path(out_png)
     try:
         with atomic_path(out_png, suffix=".png") as tmp:
