@@ -401,7 +401,7 @@ rank and job and marks the attempt cancelled."""
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("train", help="launch training on the hosts file's ranks (SSH or Slurm)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workdir", type=Path)
+    p.add_argument("workdir", type=Path, help="work directory holding recordio/ (from `rn50 pack`); runs/ is written here")
     p.add_argument("--hosts", type=Path, default=None,
                    help="hosts file (YAML; `launcher: ssh` or `slurm`) (default: this host, one slot per GPU for a "
                         "GPU config, global_batch_size / batch_size slots for a CPU config)")
