@@ -19,9 +19,12 @@ Running `setup` again updates the automations in place (same names), never dupli
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import socket
 import sys
-from typing import Any
+import urllib.parse
+from typing import Any, Iterable
 from uuid import UUID
 
 from tasks.common import StageError
@@ -51,18 +54,52 @@ def _block_classes() -> dict[str, Any]:
     return {"slack": SlackWebhook, "teams": MicrosoftTeamsWebhook, "webhook": CustomWebhookNotificationBlock}
 
 
-def save_channel(kind: str, url: str, name: str = BLOCK_NAME) -> UUID:
-    """Save (or replace) the notification block `name` of `kind` (slack | teams | webhook) pointing at `url`."""
+def check_target(url: str, private_hosts: Iterable[str] = ()) -> bool:
+    """Whether the alert URL may be used, as a one-line StageError if not; True when its target is private
+    (this machine's loopback, or a host the operator named in `private_hosts`), so the block must allow it.
+
+    https:// only (http:// to loopback, for tests); every address the host resolves to is checked, and one
+    that is private, link-local or otherwise not global is refused unless the host is named. Errors name the
+    host, never the URL: its path or query often is the token."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host:
+        raise StageError(f"alert channel URL: expected https://host/..., got a {parts.scheme or 'schemeless'} URL")
+    try:
+        infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as e:
+        raise StageError(f"alert channel host {host}: does not resolve ({e})") from None
+    addresses = set()
+    for info in infos:
+        a = ipaddress.ip_address(info[4][0].split("%")[0])
+        addresses.add(a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped else a)
+    if all(a.is_loopback for a in addresses):
+        return True
+    if parts.scheme != "https":
+        raise StageError(f"alert channel {host}: expected an https:// URL (http:// only to this machine's loopback)")
+    private = sorted(str(a) for a in addresses if not a.is_global)
+    if private and host.lower() not in {h.lower() for h in private_hosts}:
+        raise StageError(f"alert channel {host} resolves to {', '.join(private)}, not a public address: refusing it "
+                         f"unless named (--allow-private-host {host} or RN50_ALERT_PRIVATE_HOSTS)")
+    return bool(private)
+
+
+def save_channel(kind: str, url: str, name: str = BLOCK_NAME, private_hosts: Iterable[str] = ()) -> UUID:
+    """Save (or replace) the notification block `name` of `kind` (slack | teams | webhook) pointing at `url`,
+    once `check_target` allows it. The URL is kept in the block's secret fields (Slack and Teams blocks hold it
+    as a secret; the custom webhook's url is a placeholder filled from its secrets). A public target is
+    checked again by Prefect at each notification (allow_private_urls=False: it connects to the address it
+    checked, so a DNS change cannot turn it private)."""
     classes = _block_classes()
     if kind not in classes:
         raise StageError(f"alert channel kind {kind!r}: expected one of {', '.join(classes)}")
-    if not url.startswith(("http://", "https://")):
-        raise StageError(f"alert channel URL {url!r}: expected an http:// or https:// URL")
+    private = check_target(url, private_hosts)
     if kind == "webhook":
-        block = classes[kind](name=name, url=url, method="POST",
+        block = classes[kind](name=name, url="{{webhook_url}}", secrets={"webhook_url": url}, method="POST",
+                              allow_private_urls=private,
                               json_data={"text": "{{subject}}\n{{body}}", "subject": "{{subject}}", "body": "{{body}}"})
     else:
-        block = classes[kind](url=url)
+        block = classes[kind](url=url, allow_private_urls=private)
     return block.save(name, overwrite=True)
 
 
@@ -168,7 +205,7 @@ def ensure_alerts(all_runs: bool = False, block: str | None = None) -> dict[str,
 
 
 def setup(slack: str | None = None, teams: str | None = None, webhook: str | None = None,
-          block: str | None = None, all_runs: bool = False) -> dict[str, Any]:
+          block: str | None = None, all_runs: bool = False, private_hosts: Iterable[str] = ()) -> dict[str, Any]:
     given = [(k, u) for k, u in (("slack", slack), ("teams", teams), ("webhook", webhook)) if u]
     if len(given) > 1:
         raise StageError("give one alert channel: --slack, --teams or --webhook")
@@ -176,7 +213,7 @@ def setup(slack: str | None = None, teams: str | None = None, webhook: str | Non
         raise StageError("--block names an existing block; do not combine it with --slack/--teams/--webhook")
     if given:
         kind, url = given[0]
-        save_channel(kind, url)
+        save_channel(kind, url, private_hosts=private_hosts)
         block = f"{_block_classes()[kind].get_block_type_slug()}/{BLOCK_NAME}"
     return ensure_alerts(all_runs=all_runs, block=block)
 
@@ -188,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--slack", default=os.environ.get("RN50_ALERT_SLACK_URL") or None, help="Slack incoming-webhook URL")
     s.add_argument("--teams", default=os.environ.get("RN50_ALERT_TEAMS_URL") or None, help="Microsoft Teams webhook URL")
     s.add_argument("--webhook", default=os.environ.get("RN50_ALERT_WEBHOOK_URL") or None,
-                   help="any URL: POST {text, subject, body} as JSON")
+                   help="any https:// URL: POST {text, subject, body} as JSON")
+    s.add_argument("--allow-private-host", action="append", dest="private_hosts", metavar="HOST",
+                   default=[h.strip() for h in os.environ.get("RN50_ALERT_PRIVATE_HOSTS", "").split(",") if h.strip()],
+                   help="a channel host that may resolve to a private or link-local address (repeatable; "
+                        "RN50_ALERT_PRIVATE_HOSTS=a,b)")
     s.add_argument("--block", default=os.environ.get("RN50_ALERT_BLOCK") or None,
                    help="an existing notification block, <block-type-slug>/<name>")
     s.add_argument("--all-runs", action="store_true",
@@ -196,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also alert on any failed rn50/* run, not only the nightly")
     args = p.parse_args(argv)
     try:
-        out = setup(args.slack, args.teams, args.webhook, args.block, args.all_runs)
+        out = setup(args.slack, args.teams, args.webhook, args.block, args.all_runs, args.private_hosts)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

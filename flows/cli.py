@@ -138,7 +138,7 @@ def _run_flow(args: argparse.Namespace) -> int:
         print("  ".join(f"{s}: {v}" for s, v in stages.items()))
         if state.is_completed():
             r = state.result()
-            print(f"time to train: {r['time_to_train_min']:.2f} min; run: {r['run_dir']}\n"
+            print(f"time to train: {r['time_to_train']}; run: {r['run_dir']}\n"
                   f"compliance: {r['compliance_report']}\narchive: {r['archive']}")
     if not state.is_completed():
         msg = (state.message or state.name).splitlines()[0]
