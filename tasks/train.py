@@ -290,7 +290,8 @@ def train(
     err = slot_error(cfg, launcher.ranks, *launcher.slots_text(ranks_needed(cfg)))
     if err:
         raise StageError(err)
-    entry = list(entry) if entry is not None else [launcher.python, "-m", "rn50.train"]
+    python = launcher.rank_python(image)
+    entry = list(entry) if entry is not None else [python, "-m", "rn50.train"]
     data_dir = launcher.data_dir or str(wd.recordio)
     base_seed = seed if seed is not None else secrets.randbelow(2**31 - runs)
     seeds = [base_seed + n for n in range(runs)]
@@ -300,7 +301,7 @@ def train(
                                  "--seed", str(s)] + list(extra_args)) for n, s in enumerate(seeds))
     job = launch.Job(run_id=run_id, out_dir=run_dir, data_dir=data_dir, argvs=argvs,
                      env=launch.rank_environment(launcher, image), expected={}, timeout_s=timeout_s,
-                     work_dir=str(wd.root), image=image, gpu_python=launcher.python if needs_gpu(cfg) else None)
+                     work_dir=str(wd.root), image=image, gpu_python=python if needs_gpu(cfg) else None)
     problems = launcher.check(job)
     if problems:
         raise StageError("preflight failed: " + "; ".join(problems))

@@ -1,6 +1,6 @@
 """The launcher contract: what the train stage needs from whatever starts its ranks.
 
-A backend is one module of this package with one class that does the six things below, registered in
+A backend is one module of this package with one class that does the things below, registered in
 `BACKENDS` under the hosts file's `launcher:` value (`ssh`, the default, or `slurm`). A backend knows its
 section of the hosts file and how ranks start, run, stop and are cleaned up on its kind of cluster; it knows
 nothing of Prefect, of status files, results or retries. The train stage (tasks/train.py) owns those, so every
@@ -9,7 +9,9 @@ killed launcher, the ranks' environment) is written once, above the backends.
 
     parse(doc, source)       classmethod: its hosts file, validated as data; a one-line StageError
     ranks                    how many ranks it starts (the stage refuses a mismatch with the config)
-    slots_text()             (where, fix): the words of that refusal
+    slots_text(need)         (where, fix): the words of that refusal
+    rank_python(image)       the ranks' interpreter (the hosts file's, the image's, or this one)
+    check(job)               what can be judged without touching a host; [] to go on (nothing is written before)
     preflight(job)           one line per problem found before any rank starts; [] to go on
     run(job, events)         job.argvs one run after another, stopping at the first that fails;
                              a RunOutcome per run started
@@ -128,7 +130,6 @@ class Events(Protocol):
 class Launcher(Protocol):
     name: ClassVar[str]
     ranks: int
-    python: str  # the ranks' interpreter
     data_dir: str | None  # recordio as the ranks see it (None: the work dir's)
     env_profile: str | None  # None: gpu when the ranks run in an image, else cpu
     env: tuple[tuple[str, str], ...]
@@ -139,9 +140,13 @@ class Launcher(Protocol):
     @classmethod
     def parse(cls, doc: Any, source: str) -> "Launcher": ...
 
-    def slots_text(self) -> tuple[str, str]: ...
+    def slots_text(self, need: int) -> tuple[str, str]: ...
+
+    def rank_python(self, image: str | None) -> str: ...
 
     def hosts(self) -> list[str]: ...
+
+    def check(self, job: Job) -> list[str]: ...
 
     def preflight(self, job: Job) -> list[str]: ...
 

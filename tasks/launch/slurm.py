@@ -648,8 +648,8 @@ class SlurmLauncher:
         self.data_dir, self.env_profile, self.env, self.interface = (spec.data_dir, spec.env_profile, spec.env,
                                                                      spec.interface)
         self.data_local = spec.data_local
-        self.python = spec.python or ("python" if spec.container_image else sys.executable)
         self._job_id: str | None = None
+        self._timed_out = False
         self._node_list: list[str] = []
 
     @classmethod
@@ -664,8 +664,8 @@ class SlurmLauncher:
     def hosts(self) -> list[str]:
         return list(self._node_list)
 
-    def _python(self, job: contract.Job) -> str:
-        return self.spec.python or ("python" if self._image(job) else sys.executable)
+    def rank_python(self, image: str | None) -> str:
+        return self.spec.python or ("python" if self.spec.container_image or image else sys.executable)
 
     def _image(self, job: contract.Job) -> str | None:
         return self.spec.container_image or job.image
@@ -674,7 +674,7 @@ class SlurmLauncher:
         env = dict(job.env)
         containerized = bool(self._image(job))
         # sbatch --export=NONE: the job starts with no PATH at all.
-        env.setdefault("PATH", STD_PATH if containerized else f"{Path(self._python(job)).parent}:{STD_PATH}")
+        env.setdefault("PATH", STD_PATH if containerized else f"{Path(self.rank_python(job.image)).parent}:{STD_PATH}")
         if containerized:
             env.pop("PYTHONPATH", None)  # the image's own
         env["RN50_RDZV_PY"] = RDZV_PY
@@ -699,7 +699,7 @@ class SlurmLauncher:
         if spec.data_local:  # the source's full md5s: cached beside it by the distribute stage
             src = Path(job.work_dir) / "recordio"
             stage_from = (str(src), contract.node_specs(contract.source_digests(src)))
-        script = batch_script(spec, run_dir, job_dir, self.environment(job), self._python(job),
+        script = batch_script(spec, run_dir, job_dir, self.environment(job), self.rank_python(job.image),
                               [list(a) for a in job.argvs], container, stage_from)
         script_path = write_text_atomic(job_dir / "job.sh", script)
         argv = _sbatch_argv(spec, f"rn50-{job.run_id}", job_log, run_dir) + [str(script_path)]
@@ -725,7 +725,7 @@ class SlurmLauncher:
             failure = first_failure(run_dir, job_log, n)
             why = "" if failure else (rank_logs.last_error(job_log.read_text(errors="replace").splitlines())
                                       if job_log.exists() else "") or (info or {}).get("Reason", "")
-            timed_out = state == "TIMEOUT" or getattr(self, "_timed_out", False)
+            timed_out = state == "TIMEOUT" or self._timed_out
             if state == "NODE_FAIL" and failure is None:
                 failure = contract.RankFailure(-1, "", contract.NODE_FAILED, "a node failed", why)
             outcomes.append(contract.RunOutcome(n, False, f"slurm job {job_id} {state}" + (f": {why}" if why else ""),
@@ -737,7 +737,6 @@ class SlurmLauncher:
         spec, run_dir, job_id = self.spec, job.out_dir, self._job_id
         tail = _Tail(events)
         last_state, info, running_since, pending_since = None, None, None, time.monotonic()
-        self._timed_out = False
 
         def which(p: Path) -> tuple[int, int | None]:
             m = _RANK_LOG.search(p.name)

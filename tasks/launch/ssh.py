@@ -52,7 +52,6 @@ class SshLauncher:
     def __init__(self, inv: Inventory, source: str = "the inventory"):
         self.inv, self.source = inv, source
         self.ranks = inv.total_slots
-        self.python = inv.python or ("python" if inv.runtime == "docker" else sys.executable)
         self.data_dir, self.env_profile, self.env = inv.data_dir, inv.env_profile, inv.env
         self.interface, self.runtime, self.data_local = inv.interface, inv.runtime, inv.data_local
         self._trust: Trust | None = None
@@ -70,6 +69,9 @@ class SshLauncher:
 
     def hosts(self) -> list[str]:
         return [f"{h.label}:{h.slots}" for h in self.inv.hosts]
+
+    def rank_python(self, image: str | None = None) -> str:
+        return self.inv.python or ("python" if self.inv.runtime == "docker" else sys.executable)
 
     def over_ssh(self) -> bool:
         """Whether any rank or probe reaches its host over ssh."""
@@ -209,7 +211,7 @@ class SshLauncher:
         keys pinned on the launcher."""
         inv = self.inv
         h0 = inv.hosts[0]
-        inner = [self.python] + argv[1:]  # the container's interpreter (as the ranks use), not the launcher's
+        inner = [self.rank_python()] + argv[1:]  # the container's interpreter (as the ranks use), not the launcher's
         if h0.ssh_port:
             at = inner.index("--disable-cache")
             inner[at:at] = ["-p", str(h0.ssh_port)]
