@@ -40,7 +40,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 STAGES = {"fetch": "Completed", "verify": "Completed", "pack": "Completed", "container": "Skipped",
           "distribute": "Skipped", "train": "Completed", "compliance": "Completed", "archive": "Completed"}
-ARTIFACTS = ("data-verification", "pack-report", "training-progress", "compliance", "archive-manifest")
+ARTIFACTS = ("data-verification", "pack-report", "training-progress", "compliance", "cluster-health", "archive-manifest")
 
 # Loopback only: never route these requests through a proxy from the environment.
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
