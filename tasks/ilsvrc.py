@@ -65,9 +65,9 @@ DEVKIT_UNPACKED_CAP = 64 * MiB
 # meta.mat: 1,860 synsets (1,000 leaves + 860 inner), each a few short fields and a gloss sentence.
 META_MAT_CAP = 16 * MiB
 # What meta.mat may declare: loadmat allocates a cell or struct array from its declared dimensions before it
-# reads one element (8 bytes a slot, one per element and field), and checks a struct's field names against each
-# other (quadratic: 20,000 fields in a 232-byte file took it 116 s). The real file is one 1,860 x 1 struct of
-# 8 fields (14,880 slots): 14,881 arrays nested 2 deep, none of more than a few hundred elements.
+# reads one element (8 bytes a slot, one per element and field), checks a struct's field names against each other
+# (quadratic in their number), and reads nested arrays recursively (on the C stack). The real file is one
+# 1,860 x 1 struct of 8 fields (14,880 slots): 14,881 arrays nested 2 deep, none of more than a few hundred elements.
 META_MAT_ARRAYS = 1 << 16     # arrays in the file
 META_MAT_ELEMENTS = 1 << 20   # elements (struct: elements x fields) one array declares: at most 8 MiB of slots
 META_MAT_FIELDS = 64          # fields of one struct

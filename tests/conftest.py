@@ -130,6 +130,17 @@ def docker_base(docker_url) -> str:
 
 
 @pytest.fixture(scope="module")
+def bare_prefect_server(tmp_path_factory):
+    """flows/local.py's server alone (no worker, no deployments), on a free loopback port; stopped after the module."""
+    from flows.local import LocalPrefect
+
+    local = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), free_port())
+    local.start_server()
+    yield local
+    local.down()
+
+
+@pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """flows/local.py's server + `rn50` process pool + worker + deployments, on a free loopback port; stopped
     after the module. Its env() points a subprocess at it."""

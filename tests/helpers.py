@@ -127,15 +127,17 @@ def prefect_api(api_url: str, method: str, path: str, body: dict | None = None, 
 
 
 class Receiver(ThreadingHTTPServer):
-    """A webhook receiver on loopback: keeps every POST body."""
+    """A webhook receiver on loopback: keeps every POST's body (and its path, query included)."""
 
     def __init__(self):
         bodies: list[str] = []
+        paths: list[str] = []
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 n = int(self.headers.get("Content-Length") or 0)
                 bodies.append(self.rfile.read(n).decode(errors="replace"))
+                paths.append(self.path)
                 self.send_response(200)
                 self.end_headers()
 
@@ -143,7 +145,7 @@ class Receiver(ThreadingHTTPServer):
                 pass
 
         super().__init__(("127.0.0.1", free_port()), Handler)
-        self.bodies = bodies
+        self.bodies, self.paths = bodies, paths
         self.url = f"http://127.0.0.1:{self.server_address[1]}/rn50-alerts"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 

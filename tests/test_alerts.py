@@ -7,13 +7,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from conftest import ROOT
-from helpers import free_port, prefect_api
+from helpers import Receiver, free_port, prefect_api
 from tasks.common import StageError
 
 
@@ -51,35 +49,6 @@ def test_setup_refuses_a_private_target_in_one_line_before_saving_anything():
     assert len(proc.stderr.splitlines()) == 1 and "s3cret" not in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from flows.local import LocalPrefect
-
-    local = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), free_port())
-    local.start_server()
-    yield local
-    local.down()
-
-
-class _Receiver(ThreadingHTTPServer):
-    """Keeps the path and body of every POST."""
-
-    def __init__(self):
-        self.posts: list[tuple[str, str]] = []
-        posts = self.posts
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                posts.append((self.path, self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", free_port()), Handler)
-
-
 _SAVE_AND_NOTIFY = """
 import sys
 from flows.alerts import save_channel
@@ -89,21 +58,17 @@ CustomWebhookNotificationBlock.load("rn50-alerts").notify("the body", "the subje
 """
 
 
-def test_webhook_token_is_a_secret_of_the_block_and_still_reaches_the_target(server):
-    receiver = _Receiver()
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+def test_webhook_token_is_a_secret_of_the_block_and_still_reaches_the_target(bare_prefect_server):
+    server, receiver = bare_prefect_server, Receiver()
     try:
-        url = f"http://127.0.0.1:{receiver.server_address[1]}/rn50-alerts?token=s3cret"
-        proc = subprocess.run([sys.executable, "-c", _SAVE_AND_NOTIFY, url], env=server.env(), cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", _SAVE_AND_NOTIFY, receiver.url + "?token=s3cret"],
+                              env=server.env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         block_id = proc.stdout.split()[-1]
     finally:
-        receiver.shutdown()
-        receiver.server_close()
+        receiver.stop()
     # What the API (and so the UI) shows of the block: no token, the URL a placeholder filled from its secrets.
     doc = prefect_api(server.api_url, "GET", f"/block_documents/{block_id}")
     assert "s3cret" not in json.dumps(doc), doc
     assert doc["data"]["url"] == "{{webhook_url}}" and doc["data"]["allow_private_urls"] is True, doc["data"]
-    [(path, body)] = receiver.posts
-    assert path == "/rn50-alerts?token=s3cret" and json.loads(body)["subject"] == "the subject", (path, body)
+    assert receiver.paths == ["/rn50-alerts?token=s3cret"] and json.loads(receiver.bodies[0])["subject"] == "the subject"

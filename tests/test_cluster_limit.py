@@ -15,7 +15,6 @@ import sys
 import pytest
 
 from conftest import ROOT
-from helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +35,8 @@ print("RESULT " + json.dumps(hold(sys.argv[1], float(sys.argv[2]))))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from flows.local import LocalPrefect
-
-    local = LocalPrefect(tmp_path_factory.mktemp("prefect-home"), free_port())
-    local.start_server()
-    yield local
-    local.down()
+def server(bare_prefect_server):
+    return bare_prefect_server
 
 
 def test_two_runs_against_one_cluster_take_turns(server):
