@@ -14,8 +14,9 @@ so a kill or a failure never leaves a tree that a later run would take as verifi
 Extraction is bounded (caps and their reasons in tasks.ilsvrc): each archive's size; the two .tar files
 read as plain tar streams (compressed data under a .tar name is refused, never decompressed); per
 member, a class tar or an image; inner class tars streamed, never held in memory; the devkit's
-decompressed stream, its meta.mat (also inflated) and ground truth. Members are checked before any of
-their bytes are read; a violation is a one-line error and extracted.partial/ is removed.
+decompressed stream, its meta.mat (also inflated, and what its arrays declare) and ground truth. Members
+are checked before any of their bytes are read; a violation is a one-line error and extracted.partial/ is
+removed.
 """
 from __future__ import annotations
 
@@ -429,14 +430,13 @@ def _mat_declaration_problem(data: bytes) -> str | None:
     seen = {"arrays": 0}
 
     def element(buf: bytes, pos: int) -> tuple[int, bytes, int] | None:
-        """(type, payload, next position) of the element at `pos`, None if it is cut off."""
+        """(type, payload, next position) of the element at `pos`; None if its tag is cut off. A payload
+        shorter than its tag says is what there is: loadmat reads an array's header before its size matters."""
         if pos + 8 > len(buf):
             return None
         mtype, nbytes = struct.unpack(endian + "II", buf[pos:pos + 8])
         if mtype >> 16:  # small data element: type and size share the first word, data in the second
             return mtype & 0xFFFF, buf[pos + 4:pos + 4 + (mtype >> 16)], pos + 8
-        if pos + 8 + nbytes > len(buf):
-            return None
         return mtype, buf[pos + 8:pos + 8 + nbytes], pos + 8 + nbytes + (-nbytes % 8)
 
     def int32s(payload: bytes) -> tuple[int, ...]:

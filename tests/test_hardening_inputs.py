@@ -35,10 +35,11 @@ def _matrix_head(cls: int, dims: list[int], name: bytes) -> bytes:
     return _el(6, struct.pack("<II", cls, 0)) + _el(5, struct.pack(f"<{len(dims)}i", *dims)) + _el(1, name)
 
 
-def _mat(matrix_payload: bytes) -> bytes:
-    """A MAT file of one compressed variable (the devkit's `synsets`)."""
+def _mat(matrix_payload: bytes, declared: int | None = None) -> bytes:
+    """A MAT file of one compressed variable (the devkit's `synsets`), its tag saying `declared` bytes if given."""
     header = b"MATLAB 5.0 MAT-file".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
-    return header + _el(15, zlib.compress(struct.pack("<II", 14, len(matrix_payload)) + matrix_payload))
+    tag = struct.pack("<II", 14, len(matrix_payload) if declared is None else declared)
+    return header + _el(15, zlib.compress(tag + matrix_payload))
 
 
 def _struct(rows: int, fields: int) -> bytes:
@@ -95,13 +96,15 @@ def _read_devkit(dk: Path) -> dict:
 @pytest.mark.parametrize("meta,needle", [
     # loadmat allocated 8 bytes a cell before reading one
     (lambda: _mat(_matrix_head(1, [32_000_000, 1], b"synsets")), "a 32,000,000 x 1 cell array"),
+    # the same behind a tag claiming 2 GiB: loadmat reads the header without checking the length
+    (lambda: _mat(_matrix_head(1, [32_000_000, 1], b"synsets"), declared=0x7FFFFFF0), "a 32,000,000 x 1 cell array"),
     # 1,000,000 x 16 fields = 16 M slots, 8 bytes each
     (lambda: _struct(1_000_000, 16), "a 1,000,000 x 1 struct of 16 fields"),
     # field names are checked against each other, in quadratic time
     (lambda: _struct(1, 5_000), "a struct of 5,000 fields"),
     # loadmat reads nested arrays recursively: 20,000 levels (40 KB) overflowed its C stack
     (lambda: _nested_cells(20_000), "arrays nested more than 4 deep"),
-], ids=["huge-cell", "struct-slots", "struct-fields", "deep-nesting"])
+], ids=["huge-cell", "overlong-tag", "struct-slots", "struct-fields", "deep-nesting"])
 def test_meta_mat_declaring_more_than_ilsvrc_is_refused_with_memory_bounded(tmp_path, meta, needle):
     out = _read_devkit(_devkit(tmp_path, meta()))
     assert out["error"] and "\n" not in out["error"], out
