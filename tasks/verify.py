@@ -458,7 +458,9 @@ def _mat_declaration_problem(data: bytes) -> str | None:
         declared = " x ".join(f"{d:,}" for d in shape)
         if kind is None:
             return f"an array of MATLAB class {cls} (object, sparse, function or opaque; ILSVRC2012's holds none)"
-        if min(shape, default=0) < 0 or size > META_MAT_ELEMENTS:
+        if min(shape, default=0) < 0:
+            return f"a {declared} {kind} array (a negative dimension)"
+        if size > META_MAT_ELEMENTS:
             return f"a {declared} {kind} array, more than the {META_MAT_ELEMENTS:,} elements allowed for one array"
         pos = name[2]
         if kind == "struct":
