@@ -33,9 +33,10 @@ section (namespace, image, workers, slots per worker, resources, the data volume
 per run whose launcher pod runs the rank argv, records its name with `events.handle(mpijob=NAME)`, registers
 `kubectl delete mpijob NAME` with `events.on_death`, streams the pods' logs through `events.line` and maps the
 worker pods' termination reasons (Error, OOMKilled, a signal) to a RankFailure; `cancel` and `reap` delete the
-MPIJob. `distribute` would return `in-job`: with node-local data each worker pod gets an init container that runs
-STAGE_SH (the Slurm staging step's script) from the shared volume into an emptyDir or a local PersistentVolume
-before the rank starts, since pods may land on any node. It is not built: no Kubernetes control plane runs on the machines this project is tested on.
+MPIJob. `distribute` would return `in-job`, as Slurm's does: with node-local data each worker pod gets an init
+container that runs NODE_SH's rn50_stage (the Slurm staging step's script) from the shared volume into an emptyDir
+or a local PersistentVolume before its rank starts, since pods may land on any node. It is not built: no Kubernetes
+control plane runs on the machines this project is tested on.
 """
 from __future__ import annotations
 
@@ -338,7 +339,8 @@ def source_digests(recordio: Path) -> dict[str, dict[str, Any]]:
         st = (recordio / name).stat()
         version = f"{st.st_size}:{st.st_mtime_ns}"
         hit = cache.get(name)
-        if isinstance(hit, dict) and hit.get("version") == version and re.fullmatch(r"[0-9a-f]{32}", str(hit.get("md5"))):
+        if isinstance(hit, dict) and hit.get("version") == version and re.fullmatch(r"[0-9a-f]{32}",
+                                                                                     str(hit.get("md5"))):
             exp["md5"] = hit["md5"]
             continue
         exp["md5"] = exp.get("md5") or file_digest(recordio / name)  # an .idx's is in expected_data already

@@ -341,11 +341,21 @@ class SshLauncher:
             targets.append(h)
         with tempfile.TemporaryDirectory(prefix="rn50-distribute-") as tmp:
             trust = ssh_setup(Path(tmp), self.inv.hosts, known)
+            # One authenticated connection per host carries all its calls (a handshake costs ~1 s on a busy
+            # host; a copy makes 1 + one per file); the masters are closed below, or 30 s idle after a kill.
+            with open(trust.config, "a") as f:
+                f.write(f"  ControlMaster auto\n  ControlPath {tmp}/cm-%C\n  ControlPersist 30\n")
             copy = _HostCopy(src, str(self.data_dir), expected, trust, self.inv.runtime, progress)
-            with ThreadPoolExecutor(max(1, min(parallel, len(targets)))) as pool:
-                # Each thread in a copy of this one's context: the caller's (e.g. Prefect's run, for progress).
-                futures = [pool.submit(contextvars.copy_context().run, copy.run, h) for h in targets]
-                done = [f.exception() or f.result() for f in futures]
+            try:
+                with ThreadPoolExecutor(max(1, min(parallel, len(targets)))) as pool:
+                    # Each thread in a copy of this one's context: the caller's (e.g. Prefect's run, for progress).
+                    futures = [pool.submit(contextvars.copy_context().run, copy.run, h) for h in targets]
+                    done = [f.exception() or f.result() for f in futures]
+            finally:
+                for h in targets:
+                    if not Remote(h, trust.config, self.inv.runtime).local:
+                        subprocess.run(["ssh", "-F", str(trust.config), "-O", "exit", "--", h.host],
+                                       capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
         errors = [e for e in done if isinstance(e, BaseException)]
         for e in errors:
             if not isinstance(e, StageError):
@@ -406,24 +416,22 @@ class _HostCopy:
         for name, part, _ in need:
             n = self._send(remote, where, name, part, lambda k: self.progress(host.label, sent + k, to_send))
             sent += n
-            md5 = self.expected[name]["md5"]
-            out = self._call(remote, where, f"rn50_finish {q(d)} {name} {md5} || true",
-                             120 + self.expected[name]["size"] / 20e6)
-            if f"done {name}" not in out:
-                raise TransientError(f"{where}: the copy of {name} has md5 {(out[0].split() + ['?'] * 3)[2]} after "
-                                     f"the transfer, not {md5}; it was removed (a retry copies it again)")
             files[name] = {"action": "copied", "sent": n, "resumed_from": part}
         return {"host": host.label, "action": "copied" if need else "verified", "bytes_sent": sent,
                 "seconds": round(time.monotonic() - t0, 3), "files": files}
 
     def _send(self, remote: Remote, where: str, name: str, offset: int, progress: Any) -> int:
-        """Stream src/name from `offset` into the host's .part (truncated to `offset` first); bytes sent."""
-        script = contract.NODE_SH + f"rn50_receive {shlex.quote(self.dir)} {name} {offset}"
+        """Stream src/name from `offset` into the host's .part (truncated to `offset` first), then, in the same
+        session, its full md5 there and the rename; bytes sent."""
+        d, md5 = shlex.quote(self.dir), self.expected[name]["md5"]
+        # A stream cut short (this process killed) leaves the .part as it is, to be resumed: finished only whole.
+        size = self.expected[name]["size"]
+        script = contract.NODE_SH + (f"rn50_receive {d} {name} {offset} && [ $(stat -c %s {d}/.{name}.part) = {size} ]"
+                                     f" && rn50_finish {d} {name} {md5}")
         sent = 0
-        with open(self.src / name, "rb") as f, tempfile.TemporaryFile() as err:
+        with open(self.src / name, "rb") as f, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             f.seek(offset)
-            proc = subprocess.Popen(remote.argv(script), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=err)
+            proc = subprocess.Popen(remote.argv(script), stdin=subprocess.PIPE, stdout=out, stderr=err)
             finished = False
             try:
                 while chunk := f.read(self.CHUNK):
@@ -440,6 +448,11 @@ class _HostCopy:
                 with contextlib.suppress(BrokenPipeError):
                     proc.stdin.close()
                 code = proc.wait()
+            out.seek(0)
+            said = out.read().decode(errors="replace").split()
+            if code != 0 and said[:1] == ["bad"]:
+                raise TransientError(f"{where}: the copy of {name} has md5 {(said + ['?'] * 3)[2]} after the "
+                                     f"transfer, not {md5}; it was removed (a retry copies it again)")
             if code != 0:
                 err.seek(0)
                 raise _failure(code, err.read().decode(errors="replace"), remote, self.trust, where,
