@@ -392,23 +392,23 @@ def _verdict(outcomes: list[launch.RunOutcome], job: launch.Job, lost_slot: thre
 
 
 DESCRIPTION = """\
-Train: N runs (distinct seeds) of the ResNet-50 rank program on exactly global_batch_size / batch_size ranks of
-the training config, started by the hosts file's launcher (ssh: horovodrun over SSH, the default; slurm: one
-batch job), each writing WORKDIR/runs/<run-id>/result_<n>.txt. Every host is checked first (data, disk, GPUs);
-a hosts file whose slots do not match the config is refused before anything runs. Ctrl-C or SIGTERM stops every
-rank and job and marks the attempt cancelled."""
+Train: N runs (distinct seeds) of the ResNet-50 rank program on exactly as many ranks as the training config's
+global batch divided by its per-rank batch, started by the hosts file's launcher (ssh: horovodrun over SSH, the
+default; slurm: one batch job), each writing WORKDIR/runs/<run-id>/result_<n>.txt. Every host is checked first
+(data, disk, GPUs); a hosts file whose slots do not match the config is refused before anything runs. Ctrl-C or
+SIGTERM stops every rank and job and marks the attempt cancelled."""
 
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("train", help="launch training on the hosts file's ranks (SSH or Slurm)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workdir", type=Path, help="work directory holding recordio/ (from `rn50 pack`); runs/ is written here")
+    p.add_argument("workdir", type=Path, help="work directory holding recordio/ (from rn50 pack); runs/ is written here")
     p.add_argument("--hosts", type=Path, default=None,
-                   help="hosts file (YAML; `launcher: ssh` or `slurm`) (default: this host, one slot per GPU for a "
-                        "GPU config, global_batch_size / batch_size slots for a CPU config)")
+                   help="hosts file (YAML, launcher: ssh or slurm) (default: this host, one slot per GPU for a GPU "
+                        "config, the config's global batch / per-rank batch slots for a CPU config)")
     p.add_argument("--config", default="cpu-demo", help="configs/training/NAME.yaml or a path")
     p.add_argument("--runs", type=int, default=1, help="independent runs, distinct seeds (5 for a submission set)")
-    p.add_argument("--image", default=None, help="image tag for runtime docker or Slurm containers (from `rn50 build`)")
+    p.add_argument("--image", default=None, help="image tag for runtime docker or Slurm containers (from rn50 build)")
     p.add_argument("--seed", type=int, default=None, help="seed of run 0 (run n uses seed+n)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before a hung run is stopped")
     p.set_defaults(run=_cli)

@@ -209,7 +209,7 @@ def _subcommands() -> list[str]:
     return list(sub.choices)
 
 
-@pytest.mark.parametrize("command", [c for c in _subcommands() if c != "train"])
+@pytest.mark.parametrize("command", _subcommands())
 def test_subcommand_help_is_written_for_users(command):
     proc = rn50(command, "--help", env={"COLUMNS": "100"})
     assert proc.returncode == 0, proc.stderr
