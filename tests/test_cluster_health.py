@@ -8,9 +8,9 @@ nothing the code reads): the compliance stage's health report names that host as
 nightly fails naming it. (A quota from the start would slow the rank's start-up too, for minutes; a fifth of a
 core was no slowdown at all while other jobs kept this 2-core machine at load ~20.)
 
-Thresholds are 45 % here, not the default 5 %: the two hosts share this 2-core machine with whatever else runs
-on it (load ~20 from other jobs when this was written), and an unthrottled host's own speed was seen 1.8x off the
-other's over a short run; the quota slows it by far more.
+Thresholds are 60 % here, not the default 5 %: the two hosts share this 2-core machine with whatever else runs
+on it (load ~20 from other jobs when this was written), and an unthrottled host's own speed was seen 2.1x off the
+other's over a short run (60 % below the median of two is a 4x gap); the quota slows it by far more (16x).
 """
 from __future__ import annotations
 
@@ -106,15 +106,15 @@ def test_slowed_host_is_named_by_the_report_and_fails_the_nightly(tmp_path):
     # host b's rank itself was in the cgroup, and the kernel really held it back
     assert moved and moved[0][0] >= 2 and moved[0][1] and throttled > 0, (moved, throttled)
 
-    fair_check = compliance.check(fair.run_dir, slow_host_threshold=0.45)
+    fair_check = compliance.check(fair.run_dir, slow_host_threshold=0.6)
     fair_health = fair_check.health
     assert {x["host"] for x in fair_health["hosts"]} == {here, "rn50-node-b"}
     print(f"fair: {fair_health['verdict']}: " + ", ".join(f"{x['host']} {x['own_img_per_s_per_gpu']:.1f}" for x in fair_health["hosts"]))
     assert fair_health["slowest_host"] is None, fair_health["verdict"]
-    first = nightly.run_nightly(fair.results, base, tolerance_accuracy=1.0, host_drop=0.45)
+    first = nightly.run_nightly(fair.results, base, tolerance_accuracy=1.0, host_drop=0.6)
     assert first.verdict == "no-baseline" and set(first.performance["hosts"]) == {here, "rn50-node-b"}
 
-    slow_check = compliance.check(slowed.run_dir, slow_host_threshold=0.45)
+    slow_check = compliance.check(slowed.run_dir, slow_host_threshold=0.6)
     hs = slow_check.health
     print(f"slowed: {hs['verdict']}")
     assert hs["slowest_host"] == "rn50-node-b", hs["verdict"]
@@ -124,7 +124,7 @@ def test_slowed_host_is_named_by_the_report_and_fails_the_nightly(tmp_path):
     own = {x["host"]: x["own_img_per_s_per_gpu"] for x in hs["hosts"]}
     assert own["rn50-node-b"] < 0.4 * own[here]
 
-    second = nightly.run_nightly(slowed.results, base, tolerance_accuracy=1.0, host_drop=0.45)
+    second = nightly.run_nightly(slowed.results, base, tolerance_accuracy=1.0, host_drop=0.6)
     print(f"nightly: {second.reason}")
     assert second.failed and second.verdict == "regressed"
     dropped = [f for f in second.failures if f.startswith("host ")]
