@@ -235,7 +235,6 @@ class HealthResult(Result):
     img_per_s_per_gpu: float | None
     data_wait_frac: float | None
     allreduce_frac: float | None
-    scaling_efficiency: float | None  # per-GPU img/s / the one-node reference's, when given
     published: dict[str, Any]
     plot_png: str
     report_md: str
@@ -268,14 +267,13 @@ def run_performance(log: str | Path) -> dict[str, Any]:
     m = re.fullmatch(r"result_(\d+)\.txt", log.name)
     records = read_timing(log.parent).get(int(m.group(1)), []) if m else []
     f = _run_figures(log, records)
-    return {"time_to_train_min": f["time_to_train_min"], "img_per_s": f["img_per_s"],
+    return {"time_to_train_min": f["time_to_train_min"], "img_per_s": f["img_per_s"], "ranks": f["ranks"],
             "hosts": {h: v["steady"]["own_img_per_s_per_gpu"] for h, v in f["hosts"].items()
                       if v["steady"]["own_img_per_s_per_gpu"]}}
 
 
 def report(run_dir: str | Path, out_dir: str | Path, system: dict[str, Any] | None = None,
-           threshold: float = SLOW_HOST_THRESHOLD, reference_per_gpu: float | None = None,
-           published: str | Path = PUBLISHED_TABLE) -> HealthResult:
+           threshold: float = SLOW_HOST_THRESHOLD, published: str | Path = PUBLISHED_TABLE) -> HealthResult:
     """Read RUN_DIR's logs and timing, write OUT_DIR/health.{json,md,png}; returns what it wrote."""
     if not (0 < threshold < 1):
         raise StageError(f"slow-host threshold must be in (0, 1), not {threshold}")
@@ -321,7 +319,6 @@ def report(run_dir: str | Path, out_dir: str | Path, system: dict[str, Any] | No
         run_dir=str(run_dir), threshold=threshold, runs=runs, hosts=hosts, slow_hosts=slow,
         slowest_host=slow[0]["host"] if slow else None, verdict=verdict, img_per_s=agg, img_per_s_per_gpu=per_gpu,
         data_wait_frac=dw, allreduce_frac=ar,
-        scaling_efficiency=round(per_gpu / reference_per_gpu, 4) if per_gpu and reference_per_gpu else None,
         published=pub, plot_png=str(out / "health.png"), report_md=str(out / "health.md"),
         report_json=str(out / "health.json"))
     plot(result, out / "health.png")
@@ -394,8 +391,6 @@ def markdown(r: dict[str, Any], image: str) -> str:
          f"- data wait {_f(100 * r['data_wait_frac'] if r['data_wait_frac'] is not None else None)} %, "
          f"allreduce {_f(100 * r['allreduce_frac'] if r['allreduce_frac'] is not None else None)} % of step time "
          "(median over hosts)"]
-    if r["scaling_efficiency"] is not None:
-        L.append(f"- scaling efficiency against the one-node reference: {100 * r['scaling_efficiency']:.1f} %")
     L += [f"- published MLPerf results: {r['published']['text']}", ""]
     rows = table_rows(r)
     if rows:

@@ -129,6 +129,7 @@ class NightlyResult(Result):
     tolerance_throughput: float = 0.05
     host_drop: float = 0.05
     perf_plot_png: str | None = None
+    scaling: dict[str, Any] | None = None  # scaling_efficiency() against the history's latest one-host night
 
     @property
     def regressed(self) -> bool:
@@ -439,6 +440,7 @@ def compare(
         plot_png=str(out / "convergence.png"), report_json=str(out / "nightly.json"), report_md=str(out / "report.md"),
         accepted=None, key=key, performance=perf,
         performance_history=list((base_doc or {}).get("performance_history") or []), tolerance_time=tolerance_time,
+        scaling=scaling_efficiency(perf, list((base_doc or {}).get("performance_history") or [])),
         tolerance_throughput=tolerance_throughput, host_drop=host_drop, perf_plot_png=str(out / "performance.png"),
     )
     plot(result, None, out / "convergence.png")
@@ -481,8 +483,24 @@ def performance(per_run: list[dict[str, Any]]) -> dict[str, Any] | None:
     hosts = sorted({h for r in per_run for h in r["hosts"]})
     out = {"time_to_train_min": med([r["time_to_train_min"] for r in per_run]),
            "img_per_s": med([r["img_per_s"] for r in per_run]),
+           "ranks": max((r.get("ranks") or 0 for r in per_run), default=0) or None,
            "hosts": {h: med([r["hosts"].get(h) for r in per_run]) for h in hosts}}
     return out if out["time_to_train_min"] is not None or out["img_per_s"] is not None or hosts else None
+
+
+def scaling_efficiency(perf: dict[str, Any] | None, history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """img/s per rank of a multi-host night against the latest accepted one-host night's (the same setup, as
+    every night compared here): {"efficiency", "reference_at", "reference_per_rank"}; None without both."""
+    def per_rank(n):
+        return n["img_per_s"] / n["ranks"] if n.get("img_per_s") and n.get("ranks") else None
+
+    if not perf or len(perf.get("hosts") or {}) < 2 or per_rank(perf) is None:
+        return None
+    ref = next((n for n in reversed(history) if len(n.get("hosts") or {}) == 1 and per_rank(n)), None)
+    if ref is None:
+        return None
+    return {"efficiency": round(per_rank(perf) / per_rank(ref), 4), "reference_at": ref.get("at"),
+            "reference_per_rank": round(per_rank(ref), 2)}
 
 
 def judge_performance(perf: dict[str, Any] | None, history: list[dict[str, Any]], tol_time: float,
@@ -733,6 +751,10 @@ def _markdown(r: dict[str, Any], image: str, perf_image: str | None = None) -> s
                  f"{_g(perf.get('img_per_s'), 1)} img/s; own img/s per rank by host: {hosts} "
                  f"(against the median of {len(hist)} accepted night(s); tolerances: time +{100 * r.get('tolerance_time', 0):g} %, "
                  f"throughput -{100 * r.get('tolerance_throughput', 0):g} %, host -{100 * r.get('host_drop', 0):g} %)")
+    if r.get("scaling"):
+        sc = r["scaling"]
+        L.append(f"- scaling efficiency: {100 * sc['efficiency']:.1f} % of the img/s per rank of the one-host night "
+                 f"accepted {sc['reference_at']} ({_g(sc['reference_per_rank'], 1)})")
     L.append(f"- baseline location: `{r['baseline_location']}`" + (f"; accepted as the new baseline: `{r['accepted']}`"
                                                                     if r.get("accepted") else ""))
     acc = r.get("acceptance")

@@ -46,7 +46,7 @@ def test_history_is_kept_and_a_dropped_host_fails_the_nightly_by_name(tmp_path):
     base = tmp_path / "baseline"
     first = N.run_nightly([night(tmp_path, "n1", {"node-a": 100.0, "node-b": 102.0})], base)
     assert first.verdict == "no-baseline" and first.performance == {
-        "time_to_train_min": 1.0, "img_per_s": 200.0, "hosts": {"node-a": 100.0, "node-b": 102.0}}
+        "time_to_train_min": 1.0, "img_per_s": 200.0, "ranks": 2, "hosts": {"node-a": 100.0, "node-b": 102.0}}
     second = N.run_nightly([night(tmp_path, "n2", {"node-a": 98.0, "node-b": 100.0}, img_per_s=196.0)], base)
     assert second.verdict == "pass", second.reason
     doc = json.loads((base / "baseline.json").read_text())
@@ -86,3 +86,18 @@ def test_a_baseline_without_performance_history_judges_convergence_only(tmp_path
     r = N.run_nightly([night(tmp_path, "n2", {"node-a": 10.0}, img_per_s=20.0, minutes=9.0)], base)
     assert r.verdict == "pass" and r.failures == []
     assert [h["run_ids"] for h in json.loads((base / "baseline.json").read_text())["performance_history"]] == [["n2"]]
+
+
+def test_scaling_efficiency_against_the_latest_one_host_night(tmp_path):
+    base = tmp_path / "baseline"
+    one = night(tmp_path, "n1", {"node-a": 100.0}, img_per_s=200.0)  # one host, two ranks on it
+    lines = (one.parent / "timing" / "run_0.jsonl").read_text().splitlines()
+    second_rank = [json.dumps(dict(json.loads(x), rank=1)) for x in lines]
+    (one.parent / "timing" / "run_0.jsonl").write_text("\n".join(lines + second_rank) + "\n")
+    first = N.run_nightly([one], base)
+    assert first.performance["ranks"] == 2 and first.scaling is None  # nothing to compare one host with
+    two = N.run_nightly([night(tmp_path, "n2", {"node-a": 95.0, "node-b": 95.0}, img_per_s=180.0)], base,
+                        tolerance_throughput=0.2, host_drop=0.2)
+    assert two.verdict == "pass", two.reason
+    assert two.scaling == {"efficiency": 0.9, "reference_at": first.acceptance["at"], "reference_per_rank": 100.0}
+    assert "scaling efficiency: 90.0 % of the img/s per rank of the one-host night" in Path(two.report_md).read_text()
