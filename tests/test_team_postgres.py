@@ -10,6 +10,7 @@ alert automation created once.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -102,29 +103,36 @@ def _interpolate(value: str, env: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def team_server(postgres, tmp_path_factory):
     """The compose `prefect-server` service on the test's PostgreSQL: (api_url, client env)."""
+    with prefect_on_postgres(postgres, tmp_path_factory.mktemp("team-prefect")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def prefect_on_postgres(postgres, home: Path, host: str = "127.0.0.1"):
+    """The compose `prefect-server` service on `postgres`, listening on `host` (loopback, or an address a
+    test made): (api_url, client env)."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     service = compose["services"]["prefect-server"]
-    host, db_port = postgres
+    db_host, db_port = postgres
     port = free_port()
-    dotenv = {"POSTGRES_PASSWORD": PASSWORD, "PREFECT_AUTH_STRING": AUTH, "RN50_PUBLIC_URL": f"http://127.0.0.1:{port}"}
+    dotenv = {"POSTGRES_PASSWORD": PASSWORD, "PREFECT_AUTH_STRING": AUTH, "RN50_PUBLIC_URL": f"http://{host}:{port}"}
     server_env = {k: _interpolate(str(v), dotenv) for k, v in service["environment"].items()}
     # The compose network's names and wildcard binds, as this machine reaches them (loopback only).
     server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"].replace(
-        "@postgres:5432/", f"@{host}:{db_port}/")
+        "@postgres:5432/", f"@{db_host}:{db_port}/")
     assert server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://prefect:")
     assert server_env["PREFECT_SERVER_API_AUTH_STRING"] == AUTH
-    server_env.update(PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))
-    command = [{"0.0.0.0": "127.0.0.1", "4200": str(port)}.get(a, a) for a in service["command"]]
+    server_env.update(PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port))
+    command = [{"0.0.0.0": host, "4200": str(port)}.get(a, a) for a in service["command"]]
     assert command[:3] == ["prefect", "server", "start"]
     command[0] = str(VENV_BIN / "prefect")
 
-    home = tmp_path_factory.mktemp("team-prefect")
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     base.update(PREFECT_HOME=str(home), PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     log = open(home / "server.log", "ab")
     server = subprocess.Popen(command, env={**base, **server_env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
+    api = f"http://{host}:{port}/api"
     client_env = {**base, **{k: _interpolate(str(v), dotenv) for k, v in compose["x-client-env"].items()}}
     client_env.update(PREFECT_API_URL=api, RN50_PROJECT_DIR=str(ROOT))
     try:
