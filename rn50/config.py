@@ -82,6 +82,11 @@ DEFAULTS: Dict[str, Any] = {
     "omp_threads": 0,
     "hybridize": True,
     "log_every": 20,
+    # Preflight bandwidth, before run_start (untimed): an allreduce of this many MiB across all ranks, timed
+    # (0: none). Below expected_busbw_gbps (0: no expectation) it warns, or with preflight_refuse exits 2.
+    "preflight_allreduce_mb": 0.0,
+    "expected_busbw_gbps": 0.0,
+    "preflight_refuse": False,
 }
 
 _CHOICES = {
@@ -174,6 +179,10 @@ def validate(cfg: Dict[str, Any]) -> None:
         raise ConfigError("decay_epochs (default max_epochs) must exceed warmup_epochs")
     if not (0.0 < cfg["target_accuracy"] <= 1.0):
         raise ConfigError("target_accuracy must be in (0, 1]")
+    if not (0.0 <= cfg["preflight_allreduce_mb"] <= 4096.0) or cfg["expected_busbw_gbps"] < 0:
+        raise ConfigError("preflight_allreduce_mb must be in [0, 4096] and expected_busbw_gbps >= 0")
+    if not isinstance(cfg["preflight_refuse"], bool):
+        raise ConfigError(f"preflight_refuse must be true or false, not {cfg['preflight_refuse']!r}")
 
 
 def eval_epochs(max_epochs: int, eval_period: int, eval_offset: int) -> List[int]:

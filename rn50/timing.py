@@ -126,6 +126,30 @@ def gather_json(obj: Dict, hvd, mx, name: str) -> List[Dict]:
     return out
 
 
+def preflight_bandwidth(hvd, mx, ctx, mib: float, rounds: int = 3) -> Dict[str, float]:
+    """Time an allreduce of `mib` MiB of float32 across all ranks (after one warm-up; each round starts
+    together after a one-element allreduce): algorithm bandwidth = bytes / median time, bus bandwidth =
+    algbw x 2 (n - 1) / n (NCCL's convention: what each link carries in a ring allreduce)."""
+    import statistics
+
+    n = max(1, int(mib * 2 ** 20) // 4)
+    x = mx.nd.ones((n,), ctx=ctx)
+    hvd.allreduce(x, name="preflight.warm").wait_to_read()
+    times = []
+    for _ in range(rounds):
+        hvd.allreduce(mx.nd.zeros((1,), ctx=ctx), name="preflight.sync").wait_to_read()
+        t0 = time.perf_counter()
+        hvd.allreduce(x, name="preflight.ar").wait_to_read()
+        times.append(time.perf_counter() - t0)
+    # Rank 0's figure for every rank, so that all of them take the same warn-or-refuse decision.
+    t = float(hvd.broadcast(mx.nd.array([statistics.median(times)], ctx=ctx, dtype="float64"), root_rank=0,
+                            name="preflight.t").asscalar())
+    size = hvd.size()
+    algbw = 4 * n / t / 1e9
+    return {"bytes": 4 * n, "ranks": size, "seconds": round(t, 6), "algbw_gbps": round(algbw, 4),
+            "busbw_gbps": round(algbw * 2 * (size - 1) / size, 4), "rounds": rounds}
+
+
 class TimingLog:
     """RUN_DIR/timing/run_<N>.jsonl, written by rank 0 ("w" for a fresh attempt, "a" on resume)."""
 
@@ -137,6 +161,11 @@ class TimingLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a" if append else "w"):
                 pass
+
+    def write_preflight(self, result: Dict) -> None:
+        if self.enabled:
+            path = self.path.with_name(f"preflight_{self.run_index}.json")
+            path.write_text(json.dumps(result, sort_keys=True) + "\n")
 
     def write(self, records: List[Dict]) -> None:
         if not self.enabled:

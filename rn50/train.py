@@ -212,6 +212,8 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
 
     # lars_opt_learning_rate_decay_steps: steps from the first one to end_lr (the RCP table's meaning).
     log.log_hyperparameters(cfg, global_batch, batch, cfg["warmup_epochs"], schedule.total_steps)
+    if cfg["preflight_allreduce_mb"] > 0:
+        _preflight(cfg, timing.preflight_bandwidth(hvd, mx, ctx, cfg["preflight_allreduce_mb"]), timings, say)
     log.end("init_stop")
     _barrier(hvd, mx, ctx)
 
@@ -267,6 +269,19 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
         say(f"checkpoint of epoch {epoch} written after run_stop in {time.time() - t0:.2f}s (outside the timed region)")
     _barrier(hvd, mx, ctx)
     return 0
+
+
+def _preflight(cfg: Dict, bw: Dict[str, float], timings, say) -> None:
+    """Report the preflight bandwidth; below the expected figure warn, or refuse (exit 2) when configured."""
+    timings.write_preflight(bw)
+    say(f"preflight: allreduce of {bw['bytes'] / 2 ** 20:g} MiB across {bw['ranks']} rank(s) in {bw['seconds'] * 1000:.1f} ms: "
+        f"bus bandwidth {bw['busbw_gbps']:g} GB/s (algorithm {bw['algbw_gbps']:g} GB/s)")
+    expected = cfg["expected_busbw_gbps"]
+    if expected and bw["busbw_gbps"] < expected:
+        msg = f"preflight bus bandwidth {bw['busbw_gbps']:g} GB/s is below the expected {expected:g} GB/s"
+        if cfg["preflight_refuse"]:
+            raise ConfigError(msg + " (preflight_refuse: true)")
+        say(f"warning: {msg}")
 
 
 def train_one_epoch(net, trainer, loss_fn, loader, steps: int, cfg: Dict, classes: int, ctx,

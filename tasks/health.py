@@ -246,6 +246,23 @@ def _median_or_none(xs: list[float | None]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def read_preflight(log: Path) -> dict[str, float] | None:
+    """RUN_DIR/timing/preflight_<n>.json of result_<n>.txt (rn50's bandwidth preflight), or None."""
+    m = re.fullmatch(r"result_(\d+)\.txt", log.name)
+    p = log.parent / "timing" / f"preflight_{m.group(1)}.json" if m else None
+    if p is None or not p.exists():
+        return None
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise StageError(f"preflight file {p}: not JSON") from None
+    keys = ("bytes", "ranks", "seconds", "algbw_gbps", "busbw_gbps")
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), (int, float)) and not isinstance(doc.get(k), bool)
+                                            and math.isfinite(doc[k]) and doc[k] >= 0 for k in keys):
+        raise StageError(f"preflight file {p}: want finite numbers >= 0 for {', '.join(keys)}")
+    return {k: doc[k] for k in keys}
+
+
 def _run_figures(log: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     s = mlperf_logs.summarize(lines := mlperf_logs.load(log))
     per_epoch, source = epoch_throughput(lines, s.values.get("train_samples"))
@@ -254,6 +271,7 @@ def _run_figures(log: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     ttt = (s.run_stop - s.run_start) / 60000 if s.run_start is not None and s.run_stop is not None else None
     hosts = host_epochs(records)
     return {"log": log.name, "time_to_train_min": ttt, "status": s.status, "throughput_source": source,
+            "preflight": read_preflight(log),
             "img_per_s": agg, "img_per_s_per_gpu": agg / ranks if agg and ranks else None, "ranks": ranks,
             "epochs": {str(e): v for e, v in sorted(per_epoch.items())},
             "hosts": {h: {"steady": _steady_figures(ep), "epochs": {str(e): f for e, f in ep.items()}}
@@ -391,6 +409,11 @@ def markdown(r: dict[str, Any], image: str) -> str:
          f"- data wait {_f(100 * r['data_wait_frac'] if r['data_wait_frac'] is not None else None)} %, "
          f"allreduce {_f(100 * r['allreduce_frac'] if r['allreduce_frac'] is not None else None)} % of step time "
          "(median over hosts)"]
+    for run in r["runs"]:
+        if run.get("preflight"):
+            pf = run["preflight"]
+            L.append(f"- preflight ({run['log']}): allreduce of {pf['bytes'] / 2 ** 20:g} MiB across {pf['ranks']} "
+                     f"ranks, bus bandwidth {pf['busbw_gbps']:g} GB/s")
     L += [f"- published MLPerf results: {r['published']['text']}", ""]
     rows = table_rows(r)
     if rows:

@@ -187,3 +187,15 @@ def test_rn50_check_writes_and_prints_the_health_report(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tasks.cli", "check", str(run), "--slow-host-threshold", "1.5"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("slow-host threshold must be in (0, 1), not 1.5")
+
+
+def test_preflight_bandwidth_is_in_the_report_and_a_bad_file_is_refused(tmp_path):
+    run = _run_dir(tmp_path, {"node-a": [100] * 4, "node-b": [100] * 4})
+    pf = {"bytes": 64 << 20, "ranks": 16, "seconds": 0.05, "algbw_gbps": 1.342, "busbw_gbps": 2.516, "rounds": 3}
+    (run / "timing" / "preflight_0.json").write_text(json.dumps(pf))
+    r = health.report(run, tmp_path / "out")
+    assert r.runs[0]["preflight"]["busbw_gbps"] == 2.516
+    assert "- preflight (result_0.txt): allreduce of 64 MiB across 16 ranks, bus bandwidth 2.516 GB/s" in Path(r.report_md).read_text()
+    (run / "timing" / "preflight_0.json").write_text(json.dumps({**pf, "busbw_gbps": "fast"}))
+    with pytest.raises(StageError, match="preflight_0.json: want finite numbers >= 0 for bytes, ranks"):
+        health.report(run, tmp_path / "out2")

@@ -1,5 +1,8 @@
 """rn50.timing.EpochClock against a scripted clock: which steps are sampled, what each mark measures,
 and the summary's arithmetic. (The clock in real training runs: tests/test_rn50_train.py.)"""
+import pytest
+
+from rn50.config import ConfigError, load_config
 from rn50.timing import EpochClock, percentile
 
 
@@ -71,3 +74,14 @@ def test_percentile_is_nearest_rank():
     assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
     assert percentile(list(map(float, range(1, 101))), 95) == 95.0
     assert percentile([7.0], 95) == 7.0
+
+
+@pytest.mark.parametrize("setting, msg", [
+    ("preflight_allreduce_mb=-1", "preflight_allreduce_mb must be in [0, 4096]"),
+    ("expected_busbw_gbps=-2", "expected_busbw_gbps >= 0"),
+    ("preflight_refuse=maybe", "preflight_refuse must be true or false"),
+])
+def test_preflight_settings_are_checked(setting, msg):
+    with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        load_config("cpu-demo", [setting])
+    assert load_config("cpu-demo")["preflight_allreduce_mb"] == 0  # off unless asked for

@@ -79,9 +79,16 @@ def test_two_gloo_ranks(rec, tmp_path):
     out = tmp_path / "run"
     r = _train(["--config", "cpu-demo", "--data", str(rec), "--out", str(out), "--run-index", "3", "--seed", "5",
                 "--set", "max_epochs=2", "--set", "eval_period=1", "--set", "eval_offset=0", "--set", "warmup_epochs=1",
-                "--set", "depth=[1,1,1,1]", "--set", "batch_size=8", "--set", "global_batch_size=16"], np_=2)
+                "--set", "depth=[1,1,1,1]", "--set", "batch_size=8", "--set", "global_batch_size=16",
+                "--set", "preflight_allreduce_mb=2", "--set", "expected_busbw_gbps=100000"], np_=2)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert not (out / "result_0.txt").exists()
+    # The bandwidth preflight ran before run_start, and below the expected figure it only warns.
+    pf = json.loads((out / "timing" / "preflight_3.json").read_text())
+    assert pf["bytes"] == 2 << 20 and pf["ranks"] == 2 and pf["seconds"] > 0
+    assert pf["busbw_gbps"] == pytest.approx(pf["algbw_gbps"] * 2 * (2 - 1) / 2, abs=1e-4)
+    assert f"warning: preflight bus bandwidth {pf['busbw_gbps']:g} GB/s is below the expected 100000 GB/s" in r.stdout
+    assert r.stdout.index("preflight: allreduce of 2 MiB") < r.stdout.index('"run_start"')
     recs = _records(out / "result_3.txt")
     keys = [x["key"] for x in recs]
     # Rank 0 only: exactly one of each once-per-run key, not one per rank.
@@ -109,6 +116,18 @@ def test_two_gloo_ranks(rec, tmp_path):
         assert 0 < t["data_wait_s"] + t["compute_s"] + t["allreduce_s"] <= t["seconds"]
     for e, total in totals.items():
         assert abs(sum(t["img_per_s"] for t in timing if t["epoch"] == e) - total) < 0.1
+
+
+def test_preflight_below_the_expected_bandwidth_refuses_before_run_start(rec, tmp_path):
+    out = tmp_path / "run"
+    r = _train(["--config", "cpu-demo", "--data", str(rec), "--out", str(out), "--seed", "5",
+                "--set", "depth=[1,1,1,1]", "--set", "batch_size=8", "--set", "global_batch_size=16",
+                "--set", "preflight_allreduce_mb=1", "--set", "expected_busbw_gbps=100000",
+                "--set", "preflight_refuse=true"], np_=2)
+    assert r.returncode != 0
+    err = [line for line in r.stderr.splitlines() if "rn50.train: error:" in line]
+    assert len(err) == 1 and err[0].endswith("GB/s is below the expected 100000 GB/s (preflight_refuse: true)"), r.stderr[-2000:]
+    assert '"run_start"' not in (out / "result_0.txt").read_text()
 
 
 def test_timed_config_never_resumes(rec, tmp_path):
