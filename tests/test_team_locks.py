@@ -177,3 +177,29 @@ def test_redis_down_at_release_does_not_fail_the_stage(tmp_path, caplog):
         assert other.acquire_lock("rn50-train-k", "other", acquire_timeout=HOLD + 1)
         assert time.monotonic() - t0 <= HOLD + 0.5
         other.release_lock("rn50-train-k", "other")
+
+
+def test_heartbeat_takes_a_lost_lock_back_and_gives_up_one_taken_over(redis, caplog):
+    """Redis lost the lock (a restart without persistence: FLUSHALL here): the next renewal takes it back, one
+    line. Another holder has it (its expiry passed while this holder stalled): the renewal leaves it, one line,
+    and stops renewing it."""
+    import pickle
+
+    import redis as redis_py
+
+    r = redis_py.Redis.from_url(redis.url())
+    m = _manager(redis.url())
+    assert m.acquire_lock("rn50-archive-k", "h")
+    with caplog.at_level(logging.WARNING):
+        r.flushall()
+        m.renew()
+        assert r.get("lock:rn50-archive-k") == b"h" and 0 < r.pttl("lock:rn50-archive-k") <= HOLD * 1000
+        r.set("lock:rn50-archive-k", "someone-else", px=int(HOLD * 1000))
+        m.renew()
+        assert r.get("lock:rn50-archive-k") == b"someone-else" and "rn50-archive-k" not in m._held
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert sum("took the stage lock rn50-archive-k back" in ln for ln in lines) == 1, lines
+    assert sum("lost the stage lock rn50-archive-k in Redis to another holder" in ln for ln in lines) == 1, lines
+    copy = pickle.loads(pickle.dumps(m))  # Prefect may copy a task's cache policy: the bound goes with it
+    assert (copy.hold_s, copy.renew_s, copy.where) == (HOLD, RENEW, f"127.0.0.1:{redis.port}")
+    r.delete("lock:rn50-archive-k")
