@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -301,16 +302,18 @@ def test_slurm_stages_on_each_node_inside_the_training_job(slurm, wd, data_dir, 
 
 
 def test_slurm_staging_without_room_fails_the_job_before_any_rank_in_one_line(slurm, wd, monkeypatch):
-    """A data_dir with no room on the nodes (here /proc, 0 bytes free): the staging step fails, naming each node
-    and the bytes, and no run starts."""
+    """A data_dir with no room on the nodes (here /proc, 0 bytes free): the staging step fails, naming the node and
+    the bytes (the first node to fail stops the step: srun --kill-on-bad-exit), and no run starts."""
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     with pytest.raises(StageError) as e:
         train(wd, hosts=_slurm_doc(Path("/proc/rn50-no-room")), entry=PROBE, timeout_s=300)
     need = sum((wd / "recordio" / n).stat().st_size for n in FILES)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("run 0: slurm job ") and "staging the data failed: " in msg, msg
-    for node in slurm.nodes:
-        assert (f"node {node.name}: not enough space under /proc/rn50-no-room: the copy needs {need} bytes, "
-                "0 are free") in msg, msg
+    errors = msg.split("staging the data failed: ", 1)[1].split("; ")
+    names = "|".join(node.name for node in slurm.nodes)
+    for err in errors:
+        assert re.fullmatch(rf"node ({names}): not enough space under /proc/rn50-no-room: the copy needs {need} "
+                            "bytes, 0 are free", err), msg
     (run_dir,) = (wd / "runs").iterdir()
     assert not list(run_dir.glob("rank*")) and slurm.squeue() == []
