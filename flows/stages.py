@@ -372,6 +372,7 @@ def _distribution_table(r: dict) -> None:
 
 @stage("distribute", outputs=lambda wd, r: [], publish=_distribution_table)
 def distribute(workdir: str, hosts: str) -> Any:
+    """recordio onto every host's node-local data_dir (tasks.distribute): a progress bar of bytes per host."""
     from tasks.distribute import distribute as run
 
     result = run(workdir, hosts=hosts, progress=_Progresses(lambda host: f"distribute: bytes to {host}"))

@@ -179,6 +179,17 @@ def test_a_host_without_room_fails_in_one_line_naming_it_and_the_bytes(tmp_path_
         assert not on_b(small, data_dir).exists()  # nothing was written there
 
 
+def test_a_hostile_data_dir_is_one_literal_path_on_every_host(host_b, wd, nodes, tmp_path):
+    """data_dir reaches a shell on each host (sh -c here, ssh there): every use is quoted, so shell syntax in it
+    names a directory and runs nothing."""
+    marker = tmp_path / "pwned"
+    data_dir = nodes / f"it's $(touch {marker}) `touch {marker}`; d-{secrets.token_hex(2)}"
+    res = distribute(wd, _doc(host_b, data_dir))
+    assert {r["action"] for r in res.hosts} == {"copied"} and not marker.exists()
+    _same_as_source(wd, data_dir)
+    _same_as_source(wd, on_b(host_b, data_dir))
+
+
 def test_shared_or_unset_data_dir_is_skipped_with_its_reason(host_b, wd, data_dir):
     shared = distribute(wd, _doc(host_b, data_dir, data_local=False))
     assert shared.skipped and shared.reason.startswith(f"data_local is false: {data_dir} is on a file system the "
