@@ -93,18 +93,18 @@ def distribute(workdir: Path | str, hosts: Path | str | Any = None,
 
 
 DESCRIPTION = """\
-Distribute: copy WORKDIR/recordio to the node-local data_dir of every host of the hosts file (data_local: true),
-several hosts at once, each copy written to a temporary name, resumed where a cut copy stopped, proven by its
-full md5 on the host, then renamed. A host whose copy is already verified is skipped in seconds. Skipped when
-data_local is false (data_dir on a file system the hosts share). With launcher: slurm the training job stages the
-data on its own nodes (a first srun step), so this only computes the source's digests."""
+Distribute: copy WORKDIR/recordio to the data directory on every host's own disk, when the hosts file says the
+data is local to each host; several hosts at once, each copy written under a temporary name, resumed where a cut
+copy stopped, proven by its full MD5 on the host, then renamed. A host whose copy is already verified is passed in
+seconds. Nothing is copied when the hosts share one file system for the data. On a Slurm cluster the training job
+copies the data onto its own nodes first, so this only computes the digests of the source."""
 
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("distribute", help="copy the packed data onto every host's node-local data_dir",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir", type=Path)
-    p.add_argument("--hosts", type=Path, required=True, help="hosts file (YAML; `launcher: ssh` or `slurm`)")
+    p.add_argument("--hosts", type=Path, required=True, help="hosts file (YAML) of the cluster, SSH hosts or Slurm")
     p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help="hosts copied at once")
     p.set_defaults(run=_cli)
 
