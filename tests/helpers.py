@@ -52,16 +52,16 @@ def fake_recordio(workdir: Path, rec_bytes: int = 1 << 20, val_bytes: int | None
 
 
 def trained_runs(workdir: Path) -> list[Path]:
-    """The run directories of `workdir` whose training succeeded. Any other run directory must be a failed
-    attempt that the train stage kept beside its retry (FAILED marker and status "failed"): a rank's rare
-    start-up crash is retried by Prefect, so "one training" means one succeeded run dir, not one dir."""
+    """The run directories of `workdir` whose training succeeded. Any other run directory must be an attempt the
+    train stage kept and marked: failed beside its retry (a rank's rare start-up crash is retried by Prefect), or
+    aborted (its launcher was killed): "one training" means one succeeded run dir, not one dir."""
     done = []
     for run_dir in sorted((Path(workdir) / "runs").iterdir()):
         status = json.loads((run_dir / "status.json").read_text())["status"]
         if status == "success":
             done.append(run_dir)
         else:
-            assert status == "failed" and (run_dir / "FAILED").is_file(), (run_dir, status)
+            assert status in ("failed", "aborted") and (run_dir / status.upper()).is_file(), (run_dir, status)
     return done
 
 

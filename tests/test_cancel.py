@@ -330,6 +330,10 @@ def test_sigkill_of_rn50_run_leaves_no_orphan_and_a_rerun_completes(demo_source,
     assert rerun.returncode == 0 and out["state"] == "Completed", rerun.stderr[-3000:]
     assert out["stages"]["train"] == "Completed"
     assert "broke the stale lock rn50-train-" in rerun.stdout + rerun.stderr
+    # The killed attempt was left `running`; the rerun found its launcher gone and marked it.
+    assert "was left running by a launcher that died" in rerun.stdout + rerun.stderr, rerun.stdout[-3000:]
+    statuses = [json.loads(p.read_text())["status"] for p in (wd / "runs").glob("*/status.json")]
+    assert "aborted" in statuses and "success" in statuses and "running" not in statuses, statuses
     # ... and took over the killed run's cluster slot at once rather than after its lease (flows/cluster.py).
     assert "released the cluster slot held by pid " in rerun.stdout + rerun.stderr
     # Every log reached the run's own server before it was stopped (else Prefect retries for a minute at exit).
