@@ -13,7 +13,7 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml uv.lock scripts/install.sh scripts/build-horovod.sh
+$(VENV)/.installed: pyproject.toml uv.lock scripts/install.sh scripts/build-horovod.sh $(wildcard scripts/patches/*.patch)
 	MXNET_BUILD=$(MXNET_BUILD) bash scripts/install.sh
 	touch $@
 
