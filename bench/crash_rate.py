@@ -8,7 +8,9 @@ Several copies in parallel (`--parallel`) load the machine the way the test suit
 
     .venv/bin/python bench/crash_rate.py --workdir .demo/work --runs 100 --parallel 3
 
-Training is cut to `max_epochs` 3: the crash has only been seen in a rank's first seconds.
+Training is cut to `--epochs` (default 3). The crash this loop was written for happened in a rank's first
+seconds (README: "A rank's start-up segfault"), so `--epochs 1` (one epoch, evaluated, no warm-up) measures
+the same start-up at about half the cost of a launch.
 """
 from __future__ import annotations
 
@@ -17,19 +19,31 @@ import collections
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def one_copy(workdir: Path, runs: int, config: str, tally: collections.Counter, crashes: list, lock) -> None:
+def overrides(epochs: int) -> list[str]:
+    """`--set` arguments for a training cut to `epochs` epochs, the last one evaluated."""
+    sets = [f"max_epochs={epochs}"]
+    if epochs == 1:
+        sets += ["eval_offset=0", "eval_period=1", "warmup_epochs=0"]
+    return [a for kv in sets for a in ("--set", kv)]
+
+
+def one_copy(workdir: Path, runs: int, config: str, extra: list[str], deadline: float, tally: collections.Counter,
+             crashes: list, lock) -> None:
     from tasks import rank_logs
     from tasks.common import TransientError
     from tasks.train import train
 
     for _ in range(runs):
+        if time.monotonic() >= deadline:
+            return
         try:
-            res = train(workdir, config=config, extra_args=["--set", "max_epochs=3"], timeout_s=600)
+            res = train(workdir, config=config, extra_args=extra, timeout_s=600)
             outcome = res.status
             shutil.rmtree(res.run_dir)  # a succeeded run says nothing more; keep the disk small
         except TransientError as e:
@@ -56,12 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=50, help="launches per parallel copy (default 50)")
     ap.add_argument("--parallel", type=int, default=1, help="copies at once, each in its own work dir (default 1)")
     ap.add_argument("--config", default="cpu-demo", help="training config (default cpu-demo)")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per launch (default 3; 1 = one evaluated epoch)")
+    ap.add_argument("--minutes", type=float, default=0,
+                    help="start no launch after this many minutes (default 0: no limit); the summary counts what ran")
     args = ap.parse_args(argv)
+    if args.epochs < 1:
+        print("crash_rate: --epochs must be at least 1", file=sys.stderr)
+        return 2
     rec = args.workdir / "recordio"
     if not all((rec / f"{s}.{x}").is_file() for s in ("train", "val") for x in ("rec", "idx")):
         print(f"crash_rate: {rec} has no packed train/val .rec/.idx (run `make demo` first)", file=sys.stderr)
         return 2
 
+    deadline = time.monotonic() + args.minutes * 60 if args.minutes > 0 else float("inf")
     tally: collections.Counter = collections.Counter()
     crashes: list[str] = []
     lock = threading.Lock()
@@ -70,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         # One work dir per copy: the train stage's lock would otherwise run them one after the other.
         wd = args.workdir.resolve().parent / f"crash-rate-{n}"
         shutil.copytree(rec, wd / "recordio", dirs_exist_ok=True)
-        threads.append(threading.Thread(target=one_copy, args=(wd, args.runs, args.config, tally, crashes, lock)))
+        threads.append(threading.Thread(target=one_copy, args=(wd, args.runs, args.config, overrides(args.epochs),
+                                                               deadline, tally, crashes, lock)))
     for t in threads:
         t.start()
     for t in threads:
