@@ -23,7 +23,9 @@ How N runs (seeds) are compared with the baseline's runs; each rule that fails i
      `tolerance_time` (15 %) above the history's median, the median steady aggregate img/s more than
      `tolerance_throughput` (5 %) below it, or a host whose own img/s per rank (tasks/health.py: the
      rank's speed without its wait for peers) is more than `host_drop` (5 %) below its own median over
-     the history: that host is named. A failing night is not accepted, so it never lowers the medians.
+     the history and, with other hosts, whose speed relative to theirs fell by as much too (a slowdown
+     of every host is the throughput rule's): that host is named. A failing night is not accepted, so it
+     never lowers the medians.
 The median curve: at each evaluated epoch, the median over runs; a run that has already stopped
 contributes its final accuracy (it stopped because it was done).
 
@@ -522,12 +524,25 @@ def judge_performance(perf: dict[str, Any] | None, history: list[dict[str, Any]]
     if x is not None and x0 and x < x0 * (1 - tol_throughput):
         f.append(f"throughput {_g(x, 1)} img/s vs recent median {_g(x0, 1)} ({100 * (x / x0 - 1):.1f} %, "
                  f"tolerance {100 * tol_throughput:g} %)")
-    for host, v in sorted((perf.get("hosts") or {}).items()):
+    hosts = perf.get("hosts") or {}
+    for host, v in sorted(hosts.items()):
         v0 = past(lambda h: (h.get("hosts") or {}).get(host))
-        if v is not None and v0 and v < v0 * (1 - host_drop):
-            f.append(f"host {host} dropped: {_g(v, 1)} img/s per rank vs its recent median {_g(v0, 1)} "
-                     f"({100 * (v / v0 - 1):.1f} %, threshold {100 * host_drop:g} %)")
+        if v is None or not v0 or v >= v0 * (1 - host_drop):
+            continue
+        why = f"({100 * (v / v0 - 1):.1f} %, threshold {100 * host_drop:g} %)"
+        if len(hosts) > 1:  # and it fell behind the others: a slowdown of every host is not one host's
+            r, r0 = _peer_ratio(hosts, host), past(lambda h: _peer_ratio(h.get("hosts") or {}, host))
+            if r is None or not r0 or r >= r0 * (1 - host_drop):
+                continue
+            why = f"({100 * (v / v0 - 1):.1f} %; {r:.2f}x the other hosts' speed, {r0:.2f}x recently; threshold {100 * host_drop:g} %)"
+        f.append(f"host {host} dropped: {_g(v, 1)} img/s per rank vs its recent median {_g(v0, 1)} {why}")
     return f
+
+
+def _peer_ratio(hosts: dict[str, float | None], host: str) -> float | None:
+    """A host's own img/s per rank over the median of the other hosts' in the same night."""
+    others = [x for h, x in hosts.items() if h != host and x]
+    return hosts[host] / statistics.median(others) if others and hosts.get(host) else None
 
 
 def plot_performance(result: NightlyResult | dict[str, Any], out_png: str | os.PathLike) -> Path:

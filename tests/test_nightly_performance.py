@@ -56,7 +56,8 @@ def test_history_is_kept_and_a_dropped_host_fails_the_nightly_by_name(tmp_path):
     slow = N.run_nightly([night(tmp_path, "n3", {"node-a": 99.0, "node-b": 60.0}, img_per_s=150.0)], base,
                          tolerance_throughput=0.5)
     assert slow.verdict == "regressed" and slow.failed
-    assert slow.failures == ["host node-b dropped: 60 img/s per rank vs its recent median 101 (-40.6 %, threshold 5 %)"]
+    assert slow.failures == ["host node-b dropped: 60 img/s per rank vs its recent median 101 (-40.6 %; 0.61x the "
+                             "other hosts' speed, 1.02x recently; threshold 5 %)"]
     assert slow.reason.startswith("nightly regressed: host node-b dropped") and "node-a" not in slow.reason
     # Not accepted: the slow night does not enter the history the next night is judged against.
     assert [h["run_ids"] for h in json.loads((base / "baseline.json").read_text())["performance_history"]] == [["n1"], ["n2"]]
@@ -64,6 +65,18 @@ def test_history_is_kept_and_a_dropped_host_fails_the_nightly_by_name(tmp_path):
     assert report["performance"]["hosts"]["node-b"] == 60.0 and len(report["performance_history"]) == 2
     assert Path(slow.perf_plot_png).read_bytes()[:4] == b"\x89PNG" and "performance.png" in Path(slow.report_md).read_text()
     assert "data:image/png;base64," in N.markdown_with_plot(slow).split("over the nights]")[1]
+
+
+def test_every_host_slower_is_a_throughput_regression_not_a_host_named(tmp_path):
+    base = tmp_path / "baseline"
+    N.run_nightly([night(tmp_path, "n1", {"node-a": 100.0, "node-b": 90.0}, img_per_s=180.0)], base)
+    # Both hosts 40 % slower (a driver, a shared load): no host fell behind the other.
+    r = N.run_nightly([night(tmp_path, "n2", {"node-a": 60.0, "node-b": 54.0}, img_per_s=108.0)], base)
+    assert r.failures == ["throughput 108 img/s vs recent median 180 (-40.0 %, tolerance 5 %)"]
+    # One host alone: its own drop is the rule.
+    N.run_nightly([night(tmp_path, "s1", {"solo": 100.0})], tmp_path / "b2")
+    solo = N.run_nightly([night(tmp_path, "s2", {"solo": 80.0})], tmp_path / "b2", tolerance_throughput=0.5)
+    assert solo.failures == ["host solo dropped: 80 img/s per rank vs its recent median 100 (-20.0 %, threshold 5 %)"]
 
 
 def test_time_to_train_and_throughput_regress_beyond_their_tolerances(tmp_path):
