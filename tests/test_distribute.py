@@ -233,21 +233,13 @@ print(json.dumps({"states": states, "result": result,
 """
 
 
-def test_the_flow_stage_shows_bytes_per_host_and_is_cached(host_b, wd, data_dir, tmp_path):
+def test_the_flow_stage_shows_bytes_per_host_and_is_cached(bare_prefect_server, host_b, wd, data_dir, tmp_path):
     """A real Prefect server: the stage's progress artifacts (one per host, bytes) reach 100 %, a table names
     what each host got, and the second call with the same key is Cached without touching the hosts."""
-    from flows.local import LocalPrefect
-    from helpers import free_port
-
     hosts = tmp_path / "hosts.yaml"
     hosts.write_text(yaml.safe_dump(_doc(host_b, data_dir)))
-    local = LocalPrefect(tmp_path / "prefect-home", free_port())
-    local.start_server()
-    try:
-        p = subprocess.run([sys.executable, "-c", _FLOW, str(ROOT), str(wd), str(hosts), secrets.token_hex(4)],
-                           env={**local.env(), "RN50_STRICT": "1"}, capture_output=True, text=True, timeout=300)
-    finally:
-        local.down()
+    p = subprocess.run([sys.executable, "-c", _FLOW, str(ROOT), str(wd), str(hosts), secrets.token_hex(4)],
+                       env=bare_prefect_server.env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["states"] == ["Completed", "Cached"]
