@@ -96,7 +96,8 @@ def test_every_install_command_checks_hashes():
                     assert "--frozen" in words, f"{path.name}: {cmd.strip()}"
                 elif ("pip" in words and ({"install", "wheel", "download"} & set(words))):
                     seen += 1
-                    local_wheel = words[-1] in ('"$wheel"', '"$built"')
+                    # The cached or just-built wheel, or the source tree unpacked from the hash-checked sdist.
+                    local_wheel = words[-1] in ('"$wheel"', '"$built"', '"$src"')
                     assert local_wheel or ("--require-hashes" in words and "-r" in words), f"{path.name}: {cmd.strip()}"
                     if "-r" in words:
                         req = words[words.index("-r") + 1].strip('"')
@@ -193,11 +194,31 @@ def _run_build_horovod(tmp_path: Path, cache: Path) -> tuple[subprocess.Complete
     return proc, log.read_text() if log.exists() else ""
 
 
+def _key_dir(cache: Path) -> Path:
+    """Where build-horovod.sh keeps the cpu wheel: keyed by the digest of scripts/patches/horovod-0.28.1-*.patch."""
+    import hashlib
+
+    digests = "".join(hashlib.sha256(p.read_bytes()).hexdigest() + "\n"
+                      for p in sorted((ROOT / "scripts/patches").glob("horovod-0.28.1-*.patch")))
+    return cache / "horovod-0.28.1" / f"cpu-p{hashlib.sha256(digests.encode()).hexdigest()[:16]}"
+
+
+def _cached_wheel(directory: Path) -> Path:
+    """A cached wheel in `directory` with its matching digest record."""
+    import hashlib
+
+    directory.mkdir(parents=True)
+    wheel = directory / "horovod-0.28.1-cp311-cp311-linux_x86_64.whl"
+    wheel.write_bytes(b"the wheel as built")
+    (directory / (wheel.name + ".sha256")).write_text(f"{hashlib.sha256(wheel.read_bytes()).hexdigest()}  {wheel.name}\n")
+    return wheel
+
+
 def test_a_tampered_cached_wheel_is_discarded_not_installed(tmp_path):
     import hashlib
 
     cache = tmp_path / "cache"
-    flavour = cache / "horovod-0.28.1" / "cpu"
+    flavour = _key_dir(cache)
     flavour.mkdir(parents=True)
     wheel = flavour / "horovod-0.28.1-cp311-cp311-linux_x86_64.whl"
     wheel.write_bytes(b"the wheel as built")
@@ -214,14 +235,22 @@ def test_a_tampered_cached_wheel_is_discarded_not_installed(tmp_path):
 
 
 def test_a_cached_wheel_matching_its_record_is_installed(tmp_path):
-    import hashlib
-
     cache = tmp_path / "cache"
-    flavour = cache / "horovod-0.28.1" / "cpu"
-    flavour.mkdir(parents=True)
-    wheel = flavour / "horovod-0.28.1-cp311-cp311-linux_x86_64.whl"
-    wheel.write_bytes(b"the wheel as built")
-    (flavour / (wheel.name + ".sha256")).write_text(f"{hashlib.sha256(wheel.read_bytes()).hexdigest()}  {wheel.name}\n")
+    wheel = _cached_wheel(_key_dir(cache))
     proc, uv_calls = _run_build_horovod(tmp_path, cache)
     assert str(wheel) in uv_calls.splitlines()[0], uv_calls
     assert "does not match" not in proc.stderr
+
+
+def test_a_wheel_cached_without_the_patches_is_deleted_and_rebuilt(tmp_path):
+    """Wheels that older versions of the script cached (the unpatched cpu/ directory, the flat layout before it)
+    lack scripts/patches/: deleted, never installed; the script goes on to a fresh, patched build."""
+    cache = tmp_path / "cache"
+    unpatched = _cached_wheel(cache / "horovod-0.28.1" / "cpu")
+    flat = cache / unpatched.name
+    flat.write_bytes(b"a wheel of the flat layout")
+    proc, uv_calls = _run_build_horovod(tmp_path, cache)
+    assert not unpatched.exists() and not flat.exists(), list(cache.rglob("*"))
+    assert str(unpatched) not in uv_calls and str(flat) not in uv_calls, uv_calls
+    assert "--require-hashes" in uv_calls and "requirements/build-tools.txt" in uv_calls, uv_calls
+    assert _key_dir(cache).name in proc.stdout, proc.stdout  # "building horovod 0.28.1 (cpu-p<digest>: ...)"
