@@ -155,8 +155,9 @@ def train(cfg: Dict, data_dir: Path, out: Path, run_index: int = 0, seed: Option
           resume: bool = False) -> int:
     """One MLPerf run on this rank; returns the exit code (0 after run_stop)."""
     import mxnet as mx
-    # DALI must be loaded before Horovod: with horovod.mxnet's library loaded first, the first
-    # DALI pipeline run segfaults (measured: DALI 1.35 + Horovod 0.28.1).
+    # DALI must be loaded before Horovod: horovod.mxnet loads its library RTLD_GLOBAL, which exports
+    # libmxnet.so's static libjpeg/libtiff/zlib to every library loaded later; DALI loaded after it binds
+    # to those instead of its own and its first pipeline run segfaults (DALI 1.35 + Horovod 0.28.1).
     import nvidia.dali.fn  # noqa: F401
     import horovod.mxnet as hvd
     from mxnet import gluon
@@ -393,8 +394,9 @@ def _device(cfg: Dict, local_rank: int, mx):
 def report_native_crashes() -> None:
     """On SIGSEGV/SIGBUS/SIGABRT, print every Python thread's stack to stderr (the rank log), then hand the
     signal on to the handler installed before (MXNet's, which prints "Segmentation fault: 11" and aborts).
-    Call it after mxnet is imported, so MXNet's handler is the one chained. A rare start-up crash of one rank
-    (about once in 200 runs on the 2-core box) says no more than "Segmentation fault: 11" without it."""
+    Call it after mxnet is imported, so MXNet's handler is the one chained. Without it a native crash says no
+    more than "Segmentation fault: 11"; with it the log shows where each Python thread was (the thread that
+    faulted may be a native one, e.g. an engine worker)."""
     import faulthandler
 
     faulthandler.enable(file=sys.stderr, all_threads=True)
