@@ -74,9 +74,9 @@ def wait_for_ranks(wd: Path, proc: subprocess.Popen | None = None, timeout: floa
 
 
 def wait_for_first_epoch(wd: Path, proc: subprocess.Popen) -> None:
-    """Both ranks of the newest attempt alive and past their first epoch. The rare start-up crash of a rank
-    (README: "A known rare crash") happens in the first steps; the attempt is then retried after 2 s, and a
-    kill landing between the two attempts finds no stage lock or cluster slot held."""
+    """Both ranks of the newest attempt alive and past their first epoch: the kill lands inside the epoch loop,
+    with the stage lock and the cluster slot held (a kill between a failed attempt and its 2 s-later retry, should
+    a rank die at start-up, would find neither)."""
     def trained_an_epoch():
         newest = sorted(d for d in (wd / "runs").iterdir() if d.is_dir())[-1]
         log = newest / "rank0_0.log"
