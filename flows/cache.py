@@ -15,6 +15,7 @@ import ast
 import hashlib
 import importlib.util
 import inspect
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,21 @@ def _parse(path: Path) -> ast.AST:
                 raise
 
 
+# A module loaded by name at run time ("tasks.launch.slurm:SlurmLauncher", the launcher registry) is a dependency
+# as much as an import is.
+_LOADED_BY_NAME = re.compile(r"(tasks(?:\.\w+)+):\w+")
+
+
 def _tasks_imports(path: Path) -> set[str]:
-    """The `tasks.*` modules a source file imports, at module level or inside functions."""
+    """The `tasks.*` modules a source file imports, at module level or inside functions, or names in a
+    "module:attribute" string."""
     out: set[str] = set()
     for node in ast.walk(_parse(path)):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            m = _LOADED_BY_NAME.fullmatch(node.value)
+            if m:
+                out.add(m.group(1))
+        elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.startswith("tasks."))
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module == "tasks":
