@@ -25,7 +25,7 @@ from helpers import require
 
 pytestmark = pytest.mark.slow
 
-HOLD_S = 2.0  # the broadcast completes in well under this (HOROVOD_CYCLE_TIME below)
+HOLD_S = 4.0  # the broadcast completes in well under this (HOROVOD_CYCLE_TIME below), even on a loaded box
 
 # The rank program: three broadcasts, each checked.
 PROBE = """
