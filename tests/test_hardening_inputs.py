@@ -182,7 +182,7 @@ def test_build_args_that_would_falsify_the_record_are_refused(tmp_path, key):
     with pytest.raises(StageError, match=rf"^pipeline config t: container\.build_args: build arg '?{key}'? "):
         validate_pipeline(raw, "t")
     proc = rn50("build", "--build-arg", f"{key}=evil", env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})
-    assert proc.returncode == 2 and proc.stderr.startswith(f"rn50 build: error: build arg"), proc.stderr[-2000:]
+    assert proc.returncode == 2 and proc.stderr.startswith("rn50 build: error: build arg"), proc.stderr[-2000:]
     assert len(proc.stderr.splitlines()) == 1
 
 
