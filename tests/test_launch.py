@@ -104,8 +104,9 @@ def test_kill_one_rank_mid_run(wd, tmp_path, sig):
         launch(wd, hosts=inv, entry=PROBE, timeout_s=120)
     t.join()
     assert time.time() - started < 50, "the surviving rank must be torn down, not left to sleep"
-    why = "killed by signal 9" if sig == signal.SIGKILL else "crashed in native code, exit "  # MXNet's handler
-    assert f"rank 1 on localhost failed first ({why}" in str(e.value), str(e.value)
+    # MXNet's handler prints "Segmentation fault: 11", then exits 255 or, seen under load, aborts (signal 6).
+    assert re.search(r"rank 1 on localhost failed first \((crashed in native code, exit \d+|killed by signal 6)\)",
+                     str(e.value)), str(e.value)
     (failed,) = list((wd / "runs").iterdir())
     assert (failed / "FAILED").exists() and "PROBE rank=1" in (failed / "rank1_0.log").read_text()
     ok = launch(wd, entry=PROBE, timeout_s=120)
