@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 6 * 3600
 GPU_PROBE_TIMEOUT_S = 60
-STATUSES = ("running", "success", "failed", "aborted", "cancelled", "lost-slot")
 
 
 @dataclasses.dataclass
@@ -163,14 +162,10 @@ def new_run_id() -> str:
 # --- one attempt ----------------------------------------------------------------------------------------
 
 
-def _marker(status: str) -> str:
-    return status.upper()
-
-
 def _finish(run_dir: Path, status: dict[str, Any]) -> None:
     write_json_atomic(run_dir / "status.json", status)
     if status["status"] != "success":
-        write_text_atomic(run_dir / _marker(status["status"]), status.get("error", status["status"]) + "\n")
+        write_text_atomic(run_dir / status["status"].upper(), status.get("error", status["status"]) + "\n")
 
 
 def reap_orphans(wd: Workdir, launcher: launch.Launcher, logger: logging.Logger) -> list[str]:
