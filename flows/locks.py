@@ -42,14 +42,14 @@ RENEW_S = 20.0
 GUARD = ".rn50-guard"  # in the lock directory; never a lock itself (those are <key>.lock)
 
 
-def _report(msg: str) -> None:
+def _report(msg: str, level: int = logging.WARNING) -> None:
     """One line in the flow run's log when there is a run context, else in the process log."""
     try:
         from prefect.logging import get_run_logger
 
-        get_run_logger().warning(msg)
+        get_run_logger().log(level, msg)
     except Exception:
-        log.warning(msg)
+        log.log(level, msg)
 
 
 class LiveLockManager(FileSystemLockManager):

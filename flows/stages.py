@@ -423,7 +423,7 @@ def _nightly_artifacts(r: dict) -> None:
     create_markdown_artifact(markdown_with_plot(r), key="nightly-convergence", description=r["reason"])
 
 
-@stage("nightly", outputs=lambda wd, r: [r["plot_png"], r["report_json"], r["report_md"]], retries=0,
+@stage("nightly", outputs=lambda wd, r: [r["plot_png"], r["report_json"], r["report_md"]],
        publish=_nightly_artifacts)
 def nightly(workdir: str, logs: list[str], baseline: str, tolerance_epochs: float, tolerance_accuracy: float,
             target: float, context: dict, force_accept: bool = False, reason: str | None = None) -> Any:
@@ -455,7 +455,7 @@ def _compliance_artifacts(r: dict) -> None:
         create_markdown_artifact(health.markdown_with_plot(h), key="cluster-health-report")
 
 
-@stage("compliance", outputs=lambda wd, r: [r["report_json"], r["report_md"]], retries=0,
+@stage("compliance", outputs=lambda wd, r: [r["report_json"], r["report_md"]],
        publish=_compliance_artifacts)
 def compliance(workdir: str, logdir: str, ruleset: str, dataset: str) -> Any:
     """Gate: tasks.compliance.gate (the same as `rn50 check LOGDIR --gate`): every log passes the official

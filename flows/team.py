@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -139,6 +140,7 @@ class TeamLockManager(RedisLockManager):
     def _setup(self) -> None:
         self.where = redis_where(self.connection_url)
         self._held: dict[str, str] = {}  # key -> holder, for the heartbeat
+        self._renewed: dict[str, float] = {}  # key -> monotonic time before its last successful take/renewal
         self._mutex = threading.Lock()
         self._heartbeat: threading.Thread | None = None
 
@@ -188,6 +190,7 @@ class TeamLockManager(RedisLockManager):
         waited_on: dict[str, Any] = {}
         with talking_to_redis(self.where, f"take the stage lock {key}"):
             while True:
+                asked = time.monotonic()
                 lock = Lock(self.client, name, timeout=hold, thread_local=False)
                 if lock.acquire(token=holder, blocking=False):
                     break
@@ -196,6 +199,9 @@ class TeamLockManager(RedisLockManager):
                     return True
                 record = self._holder_record(key)
                 if record.get("holder") == (current or b"").decode():
+                    if record.get("holder") != waited_on.get("holder"):
+                        _report(f"waiting for the stage lock {key}: {record.get('host', '?')} pid "
+                                f"{record.get('pid', '?')} holds it", logging.INFO)
                     waited_on = record  # the live holder we wait for (its record may lag its lock by a moment)
                 if deadline is not None and time.monotonic() > deadline:
                     return False
@@ -204,7 +210,7 @@ class TeamLockManager(RedisLockManager):
             self.client.set(self._holder_name(key), self._me(holder), px=self._ms(2 * hold))
         self._locks[name] = lock
         with self._mutex:
-            self._held[key] = holder
+            self._held[key], self._renewed[key] = holder, asked
         self._start_heartbeat()
         if waited_on and not before.get("released"):  # it expired: a release would have said so
             _report(f"broke the stale lock {key} in Redis: its holder ({waited_on.get('host', '?')} pid "
@@ -215,6 +221,7 @@ class TeamLockManager(RedisLockManager):
         name = self._lock_name_for_key(key)
         with self._mutex:  # the heartbeat stops renewing it first
             self._held.pop(key, None)
+            self._renewed.pop(key, None)
         self._locks.pop(name, None)
         released = json.dumps({"holder": holder, "released": True})
         try:
@@ -229,13 +236,33 @@ class TeamLockManager(RedisLockManager):
             _report(f"the stage lock {key} had passed to another holder before its release: it went "
                     f"unrenewed for {self.hold_s:g} s while this run held it")
 
+    def _surely_mine(self, key: str, holder: str | None = None) -> bool:
+        """This process took or renewed `key` (as `holder`) less than hold_s ago, so Redis still has it as ours
+        (its expiry was set after that moment): known without asking Redis."""
+        with self._mutex:
+            mine, since = self._held.get(key), self._renewed.get(key)
+        return (mine is not None and holder in (None, mine) and since is not None
+                and time.monotonic() - since < self.hold_s)
+
+    # Prefect asks both before it writes a stage's cache record: a Redis outage at the end of a long stage
+    # must not cost its record while the lock is still surely this process's.
     def is_locked(self, key: str) -> bool:
-        with talking_to_redis(self.where, f"look up the stage lock {key}"):
-            return bool(self.client.exists(self._lock_name_for_key(key)))
+        try:
+            with talking_to_redis(self.where, f"look up the stage lock {key}"):
+                return bool(self.client.exists(self._lock_name_for_key(key)))
+        except TransientError:
+            if self._surely_mine(key):
+                return True
+            raise
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
-        with talking_to_redis(self.where, f"look up the stage lock {key}"):
-            current = self.client.get(self._lock_name_for_key(key))
+        try:
+            with talking_to_redis(self.where, f"look up the stage lock {key}"):
+                current = self.client.get(self._lock_name_for_key(key))
+        except TransientError:
+            if self._surely_mine(key, holder):
+                return True
+            raise
         return current is not None and current.decode() == holder
 
     # The file lock manager's own, on this class's is_locked, acquire_lock, _renew_forever: waiting polls
@@ -254,13 +281,17 @@ class TeamLockManager(RedisLockManager):
             held = dict(self._held)
         for key, holder in held.items():
             name = self._lock_name_for_key(key)
+            asked = time.monotonic()
             outcome = self.client.eval(_RENEW, 2, name, self._holder_name(key), holder, self._ms(self.hold_s),
                                        self._ms(2 * self.hold_s), self._me(holder))
             with self._mutex:
                 if self._held.get(key) != holder:
                     continue  # released meanwhile: it was renewed at most once more, harmlessly
+                if outcome:
+                    self._renewed[key] = asked
                 if outcome == 0:
                     self._held.pop(key, None)
+                    self._renewed.pop(key, None)
                     _report(f"lost the stage lock {key} in Redis to another holder: it went unrenewed for "
                             f"{self.hold_s:g} s")
                 elif outcome == 2:

@@ -179,6 +179,28 @@ def test_redis_down_at_release_does_not_fail_the_stage(tmp_path, caplog):
         other.release_lock("rn50-train-k", "other")
 
 
+def test_redis_down_before_the_record_is_written_keeps_a_lock_surely_held(tmp_path):
+    """Prefect asks is_locked and is_lock_holder before it writes a stage's cache record. With Redis down, a
+    lock this process took or renewed less than hold_s ago is still its own (Redis's expiry comes later), so
+    the record of a long stage is not lost to an outage at its end; any other question is Redis's to answer:
+    unreachable, transient."""
+    from tasks.common import TransientError
+
+    with RedisServer(tmp_path / "r") as srv:
+        m = _manager(srv.url())
+        assert m.acquire_lock("rn50-pack-k", "h")
+        srv.stop()
+        assert m.is_locked("rn50-pack-k") and m.is_lock_holder("rn50-pack-k", "h")
+        for ask in (lambda: m.is_lock_holder("rn50-pack-k", "another-holder"), lambda: m.is_locked("rn50-verify-k")):
+            with pytest.raises(TransientError, match=f"Redis at 127.0.0.1:{srv.port} is unreachable"):
+                ask()
+        with m._mutex:
+            m._renewed["rn50-pack-k"] -= HOLD  # as if its last renewal were hold_s ago: Redis may have expired it
+        with pytest.raises(TransientError, match="cannot look up the stage lock rn50-pack-k"):
+            m.is_lock_holder("rn50-pack-k", "h")
+        m.release_lock("rn50-pack-k", "h")
+
+
 def test_heartbeat_takes_a_lost_lock_back_and_gives_up_one_taken_over(redis, caplog):
     """Redis lost the lock (a restart without persistence: FLUSHALL here): the next renewal takes it back, one
     line. Another holder has it (its expiry passed while this holder stalled): the renewal leaves it, one line,
