@@ -11,27 +11,32 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import ROOT
+from test_cancel import wait_for
 
 pytestmark = pytest.mark.slow
 
 HOLD = """
-import json, sys, time
+import json, os, sys, time
 from prefect import flow
 from flows.cluster import cluster_slot
 
 @flow(name="hold-cluster")
-def hold(limit: str, seconds: float) -> dict:
+def hold(limit: str, seconds: float, until: str = "") -> dict:
     with cluster_slot(limit):
         start = time.time()
         time.sleep(seconds)
+        while until and not os.path.exists(until):  # then until the test lets go (bounded by its timeout)
+            time.sleep(0.05)
         return {"start": start, "end": time.time()}
 
-print("RESULT " + json.dumps(hold(sys.argv[1], float(sys.argv[2]))))
+print("RESULT " + json.dumps(hold(sys.argv[1], float(sys.argv[2]), *sys.argv[3:])))
 """
+WAITING, OURS = "waiting for the cluster (global concurrency limit 'rn50-cluster-test')", "the cluster is ours (waited"
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +44,44 @@ def server(bare_prefect_server):
     return bare_prefect_server
 
 
-def test_two_runs_against_one_cluster_take_turns(server):
+def test_two_runs_against_one_cluster_take_turns(server, tmp_path):
+    """Two runs started together. The one that gets the cluster holds it until the other has been waiting for
+    2 s (the test then creates the file it waits for), so they contend however long each start-up takes."""
     env = {**os.environ, **{k: v for k, v in server.env().items() if k.startswith("PREFECT_")}}
-    procs = [subprocess.Popen([sys.executable, "-c", HOLD, "rn50-cluster-test", "6"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    release, logs = tmp_path / "release", [tmp_path / f"run-{i}.log" for i in range(2)]
+    procs = []
+    for log in logs:
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, "-c", HOLD, "rn50-cluster-test", "0", str(release)],
+                                          env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True))
+    try:
+        waiting_since: list[float] = []
+
+        def other_waited_2_s() -> bool:
+            texts = [log.read_text() for log in logs]
+            assert all(p.poll() is None for p in procs), texts
+            held = [OURS in t for t in texts]
+            assert held.count(True) < 2, texts  # both on the cluster at once
+            if held.count(True) == 1 and WAITING in texts[held.index(False)]:
+                waiting_since[:] = waiting_since or [time.monotonic()]
+                return time.monotonic() - waiting_since[0] >= 2
+            return False
+
+        wait_for("one run holding the cluster while the other waits", other_waited_2_s, 300, every=0.1)
+        release.touch()
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = [log.read_text() for log in logs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
     spans = [json.loads(next(line[7:] for line in o.splitlines() if line.startswith("RESULT "))) for o in outs]
     spans.sort(key=lambda s: s["start"])
     assert spans[1]["start"] >= spans[0]["end"] - 0.5, spans  # never both on the cluster at once
-    waited = [o for o in outs if "waiting for the cluster (global concurrency limit 'rn50-cluster-test')" in o]
-    assert len(waited) == 2 and any("the cluster is ours (waited" in o and "waited 0 s" not in o for o in outs), outs
+    waited = [o for o in outs if WAITING in o]
+    assert len(waited) == 2 and any(OURS in o and "waited 0 s" not in o and "waited 1 s" not in o for o in outs), outs
 
     # The limit was created with one slot, and both slots are free again.
     code = ("from prefect.client.orchestration import get_client\n"
@@ -63,7 +95,6 @@ def test_a_killed_holder_s_slot_is_taken_over_at_once_on_its_machine(server):
     """SIGKILL of the run holding the cluster: the next run on this machine finds the recorded holder gone,
     releases its lease with one log line and starts in seconds, not after the 60 s lease."""
     import signal
-    import time
 
     env = {**os.environ, **{k: v for k, v in server.env().items() if k.startswith("PREFECT_")}}
     first = subprocess.Popen([sys.executable, "-c", HOLD, "rn50-cluster-kill", "300"], env=env, cwd=ROOT,
