@@ -14,7 +14,8 @@ Prefect's local results. In team mode:
 - Stage locks are `prefect-redis`'s RedisLockManager against the team's Redis, with an expiry renewed
   every `RN50_LOCK_RENEW_S` while the holder lives: a holder that died (kill -9, a lost machine) loses its
   lock `RN50_LOCK_HOLD_S` after its last renewal, and the run that takes it over says so in one line.
-  Redis unreachable is a TransientError naming Redis (the stage is retried), never a run without locks.
+  Redis unreachable is a TransientError naming Redis (the stage is retried), never a run without locks;
+  a stage that already holds its lock still writes its cache record during an outage shorter than the bound.
 """
 from __future__ import annotations
 
