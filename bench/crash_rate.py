@@ -92,7 +92,7 @@ def one_copy(workdir: Path, runs: int, config: str, extra: list[str], deadline: 
             outcome, detail = ("crashed" if crashed else "transient"), f"{failed}: {e}"
             if crashed:
                 with lock:
-                    crashes.append(f"{failed}: {e}")
+                    crashes.append(detail)
         except Exception as e:  # noqa: BLE001 - counted and shown, the loop goes on
             outcome, detail = f"failed ({type(e).__name__})", str(e)
             print(f"  {e}", file=sys.stderr)
