@@ -140,8 +140,8 @@ class TeamLockManager(RedisLockManager):
 
     def _setup(self) -> None:
         self.where = redis_where(self.connection_url)
-        self._held: dict[str, str] = {}  # key -> holder, for the heartbeat
-        self._renewed: dict[str, float] = {}  # key -> monotonic time before its last successful take/renewal
+        # key -> (holder, monotonic time before its last successful take or renewal), for the heartbeat
+        self._held: dict[str, tuple[str, float]] = {}
         self._mutex = threading.Lock()
         self._heartbeat: threading.Thread | None = None
 
@@ -211,7 +211,7 @@ class TeamLockManager(RedisLockManager):
             self.client.set(self._holder_name(key), self._me(holder), px=self._ms(2 * hold))
         self._locks[name] = lock
         with self._mutex:
-            self._held[key], self._renewed[key] = holder, asked
+            self._held[key] = (holder, asked)
         self._start_heartbeat()
         if waited_on and not before.get("released"):  # it expired: a release would have said so
             _report(f"broke the stale lock {key} in Redis: its holder ({waited_on.get('host', '?')} pid "
@@ -222,7 +222,6 @@ class TeamLockManager(RedisLockManager):
         name = self._lock_name_for_key(key)
         with self._mutex:  # the heartbeat stops renewing it first
             self._held.pop(key, None)
-            self._renewed.pop(key, None)
         self._locks.pop(name, None)
         released = json.dumps({"holder": holder, "released": True})
         try:
@@ -241,9 +240,8 @@ class TeamLockManager(RedisLockManager):
         """This process took or renewed `key` (as `holder`) less than hold_s ago, so Redis still has it as ours
         (its expiry was set after that moment): known without asking Redis."""
         with self._mutex:
-            mine, since = self._held.get(key), self._renewed.get(key)
-        return (mine is not None and holder in (None, mine) and since is not None
-                and time.monotonic() - since < self.hold_s)
+            mine, since = self._held.get(key, (None, 0.0))
+        return mine is not None and holder in (None, mine) and time.monotonic() - since < self.hold_s
 
     # Prefect asks both before it writes a stage's cache record: a Redis outage at the end of a long stage
     # must not cost its record while the lock is still surely this process's.
@@ -279,20 +277,19 @@ class TeamLockManager(RedisLockManager):
     def renew(self) -> None:
         """One round of renewals of the locks this process holds."""
         with self._mutex:
-            held = dict(self._held)
+            held = {key: holder for key, (holder, _) in self._held.items()}
         for key, holder in held.items():
             name = self._lock_name_for_key(key)
             asked = time.monotonic()
             outcome = self.client.eval(_RENEW, 2, name, self._holder_name(key), holder, self._ms(self.hold_s),
                                        self._ms(2 * self.hold_s), self._me(holder))
             with self._mutex:
-                if self._held.get(key) != holder:
+                if self._held.get(key, (None,))[0] != holder:
                     continue  # released meanwhile: it was renewed at most once more, harmlessly
                 if outcome:
-                    self._renewed[key] = asked
+                    self._held[key] = (holder, asked)
                 if outcome == 0:
                     self._held.pop(key, None)
-                    self._renewed.pop(key, None)
                     _report(f"lost the stage lock {key} in Redis to another holder: it went unrenewed for "
                             f"{self.hold_s:g} s")
                 elif outcome == 2:
