@@ -125,6 +125,20 @@ class Team:
         return "\n".join(f"--- worker-{n}:\n" + (self.base / f"worker-{n}.log").read_text(errors="replace")[-6000:]
                          for n in self.workers)
 
+    def log_size(self, machine: str) -> int:
+        return (self.base / f"worker-{machine}.log").stat().st_size
+
+    def wait_in_log(self, machine: str, since: int, text: str, within: float, what: str,
+                    run_id: str | None = None) -> None:
+        """Until `text` is in the machine's worker log after byte `since`: the worker writes a run's lines at
+        once, the API's task states trail by seconds. Fails after `within` s, or when run `run_id` ended."""
+        log, deadline = self.base / f"worker-{machine}.log", time.monotonic() + within
+        while text.encode() not in log.read_bytes()[since:]:
+            ended = run_id is not None and self.flow_run(run_id)["state"]["type"] in DONE
+            assert time.monotonic() < deadline and not ended, \
+                f"{what}: {self.stage_states(run_id) if run_id else ''}\n{self.worker_logs()}"
+            time.sleep(0.1)
+
     def kill_machine(self, name: str, sig: int) -> None:
         """Signal every process of the machine (its network namespace: worker, flow run, sshd)."""
         pids = subprocess.run(["ip", "netns", "pids", self.hosts[name].netns], capture_output=True,
@@ -250,7 +264,7 @@ def test_a_killed_machine_loses_its_lock_within_the_bound(team, full_runs):
 
     from tasks.recordio import read_lst, read_record
 
-    seen = {n: (team.base / f"worker-{n}.log").stat().st_size for n in ("a", "b")}
+    seen = {n: team.log_size(n) for n in ("a", "b")}
     ids = {"a": team.run("full", "a", rerun=["pack"]), "b": team.run("full", "b", rerun=["pack"])}
     name, holder = _pack_lock(team)
     dead = next(n for n in ("a", "b") if holder["host"] == team.hosts[n].hostname)
@@ -261,11 +275,7 @@ def test_a_killed_machine_loses_its_lock_within_the_bound(team, full_runs):
     assert r.get(name).decode() == holder["holder"], "the pack stage finished before its machine froze"
     # The other machine's run is waiting on that lock: its own log says so at once (the API's task states trail).
     waiting = f"waiting for the stage lock {name.removeprefix('lock:')}: {holder['host']} pid {holder['pid']} holds it"
-    alive_log = team.base / f"worker-{alive}.log"
-    deadline = time.monotonic() + HOLD - RENEW
-    while waiting.encode() not in alive_log.read_bytes()[seen[alive]:]:
-        assert time.monotonic() < deadline, f"{alive} never waited on the frozen holder's lock\n{team.worker_logs()}"
-        time.sleep(0.1)
+    team.wait_in_log(alive, seen[alive], waiting, HOLD - RENEW, f"{alive} never waited on the frozen holder's lock")
     team.kill_machine(dead, signal.SIGKILL)
     team.workers.pop(dead).wait(30)
 
@@ -305,21 +315,13 @@ def test_redis_down_is_a_retried_error_naming_redis(team, full_runs):
     take its lock, fails with one line naming Redis and is retried (after 2 s); Redis is back by then (same
     port, its append-only file) and the run completes."""
     machine = next(iter(team.workers))  # a machine still alive
-    worker_log = team.base / f"worker-{machine}.log"  # the run's log lines at once (the API's trail behind)
-    seen = worker_log.stat().st_size
+    seen = team.log_size(machine)
     run_id = team.run("full", machine, rerun=["pack"])
-    deadline = time.monotonic() + 300
-
-    def waiting(what: str) -> None:
-        assert time.monotonic() < deadline and team.flow_run(run_id)["state"]["type"] not in DONE, \
-            f"{what}: {team.stage_states(run_id)}\n{team.worker_logs()}"
-        time.sleep(0.1)
-
     _pack_lock(team)  # held by this run's pack: no other run is active
     team.redis.stop()
     try:
-        while b"cannot take the stage lock rn50-" not in worker_log.read_bytes()[seen:]:
-            waiting("no stage failed to take its lock while Redis is down")
+        team.wait_in_log(machine, seen, "cannot take the stage lock rn50-", 300,
+                         "no stage failed to take its lock while Redis is down", run_id)
     finally:
         team.redis.start()
     [run] = team.wait(run_id)
