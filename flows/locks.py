@@ -153,6 +153,7 @@ class LiveLockManager(FileSystemLockManager):
         self._ensure_lock_files_directory_exists()
         path = self._lock_path_for_key(key)
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        waited_on = None
         while True:
             if self._write(path, self._record(holder), exclusive=True):
                 with self._mutex:
@@ -163,6 +164,10 @@ class LiveLockManager(FileSystemLockManager):
             rec = self._read(key)
             if rec and rec.get("holder") == holder:
                 return True
+            if rec and rec.get("holder") != waited_on:
+                waited_on = rec.get("holder")
+                _report(f"waiting for the stage lock {key}: {rec.get('host', '?')} pid {rec.get('pid', '?')} "
+                        "holds it", logging.INFO)
             if not self._break_if_stale(key, deadline):
                 if deadline is not None and time.monotonic() > deadline:
                     return False

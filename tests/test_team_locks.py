@@ -121,6 +121,33 @@ def test_lock_renewed_while_holder_lives_and_broken_after_kill(redis, caplog):
             child.wait()
 
 
+@pytest.fixture(params=["file", "redis"])
+def two_managers(request, tmp_path):
+    """Two lock managers of one backend, as two runs would have: the one-machine file locks or team Redis."""
+    if request.param == "file":
+        from flows.locks import LiveLockManager
+
+        return LiveLockManager(tmp_path), LiveLockManager(tmp_path)
+    url = request.getfixturevalue("redis").url()
+    return _manager(url), _manager(url)
+
+
+def test_a_waiter_says_once_which_holder_it_waits_for(two_managers, caplog):
+    """A stage that is Running but idle in the UI says why, in one line naming the holder, not once a poll."""
+    from flows.locks import holder_identity
+
+    a, b = two_managers
+    assert a.acquire_lock("rn50-verify-w", "a")
+    try:
+        with caplog.at_level(logging.INFO):
+            assert not b.acquire_lock("rn50-verify-w", "b", acquire_timeout=1)  # several polls
+    finally:
+        a.release_lock("rn50-verify-w", "a")
+    lines = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert lines == [f"waiting for the stage lock rn50-verify-w: {holder_identity()['host']} pid {os.getpid()} "
+                     "holds it"], lines
+
+
 def test_release_hands_over_at_once_without_a_stale_line(redis, caplog):
     a, b = _manager(redis.url()), _manager(redis.url())
     assert a.acquire_lock("rn50-verify-k", "a")
