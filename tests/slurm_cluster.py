@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from sshd_hosts import missing_netns
+
 SLURMCTLD, SLURMD, MUNGED = "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged"
 
 
@@ -42,16 +44,7 @@ def missing_requirements(two_nodes: bool = False) -> str | None:
             return f"`{tool}` is not installed (Debian: slurm-client)"
     if os.geteuid() != 0:
         return "needs root (slurmd runs jobs as their submitting user; SlurmUser=root here)"
-    if two_nodes:
-        for tool in ("ip", "unshare"):
-            if shutil.which(tool) is None:
-                return f"`{tool}` is not installed (Debian: iproute2 / util-linux)"
-        probe = f"rn50probe{secrets.token_hex(2)}"
-        r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-        if r.returncode != 0:
-            return f"cannot create a network namespace: {r.stderr.strip()}"
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
+    return missing_netns() if two_nodes else None
 
 
 def free_port(addr: str = "127.0.0.1") -> int:

@@ -24,21 +24,29 @@ from typing import Iterator, Sequence
 SSHD = "/usr/sbin/sshd"
 
 
-def missing_requirements() -> str | None:
-    """Why a netns host cannot be made here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (ip netns, sshd)"
-    for tool in ("ip", "unshare", "ssh", "ssh-keygen"):
+def missing_netns() -> str | None:
+    """Why a network namespace cannot be made here (tools, rights), or None."""
+    for tool in ("ip", "unshare"):
         if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (Debian: iproute2 / util-linux / openssh-client)"
-    if not os.path.exists(SSHD):
-        return f"{SSHD} is not installed (Debian: openssh-server)"
+            return f"`{tool}` is not installed (Debian: iproute2 / util-linux)"
     probe = f"rn50probe{secrets.token_hex(2)}"
     r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if r.returncode != 0:
         return f"cannot create a network namespace: {r.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def missing_requirements() -> str | None:
+    """Why a netns host cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns, sshd)"
+    for tool in ("ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed (Debian: openssh-client)"
+    if not os.path.exists(SSHD):
+        return f"{SSHD} is not installed (Debian: openssh-server)"
+    return missing_netns()
 
 
 @dataclass
