@@ -9,7 +9,7 @@ Several copies in parallel (`--parallel`) load the machine the way the test suit
     .venv/bin/python bench/crash_rate.py --workdir .demo/work --runs 100 --parallel 3
 
 Every launch is appended to `--record` (default bench/results/crash_rate.jsonl, kept in the repo) with the
-Horovod build it ran on (.venv/.horovod-build: the patches' digest), so measurements of one build add up
+Horovod build it ran on (.venv/.horovod-build: the patches' digest) and the CPU, so measurements of one build add up
 across sessions; `--summary` prints the totals per build.
 
 Training is cut to `--epochs` (default 3). The crash this loop was written for happened in a rank's first
@@ -36,6 +36,17 @@ RECORD = ROOT / "bench" / "results" / "crash_rate.jsonl"
 def horovod_build() -> str:
     stamp = ROOT / ".venv" / ".horovod-build"
     return stamp.read_text().strip() if stamp.is_file() else "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU the launches ran on (/proc/cpuinfo's model name): records of one build may come from several machines."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def summary(record: Path) -> str:
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     crashes: list[str] = []
     lock = threading.Lock()
     args.record.parent.mkdir(parents=True, exist_ok=True)
-    setting = {"horovod_build": horovod_build(), "parallel": args.parallel, "epochs": args.epochs,
+    setting = {"horovod_build": horovod_build(), "cpu": cpu_model(), "parallel": args.parallel, "epochs": args.epochs,
                "train_images": args.train_images or "all", "config": args.config}
     threads = []
     for n in range(args.parallel):
