@@ -52,6 +52,12 @@ def _report(msg: str, level: int = logging.WARNING) -> None:
         log.log(level, msg)
 
 
+def report_waiting(key: str, holder_record: dict[str, Any]) -> None:
+    """The one line a run logs when it starts to wait for a stage lock: a stage Running but idle says why."""
+    _report(f"waiting for the stage lock {key}: {holder_record.get('host', '?')} pid "
+            f"{holder_record.get('pid', '?')} holds it", logging.INFO)
+
+
 class LiveLockManager(FileSystemLockManager):
     def __init__(self, lock_files_directory: Path, hold_s: float = HOLD_S, renew_s: float = RENEW_S) -> None:
         super().__init__(lock_files_directory)
@@ -166,8 +172,7 @@ class LiveLockManager(FileSystemLockManager):
                 return True
             if rec and rec.get("holder") != waited_on:
                 waited_on = rec.get("holder")
-                _report(f"waiting for the stage lock {key}: {rec.get('host', '?')} pid {rec.get('pid', '?')} "
-                        "holds it", logging.INFO)
+                report_waiting(key, rec)
             if not self._break_if_stale(key, deadline):
                 if deadline is not None and time.monotonic() > deadline:
                     return False

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import socket
 import threading
@@ -34,7 +33,7 @@ from urllib.parse import urlsplit
 
 from prefect_redis.locking import RedisLockManager
 
-from flows.locks import HOLD_S, RENEW_S, LiveLockManager, _report, holder_identity
+from flows.locks import HOLD_S, RENEW_S, LiveLockManager, _report, holder_identity, report_waiting
 from tasks.common import StageError, TransientError
 
 REDIS_ENV, RESULTS_ENV = "RN50_REDIS_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"
@@ -201,8 +200,7 @@ class TeamLockManager(RedisLockManager):
                 record = self._holder_record(key)
                 if record.get("holder") == (current or b"").decode():
                     if record.get("holder") != waited_on.get("holder"):
-                        _report(f"waiting for the stage lock {key}: {record.get('host', '?')} pid "
-                                f"{record.get('pid', '?')} holds it", logging.INFO)
+                        report_waiting(key, record)
                     waited_on = record  # the live holder we wait for (its record may lag its lock by a moment)
                 if deadline is not None and time.monotonic() > deadline:
                     return False
