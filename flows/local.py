@@ -130,8 +130,12 @@ class LocalPrefect:
                 pass
             pidfile.unlink(missing_ok=True)
 
-    def run_deployment(self, name: str, *params: str, timeout_s: int = 1800) -> subprocess.CompletedProcess:
-        args = ["deployment", "run", f"rn50/{name}", "--watch", "--watch-timeout", str(timeout_s)]
+    def run_deployment(self, name: str, *params: str, timeout_s: int = 1800,
+                       watch: bool = True) -> subprocess.CompletedProcess:
+        """`prefect deployment run rn50/<name>`: until the run ends (`watch`), else until it is scheduled."""
+        args = ["deployment", "run", f"rn50/{name}"]
+        if watch:
+            args += ["--watch", "--watch-timeout", str(timeout_s)]
         for p in params:
             args += ["--param", p]
         return subprocess.run([PREFECT, *args], env=self.env(), cwd=PROJECT, capture_output=True, text=True,

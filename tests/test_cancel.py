@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import RN50, ROOT
+from flows.local import PREFECT
 
 pytestmark = pytest.mark.slow
 
@@ -260,27 +261,22 @@ def _flow_run_state(server, flow_run_id: str) -> str:
     return r.stdout.strip()
 
 
-PREFECT_CLI = str(Path(sys.executable).parent / "prefect")
-
-
-def _run_deployment(server, deployment: str, **params) -> str:
-    """`prefect deployment run` as an operator types it: the new flow run's id."""
-    args = [a for name, value in params.items() for a in ("--param", f"{name}={value}")]
-    started = subprocess.run([PREFECT_CLI, "deployment", "run", deployment, *args], env=_env(server), cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+def _start_deployment(server, name: str, **params) -> str:
+    """`prefect deployment run rn50/<name>` as an operator types it, not waiting for the run: its id."""
+    started = server.run_deployment(name, *[f"{k}={v}" for k, v in params.items()], timeout_s=60, watch=False)
     assert started.returncode == 0, started.stderr[-2000:]
     return next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
 
 
 def test_cancel_during_training_stops_every_rank_and_the_next_run_completes(prefect_server, demo_source, tmp_path):
     wd = tmp_path / "wd"
-    flow_run_id = _run_deployment(prefect_server, "rn50/train", source=demo_source, workdir=wd)
+    flow_run_id = _start_deployment(prefect_server, "train", source=demo_source, workdir=wd)
 
     ranks = wait_for_ranks(wd)
     # Cancel inside the epoch loop: the rank processes exist a few seconds before MXNet has imported.
     wait_for("rank 0 in its first epoch", lambda: any('"key": "epoch_start"' in log.read_text(errors="replace")
                                                       for log in wd.glob("runs/*/rank0_0.log")), 120)
-    cancel = subprocess.run([PREFECT_CLI, "flow-run", "cancel", flow_run_id], env=_env(prefect_server), cwd=ROOT,
+    cancel = subprocess.run([PREFECT, "flow-run", "cancel", flow_run_id], env=_env(prefect_server), cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
     t0 = time.monotonic()
@@ -358,7 +354,7 @@ def test_a_dead_worker_leaves_a_crashed_run_and_the_next_run_completes_from_cach
     import psutil
 
     wd = tmp_path / "wd"
-    flow_run_id = _run_deployment(prefect_server, "rn50/full", source=demo_source, workdir=wd)
+    flow_run_id = _start_deployment(prefect_server, "full", source=demo_source, workdir=wd)
     ranks = wait_for_ranks(wd)
 
     worker = psutil.Process(int((prefect_server.home / "pids" / "worker").read_text()))
