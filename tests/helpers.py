@@ -126,6 +126,34 @@ def prefect_api(api_url: str, method: str, path: str, body: dict | None = None, 
             time.sleep(2 ** attempt)
 
 
+
+def flow_run_logs(api_url: str, run_id: str, auth: str | None = None, level: int = 0,
+                  task_run_ids: list[str] | None = None, within: float = 30) -> list[dict]:
+    """An ended flow run's log lines at `level` or above (only those of `task_run_ids`, if given), oldest first.
+    A run's process sets its final state before it logs "Finished in state" and sends its last batch of lines
+    (up to PREFECT_LOGGING_TO_API_BATCH_INTERVAL, 2 s, of them) as it exits: a completed or failed run's lines
+    are read once that line is in, or after `within` s."""
+    import time
+
+    run = prefect_api(api_url, "GET", f"/flow_runs/{run_id}", auth=auth)
+    if run["state"]["type"] in ("COMPLETED", "FAILED"):  # a crashed or cancelled run may never log its end
+        end = {"flow_run_id": {"any_": [run_id]}, "task_run_id": {"is_null_": True}}
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and not any(
+                line["message"].startswith("Finished in state") for line in prefect_api(
+                    api_url, "POST", "/logs/filter", {"logs": end, "sort": "TIMESTAMP_DESC", "limit": 5}, auth=auth)):
+            time.sleep(0.2)
+    where: dict = {"flow_run_id": {"any_": [run_id]}, "level": {"ge_": level}}
+    if task_run_ids is not None:
+        where["task_run_id"] = {"any_": task_run_ids}
+    out: list[dict] = []
+    while True:
+        page = prefect_api(api_url, "POST", "/logs/filter", {"logs": where, "sort": "TIMESTAMP_ASC", "limit": 200,
+                                                             "offset": len(out)}, auth=auth)
+        out += page
+        if len(page) < 200:
+            return out
+
 class Receiver(ThreadingHTTPServer):
     """A webhook receiver on loopback: keeps every POST's body (and its path, query included)."""
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, rn50
-from helpers import prefect_api, trained_runs
+from helpers import flow_run_logs, prefect_api, trained_runs
 from tasks.common import StageError
 
 pytestmark = pytest.mark.slow
@@ -87,14 +87,7 @@ def ops(demo_run):
 
 
 def _logs(local, flow_run_id: str) -> list[dict]:
-    out, offset = [], 0
-    while True:
-        page = _api(local, "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}},
-                                                   "sort": "TIMESTAMP_ASC", "limit": 200, "offset": offset})
-        out += page
-        if len(page) < 200:
-            return out
-        offset += 200
+    return flow_run_logs(local.api_url, flow_run_id)
 
 
 def test_logs_tab_has_stage_messages_and_rank0_epochs(ops):

@@ -35,7 +35,8 @@ import yaml
 from conftest import ROOT, require, stop_group
 from redis_server import PASSWORD as REDIS_PASSWORD, RedisServer
 from sshd_hosts import missing_requirements, netns_host
-from test_team_postgres import VENV_BIN, _call, _interpolate, postgres, prefect_on_postgres  # noqa: F401
+from helpers import flow_run_logs
+from test_team_postgres import AUTH, VENV_BIN, _call, _interpolate, postgres, prefect_on_postgres  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -113,13 +114,10 @@ class Team:
         return out
 
     def logs(self, run_id: str, stage: str | None = None, level: int = 0) -> list[dict]:
-        """The flow run's log lines at `level` or above (the API's limit: the first 200), or only those of its
-        task runs of `stage`."""
-        where: dict = {"flow_run_id": {"any_": [run_id]}, "level": {"ge_": level}}
-        if stage:
-            where["task_run_id"] = {"any_": [t["id"] for t in self.task_runs(run_id)
-                                             if t["name"].rsplit("-", 1)[0] == stage]}
-        return _call(self.api, "POST", "/logs/filter", {"logs": where, "sort": "TIMESTAMP_ASC", "limit": 200})
+        """The ended flow run's log lines at `level` or above, or only those of its task runs of `stage`."""
+        stages = None if stage is None else [t["id"] for t in self.task_runs(run_id)
+                                             if t["name"].rsplit("-", 1)[0] == stage]
+        return flow_run_logs(self.api, run_id, AUTH, level, stages)
 
     def worker_logs(self) -> str:
         return "\n".join(f"--- worker-{n}:\n" + (self.base / f"worker-{n}.log").read_text(errors="replace")[-6000:]
@@ -284,7 +282,7 @@ def test_a_killed_machine_loses_its_lock_within_the_bound(team, full_runs):
     assert team.stage_states(ids[alive])["pack"] == ["Completed"]
     pack_log = team.logs(ids[alive], "pack")
     broke = [entry for entry in pack_log if "broke the stale lock" in entry["message"]]
-    assert len(broke) == 1, ([e["message"] for e in pack_log], team.worker_logs())
+    assert len(broke) == 1, "\n".join([e["message"] for e in pack_log] + [team.worker_logs()])
     line = broke[0]["message"]
     assert f"{name.removeprefix('lock:')} in Redis: its holder ({holder['host']} pid {holder['pid']}) " \
            f"stopped renewing it for {HOLD:g} s" in line, line
