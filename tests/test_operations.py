@@ -86,13 +86,9 @@ def ops(demo_run):
     return demo_run.local, demo_run.receiver, demo_run.source, demo_run.workdir, demo_run.run_id
 
 
-def _logs(local, flow_run_id: str) -> list[dict]:
-    return flow_run_logs(local.api_url, flow_run_id)
-
-
 def test_logs_tab_has_stage_messages_and_rank0_epochs(ops):
     local, _, _, wd, run_id = ops
-    logs = _logs(local, run_id)
+    logs = flow_run_logs(local.api_url, run_id)
     msgs = [entry["message"] for entry in logs]
     epochs = [m for m in msgs if re.match(r"\[run 0 rank 0\] epoch \d+: .*img/s", m)]
     evals = [m for m in msgs if re.match(r"\[run 0 rank 0\] eval after epoch \d+: top-1 0\.\d+", m)]
