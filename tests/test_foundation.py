@@ -1,6 +1,7 @@
 """synth -> fetch -> verify, through the real CLI, from a directory, a real HTTP server and a real S3 server."""
 from __future__ import annotations
 
+import collections
 import gzip
 import http.server
 import io
@@ -46,6 +47,8 @@ def test_synth_layout_ids_and_quirks(synth_source):
     # The trap of the real devkit: ID order is not sorted-WNID order.
     assert [str(s["WNID"]) for s in by_id] != sorted(str(s["WNID"]) for s in leaves)
     assert len(gt) == len(names)
+    v = SMALL["val_per_class"]  # one mislabelled val image: top-1 below 1.0, as the MLPerf checker requires
+    assert sorted(collections.Counter(gt).values()) == [v - 1] + [v] * (SMALL["classes"] - 2) + [v + 1]
     md5 = read_md5sums(synth_source / "MD5SUMS")
     assert set(md5) == {TRAIN_TAR, VAL_TAR, DEVKIT_TGZ}
 
