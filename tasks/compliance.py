@@ -401,6 +401,9 @@ def _check_into(stage: Path, out: Path, logdir: Path, files: list[Path], ruleset
         problems = _problems(output)
         reason = "ok" if passed else (_one_line(problems) or f"compliance checker exited {rc}")
         facts = _log_facts(f, ruleset)
+        if not passed and facts["accuracy"] == 1.0:
+            reason += ("; the checker refuses a top-1 of 1.0 as implausible: this validation set is too small or "
+                       "too easy to prove a result")
         facts_by_file[f.name] = facts
         ttt = ((facts["run_stop"] - facts["run_start"]) / 60000.0
                if facts["run_start"] is not None and facts["run_stop"] is not None else None)

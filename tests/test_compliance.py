@@ -42,7 +42,8 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 
 def write_constructed_log(path: Path, *, seed: int, minutes: float, converged: bool = True,
-                          train_samples: int = 1000, gbs: int = 256, start_ms: int = 1_700_000_000_000) -> None:
+                          train_samples: int = 1000, gbs: int = 256, start_ms: int = 1_700_000_000_000,
+                          last_accuracy: float = 0.78) -> None:
     """A CONSTRUCTED resnet log meant to satisfy training 4.0.0 closed LARS rules, written with mllog.
 
     Timestamps are explicit so time-to-train is exactly `minutes`. Not converged = accuracy stays
@@ -75,7 +76,7 @@ def write_constructed_log(path: Path, *, seed: int, minutes: float, converged: b
     run_start = t
     epochs = 4
     step = int(minutes * 60_000 / epochs)
-    accs = [0.3, 0.55, 0.7, 0.78 if converged else 0.74]
+    accs = [0.3, 0.55, 0.7, last_accuracy if converged else 0.74]
     for e in range(1, epochs + 1):
         ml.start(key=C.BLOCK_START, metadata={"first_epoch_num": e, "epoch_count": 1}, time_ms=t)
         ml.start(key=C.EPOCH_START, metadata={"epoch_num": e}, time_ms=t)
@@ -187,6 +188,15 @@ def test_constructed_single_run_passes_400_per_log_but_is_not_a_set(tmp_path):
     assert code == 1 and json.loads(out)["logs"][0]["passed"] is True
     code, out, _ = run_cli("check", str(run), "--gate", "logs", "--dataset", "synthetic")
     assert code == 0 and "result_0.txt: PASS" in out and "not an official set" in out
+
+
+def test_a_perfect_top1_fails_the_checker_and_the_reason_says_why(tmp_path):
+    run = tmp_path / "runs" / "perfect"
+    run.mkdir(parents=True)
+    write_constructed_log(run / "result_0.txt", seed=1, minutes=3.0, last_accuracy=1.0)
+    [v] = compliance.check(run, ruleset="4.0.0", dataset="synthetic").logs
+    assert not v.passed and v.accuracy == 1.0 and "\n" not in v.reason
+    assert "< 1.0" in v.reason and "refuses a top-1 of 1.0 as implausible" in v.reason, v.reason
 
 
 def test_constructed_set_one_failure_allowed_two_not(tmp_path):
