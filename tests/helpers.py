@@ -126,7 +126,6 @@ def prefect_api(api_url: str, method: str, path: str, body: dict | None = None, 
             time.sleep(2 ** attempt)
 
 
-
 def flow_run_logs(api_url: str, run_id: str, auth: str | None = None, level: int = 0,
                   task_run_ids: list[str] | None = None, within: float = 30) -> list[dict]:
     """An ended flow run's log lines at `level` or above (only those of `task_run_ids`, if given), oldest first.
@@ -153,6 +152,7 @@ def flow_run_logs(api_url: str, run_id: str, auth: str | None = None, level: int
         out += page
         if len(page) < 200:
             return out
+
 
 class Receiver(ThreadingHTTPServer):
     """A webhook receiver on loopback: keeps every POST's body (and its path, query included)."""
