@@ -115,9 +115,9 @@ class Team:
 
     def logs(self, run_id: str, stage: str | None = None, level: int = 0) -> list[dict]:
         """The ended flow run's log lines at `level` or above, or only those of its task runs of `stage`."""
-        stages = None if stage is None else [t["id"] for t in self.task_runs(run_id)
-                                             if t["name"].rsplit("-", 1)[0] == stage]
-        return flow_run_logs(self.api, run_id, AUTH, level, stages)
+        of_stage = None if stage is None else [t["id"] for t in self.task_runs(run_id)
+                                               if t["name"].rsplit("-", 1)[0] == stage]
+        return flow_run_logs(self.api, run_id, AUTH, level, of_stage)
 
     def worker_logs(self) -> str:
         return "\n".join(f"--- worker-{n}:\n" + (self.base / f"worker-{n}.log").read_text(errors="replace")[-6000:]
