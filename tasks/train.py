@@ -14,7 +14,9 @@ backend:
   `success`, `failed` (a marker FAILED beside it), `cancelled` (a Prefect cancel, SIGTERM or Ctrl-C: every rank
   and job is stopped, never retried), `lost-slot` (the cluster lease ended under the run: it is stopped, never
   left running beside the next holder) or `aborted` (its launcher was killed: the next attempt found it, stopped
-  what it left and marked it). A failed attempt keeps its directory, so a retry starts clean beside it.
+  what it left and marked it). `cancelled` and `lost-slot` are written before the stop, with `stopping` until it
+  ends: should the launcher be killed meanwhile, the next attempt finishes the stop. A failed attempt keeps its
+  directory, so a retry starts clean beside it.
 - Retries: a rank killed by a signal, crashed in native code or lost with its node or ssh session is a
   TransientError (Prefect retries it once); a rank that raised, a config error, a failed preflight or a timeout
   is a StageError (not retried).
@@ -169,8 +171,9 @@ def _finish(run_dir: Path, status: dict[str, Any]) -> None:
 
 
 def reap_orphans(wd: Workdir, launcher: launch.Launcher, logger: logging.Logger) -> list[str]:
-    """Attempts of this work dir still `running` whose launcher is gone (a kill -9 the tether did not outlive):
-    stop what their recorded handle names, mark them `aborted`. Returns their run ids."""
+    """Attempts of this work dir still `running`, or killed while stopping their ranks, whose launcher is gone
+    (a kill -9 the tether did not outlive): stop what their recorded handle names; a running one is marked
+    `aborted`, one that was stopping keeps its verdict. Returns their run ids."""
     import json
 
     reaped = []
@@ -179,15 +182,22 @@ def reap_orphans(wd: Workdir, launcher: launch.Launcher, logger: logging.Logger)
             st = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(st, dict) or st.get("status") != "running" or st.get("launcher") != launcher.name:
+        if not isinstance(st, dict) or st.get("launcher") != launcher.name:
+            continue
+        if st.get("status") != "running" and st.get("stopping") is not True:
             continue
         if not isinstance(st.get("holder"), dict) or not holder_is_gone(st["holder"]):
             continue
         launcher.reap(st.get("handle") or {})
-        st.update(status="aborted", error=f"its launcher (pid {st['holder'].get('pid')}) died; "
-                                          f"stopped what it left ({st.get('handle') or 'nothing recorded'})")
+        died = (f"its launcher (pid {st['holder'].get('pid')}) died"
+                + (" while stopping it" if st.pop("stopping", None) else ""))
+        stopped = f"stopped what it left ({st.get('handle') or 'nothing recorded'})"
+        if st.get("status") == "running":
+            st.update(status="aborted", error=f"{died}; {stopped}")
+        else:
+            st["error"] = f"{st.get('error') or st['status']}; {died}; the next attempt {stopped}"
         _finish(path.parent, st)
-        logger.warning("train: attempt %s was left running by a launcher that died: %s", path.parent.name, st["error"])
+        logger.warning("train: attempt %s was left behind by a launcher that died: %s", path.parent.name, st["error"])
         reaped.append(path.parent.name)
     return reaped
 
@@ -329,11 +339,14 @@ def train(
         except BaseException as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             cancelled = not isinstance(e, Exception)  # Prefect's TerminationSignal (a cancel), Ctrl-C, SIGTERM
-            if cancelled or lost_slot.is_set():
-                launcher.cancel()
             state = "lost-slot" if lost_slot.is_set() else "cancelled" if cancelled else "failed"
-            status.update(status=state, error=msg, hosts=launcher.hosts() or status["hosts"],
-                          duration_s=round(time.time() - started, 3))
+            status.update(status=state, error=msg, duration_s=round(time.time() - started, 3))
+            if cancelled or lost_slot.is_set():
+                # The verdict is written before the stop, which may outlast the caller's patience (Prefect SIGKILLs
+                # 30 s after its SIGTERM; scancel waits for the job): `stopping` tells reap_orphans to finish it.
+                _finish(run_dir, {**status, "stopping": True})
+                launcher.cancel()
+            status.update(hosts=launcher.hosts() or status["hosts"])
             _finish(run_dir, status)
             if cancelled:
                 logger.warning("train attempt %s cancelled (%s); every rank was stopped; its logs are kept in %s",

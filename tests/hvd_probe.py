@@ -3,12 +3,14 @@
 Each rank does a real Horovod (Gloo) allreduce, prints rank, hostname and network namespace (so a
 test can prove where a rank ran), and rank 0 writes RUN_DIR/result_<N>.txt with MLPerf-style lines.
 PROBE_FAIL_RANK=r makes rank r raise; PROBE_SLEEP=s makes every rank sleep s seconds first (to kill
-or time out a rank mid-run); PROBE_PIDFILE_DIR=d makes each rank write d/rank<r>.pid;
+or time out a rank mid-run); PROBE_IGNORE_TERM=1 makes every rank ignore SIGTERM (a rank stuck in native
+code, so that stopping it takes the launcher's SIGKILL); PROBE_PIDFILE_DIR=d makes each rank write d/rank<r>.pid;
 PROBE_PRINT_ENV=1 makes each rank print its whole environment as one JSON line (`PROBE env {...}`).
 """
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -21,6 +23,8 @@ def main():
     p.add_argument("--run-index", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if os.environ.get("PROBE_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.environ.get("PROBE_PIDFILE_DIR"):
         # Before the slow imports (horovodrun sets HOROVOD_RANK), so a test sees every started rank.
         with open(os.path.join(os.environ["PROBE_PIDFILE_DIR"], "rank%s.pid" % os.environ["HOROVOD_RANK"]), "w") as f:

@@ -217,27 +217,35 @@ def _tether_of(pid: int) -> int:
     raise AssertionError(f"no tether for pid {pid}")
 
 
-@pytest.mark.parametrize("tether", ["alive", "killed too"])
+@pytest.mark.parametrize("tether", ["alive", "killed too", "killed too, the launcher while stopping"])
 def test_kill_9_of_the_launcher_leaves_no_rank_or_job_and_the_next_run_completes(backend, wd, tmp_path, tether):
     """kill -9 of the launching process: its tether stops the ranks and cancels the job; if the tether was killed
     too, the next run finds the attempt its dead launcher left `running`, stops what its recorded handle names
-    before it takes the cluster, marks it `aborted`, and completes."""
+    before it takes the cluster, marks it `aborted`, and completes. A launcher killed while it stops the ranks of a
+    cancel (as Prefect does 30 s after its SIGTERM) has already written `cancelled`: the next run finishes the
+    stop and the attempt stays `cancelled`."""
+    stopping = tether.endswith("while stopping")
     pids = tmp_path / "pids"
     pids.mkdir()
-    proc = _start_launcher(wd, _sleeping(backend, pids))
+    # Ranks that ignore SIGTERM keep the launcher's stop going until its SIGKILL: the kill lands inside it.
+    proc = _start_launcher(wd, _sleeping(backend, pids, **({"PROBE_IGNORE_TERM": "1"} if stopping else {})))
     try:
         rank_pids = _wait_for(lambda: _rank_pids(pids), 180, "two ranks running")
         (run_dir,) = (wd / "runs").iterdir()
         if backend.name == "slurm":
             _wait_for(lambda: _status(run_dir).get("handle", {}).get("job_id"), 30, "the job id recorded")
-        if tether == "killed too":
+        if tether != "alive":
             os.kill(_tether_of(proc.pid), signal.SIGKILL)
+        if stopping:
+            proc.send_signal(signal.SIGTERM)
+            _wait_for(lambda: _status(run_dir).get("stopping"), 60, "the cancel recorded before the stop")
         proc.kill()
         proc.communicate(timeout=30)
         if tether == "alive":
             _wait_for(lambda: not any(_alive(p) for p in rank_pids) and not backend.jobs(), 30,
                       "every rank and job gone")
-        assert _status(run_dir)["status"] == "running"  # nobody wrote it: the launcher died
+        # The launcher died before its last word: `running`, or `cancelled` with its stop under way.
+        assert _status(run_dir)["status"] == ("cancelled" if stopping else "running")
         slot_taken = []
 
         @contextlib.contextmanager
@@ -250,7 +258,12 @@ def test_kill_9_of_the_launcher_leaves_no_rank_or_job_and_the_next_run_completes
         if proc.poll() is None:
             proc.kill()
     assert res.status == "success" and slot_taken == [[]]
-    assert _status(run_dir)["status"] == "aborted" and (run_dir / "ABORTED").exists()
+    final = _status(run_dir)
+    if stopping:
+        assert final["status"] == "cancelled" and (run_dir / "CANCELLED").exists() and "stopping" not in final
+        assert "died while stopping it; the next attempt stopped what it left" in final["error"], final["error"]
+    else:
+        assert final["status"] == "aborted" and (run_dir / "ABORTED").exists()
     _wait_for(lambda: not any(_alive(p) for p in rank_pids), 30, "the dead launcher's ranks gone")
 
 
