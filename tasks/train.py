@@ -189,15 +189,16 @@ def reap_orphans(wd: Workdir, launcher: launch.Launcher, logger: logging.Logger)
         if not isinstance(st.get("holder"), dict) or not holder_is_gone(st["holder"]):
             continue
         launcher.reap(st.get("handle") or {})
-        was = "half-stopped" if st.pop("stopping", None) else "running"
-        died = f"its launcher (pid {st['holder'].get('pid')}) died" + (" while stopping it" if was != "running" else "")
+        half_stopped = st.pop("stopping", None) is True
+        died = f"its launcher (pid {st['holder'].get('pid')}) died" + (" while stopping it" if half_stopped else "")
         stopped = f"stopped what it left ({st.get('handle') or 'nothing recorded'})"
         if st.get("status") == "running":
             st.update(status="aborted", error=f"{died}; {stopped}")
         else:
             st["error"] = f"{st.get('error') or st['status']}; {died}; the next attempt {stopped}"
         _finish(path.parent, st)
-        logger.warning("train: attempt %s was left %s by a launcher that died: %s", path.parent.name, was, st["error"])
+        logger.warning("train: attempt %s was left %s by a launcher that died: %s", path.parent.name,
+                       "half-stopped" if half_stopped else "running", st["error"])
         reaped.append(path.parent.name)
     return reaped
 
