@@ -342,7 +342,7 @@ def train(
             cancelled = not isinstance(e, Exception)  # Prefect's TerminationSignal (a cancel), Ctrl-C, SIGTERM
             state = "lost-slot" if lost_slot.is_set() else "cancelled" if cancelled else "failed"
             status.update(status=state, error=msg, duration_s=round(time.time() - started, 3))
-            if cancelled or lost_slot.is_set():
+            if state != "failed":
                 # The verdict is written before the stop, which may outlast the caller's patience (Prefect SIGKILLs
                 # 30 s after its SIGTERM; scancel waits for the job): `stopping` tells reap_orphans to finish it.
                 _finish(run_dir, {**status, "stopping": True})
