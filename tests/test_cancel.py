@@ -289,8 +289,8 @@ def test_cancel_during_training_stops_every_rank_and_the_next_run_completes(pref
     assert len(trains) == 1 and trains[0]["run_count"] == 1, trains  # never retried
     [attempt] = [d for d in (wd / "runs").iterdir() if d.is_dir()]
     status = json.loads((attempt / "status.json").read_text())
-    worker_log = (prefect_server.home / "worker.log").read_text(errors="replace").splitlines()[-40:]
-    assert status["status"] == "cancelled", f"status.json {status}; the worker's log ends:\n" + "\n".join(worker_log)
+    assert status["status"] == "cancelled", f"status.json {status}; the worker's log ends:\n" + "\n".join(
+        (prefect_server.home / "worker.log").read_text(errors="replace").splitlines()[-40:])
     assert (attempt / "CANCELLED").is_file() and list(attempt.glob("rank*_0.log"))  # logs kept
 
     again = prefect_server.run_deployment("train", *[f"{k}={v}" for k, v in
